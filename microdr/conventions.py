@@ -1,0 +1,43 @@
+"""Coordinate conventions, defined once (see ``../shared/MODEL.md``); everything else imports them.
+
+- World space is right-handed with +y up. A camera looks along its -z axis; x is right, y is up.
+- View depth ``z = -z_cam`` is positive in front of the camera.
+- *Screen units*: the image height spans 2 and the origin is the image center, so a point's
+  screen position is ``(a * x_ndc, y_ndc)`` with aspect ``a = W / H``. Squared screen distances,
+  and so ``sigma``, are in these units squared. One pixel is ``2 / H`` wide in both directions.
+- Pixel ``(row r, column c)`` has row 0 at the top; its center in screen units is
+  ``x = (2c + 1 - W) / H``, ``y = (H - 2r - 1) / H`` (MODEL.md's NDC centers times ``(a, 1)``).
+- Front faces wind counter-clockwise on screen (x right, y up), i.e. have positive signed area;
+  that is what back-face culling keeps.
+- Images are tensors ``(B, C, H, W)``, row 0 at the top, channels RGB then alpha.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pixel_size(height: int) -> float:
+    """Width (and height) of one pixel in screen units."""
+    return 2.0 / height
+
+
+def pixel_centers(height: int, width: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Screen-unit centers of all pixels: ``(H, W, 2)`` holding ``(x, y)``, row 0 at the top."""
+    cols = torch.arange(width, dtype=dtype, device=device)
+    rows = torch.arange(height, dtype=dtype, device=device)
+    x = (2 * cols + 1 - width) / height
+    y = (height - 2 * rows - 1) / height
+    return torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), dim=-1)
+
+
+def ndc_to_screen(xy_ndc: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """NDC ``(..., 2)`` to screen units: x is scaled by the aspect ``W / H``."""
+    return xy_ndc * xy_ndc.new_tensor([width / height, 1.0])
+
+
+def signed_area2(v: torch.Tensor) -> torch.Tensor:
+    """Twice the signed screen area of triangles ``v`` ``(..., 3, >=2)``; > 0 for front faces."""
+    e1 = v[..., 1, :2] - v[..., 0, :2]
+    e2 = v[..., 2, :2] - v[..., 0, :2]
+    return e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]

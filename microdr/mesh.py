@@ -1,0 +1,400 @@
+"""Triangle meshes: the :class:`Mesh` container, OBJ reading and writing, and primitives.
+
+Tensor contracts used throughout:
+
+- ``vertices``: ``(V, 3)`` floating point (float32 unless stated), world units.
+- ``faces``: ``(F, 3)`` int64, 0-based vertex indices, wound counter-clockwise when seen from
+  outside, so the right-hand rule gives the outward normal.
+- ``vertex_colors``: ``(V, 3)`` float32 RGB in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError, show_value
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh.
+
+    ``vertices`` ``(V, 3)`` floating point (float32 by convention), world units.
+    ``faces`` ``(F, 3)`` int64, 0-based, counter-clockwise seen from outside (outward normal by the
+    right-hand rule). ``vertex_colors`` ``(V, 3)`` float32 in ``[0, 1]``, or ``None``.
+    Vertices that no face uses are allowed.
+    """
+
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    vertex_colors: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # Shapes are checked once here so that a wrong tensor fails where it was made, not deep
+        # inside a rasterizer kernel.
+        if self.vertices.ndim != 2 or self.vertices.shape[1] != 3:
+            raise ValueError(f"Mesh.vertices must be (V, 3), got {tuple(self.vertices.shape)}")
+        if not self.vertices.is_floating_point():
+            raise ValueError(f"Mesh.vertices must be floating point, got {self.vertices.dtype}")
+        if self.faces.ndim != 2 or self.faces.shape[1] != 3 or self.faces.dtype != torch.int64:
+            raise ValueError(
+                f"Mesh.faces must be (F, 3) int64, got {tuple(self.faces.shape)} {self.faces.dtype}"
+            )
+        if self.vertex_colors is not None and self.vertex_colors.shape != self.vertices.shape:
+            raise ValueError(
+                f"Mesh.vertex_colors must be {tuple(self.vertices.shape)} like the vertices, "
+                f"got {tuple(self.vertex_colors.shape)}"
+            )
+
+    @property
+    def num_vertices(self) -> int:
+        return self.vertices.shape[0]
+
+    @property
+    def num_faces(self) -> int:
+        return self.faces.shape[0]
+
+    def face_normals(self) -> torch.Tensor:
+        """Unit outward normals ``(F, 3)`` in the vertices' dtype; zero-area faces give 0.
+
+        Differentiable with respect to the vertices; the gradient is finite everywhere (zero for
+        zero-area faces).
+        """
+        corners = self.vertices[self.faces]  # (F, 3 corners, 3)
+        normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+        length = torch.linalg.vector_norm(normals, dim=1, keepdim=True)
+        nonzero = length > 0
+        # Dividing by a safe length inside the masked branch keeps both the value and the gradient
+        # of zero-area faces at 0 instead of 0/0 = NaN.
+        safe = torch.where(nonzero, length, torch.ones_like(length))
+        return torch.where(nonzero, normals / safe, torch.zeros_like(normals))
+
+
+# ---------------------------------------------------------------------------------------------
+# OBJ reading
+
+# Valid OBJ statements that carry nothing microDR uses (texture coordinates, normals, groups,
+# materials, free-form geometry, lines and points).
+_IGNORED_STATEMENTS = frozenset(
+    "vt vn vp o g s mg usemtl mtllib usemap maplib l p cstype deg bmat step curv curv2 surf "
+    "parm trim hole scrv sp end con bevel c_interp d_interp lod shadow_obj trace_obj ctech stech "
+    "call csh".split()
+)
+
+
+def load_obj(path: str | os.PathLike) -> Mesh:
+    """Read a Wavefront OBJ file into a :class:`Mesh`.
+
+    Reads ``v x y z`` and ``v x y z r g b`` (colors in ``[0, 1]``, all vertices or none) and ``f``
+    with ``i``, ``i/t``, ``i//n`` or ``i/t/n`` corners, 1-based or negative (relative) indices;
+    polygons are fan-triangulated as ``(v0, vi, vi+1)``. Other valid OBJ statements are ignored.
+    Every problem raises :class:`InputError` naming the file and the line.
+    """
+    source = str(path)
+    text = read_text(path)
+    parser = _ObjParser(source)
+    for number, line in enumerate(text.split("\n"), start=1):
+        parser.parse_line(line, number)
+    return parser.finish()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
+    raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
+    """
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(source, "", "no such file") from None
+    except IsADirectoryError:
+        raise InputError(source, "", "is a directory, not a file") from None
+    except OSError as error:
+        raise InputError(source, "", f"cannot read: {error.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        raise InputError(
+            source,
+            f"line {line}",
+            f"not UTF-8 text (byte 0x{data[error.start]:02x} at byte {error.start - line_start + 1}"
+            " of the line)",
+        ) from None
+
+
+class _ObjParser:
+    """Accumulates an OBJ file's vertices and triangles line by line."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.positions: list[list[float]] = []
+        self.colors: list[list[float]] = []
+        self.triangles: list[tuple[int, int, int]] = []
+        # The line each triangle came from, to name it when an index turns out out of range.
+        self.triangle_lines: list[int] = []
+        self.first_vertex_line = 0
+
+    def fail(self, line: int, message: str) -> InputError:
+        return InputError(self.source, f"line {line}", message)
+
+    def parse_line(self, line: str, number: int) -> None:
+        tokens = line.split("#", 1)[0].split()
+        if not tokens:
+            return
+        keyword, args = tokens[0], tokens[1:]
+        if keyword == "v":
+            self.parse_vertex(args, number)
+        elif keyword == "f":
+            self.parse_face(args, number)
+        elif keyword not in _IGNORED_STATEMENTS:
+            raise self.fail(number, f"unknown statement {show_value(keyword)} (not OBJ)")
+
+    def parse_vertex(self, args: list[str], number: int) -> None:
+        if len(args) not in (3, 6):
+            raise self.fail(
+                number, f'expected "v x y z" or "v x y z r g b", got {len(args)} values'
+            )
+        values = [self.parse_float(arg, number) for arg in args]
+        if not self.positions:
+            self.first_vertex_line = number
+        elif (len(values) == 6) != bool(self.colors):
+            has, first = ("has a", "does not") if len(values) == 6 else ("has no", "does")
+            raise self.fail(
+                number,
+                f"this vertex {has} color but the first vertex (line {self.first_vertex_line}) "
+                f"{first}; give every vertex a color or none",
+            )
+        self.positions.append(values[:3])
+        if len(values) == 6:
+            for value in values[3:]:
+                if not 0.0 <= value <= 1.0:
+                    raise self.fail(number, f"vertex color {value:g} is outside [0, 1]")
+            self.colors.append(values[3:])
+
+    def parse_float(self, token: str, number: int) -> float:
+        try:
+            value = float(token)
+        except ValueError:
+            raise self.fail(number, f"{show_value(token)} is not a number") from None
+        if not math.isfinite(value):
+            raise self.fail(number, f"{show_value(token)} is not a finite number")
+        return value
+
+    def parse_face(self, args: list[str], number: int) -> None:
+        if len(args) < 3:
+            raise self.fail(number, f"a face needs at least 3 vertices, got {len(args)}")
+        corners = [self.parse_corner(arg, number) for arg in args]
+        for i in range(1, len(corners) - 1):
+            self.triangles.append((corners[0], corners[i], corners[i + 1]))
+            self.triangle_lines.append(number)
+
+    def parse_corner(self, token: str, number: int) -> int:
+        """The 0-based vertex index of one face corner ``i``, ``i/t``, ``i//n`` or ``i/t/n``."""
+        vertex, *rest = token.split("/")
+        if len(rest) > 2 or not _is_int(vertex) or not all(p == "" or _is_int(p) for p in rest):
+            raise self.fail(
+                number,
+                f"face vertex {show_value(token)} is not i, i/t, i//n or i/t/n with integers",
+            )
+        index = int(vertex)
+        if index == 0:
+            raise self.fail(number, "face index 0 is invalid (OBJ indices start at 1)")
+        if index > 0:
+            # Positive indices may refer to vertices defined later; finish() checks their range.
+            return index - 1
+        if -index > len(self.positions):
+            raise self.fail(
+                number,
+                f"face index {index} out of range ({_vertices(len(self.positions))} defined "
+                "before this line)",
+            )
+        return len(self.positions) + index
+
+    def finish(self) -> Mesh:
+        if not self.triangles:
+            raise InputError(self.source, "", "no faces")
+        count = len(self.positions)
+        # Checked in Python, before making a tensor: an index may not even fit in int64.
+        for triangle, line in zip(self.triangles, self.triangle_lines):
+            if max(triangle) >= count:
+                index = next(i for i in triangle if i >= count) + 1
+                raise self.fail(
+                    line, f"face index {index} out of range (the file has {_vertices(count)})"
+                )
+        return Mesh(
+            vertices=torch.tensor(self.positions, dtype=torch.float32),
+            faces=torch.tensor(self.triangles, dtype=torch.int64),
+            vertex_colors=torch.tensor(self.colors, dtype=torch.float32) if self.colors else None,
+        )
+
+
+def _vertices(count: int) -> str:
+    return f"{count} vertex" if count == 1 else f"{count} vertices"
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# OBJ writing
+
+
+def save_obj(
+    mesh: Mesh, path: str | os.PathLike, *, vertex_colors: torch.Tensor | None = None
+) -> None:
+    """Write ``mesh`` as OBJ: ``v x y z [r g b]`` lines, then 1-based ``f a b c`` lines.
+
+    ``vertex_colors`` ``(V, 3)`` in ``[0, 1]`` are written instead of ``mesh.vertex_colors`` when
+    given. Numbers are written as the shortest text that reads back to the same value of their
+    dtype, so a float32 mesh round-trips exactly. The file is replaced atomically: a crash leaves
+    either the old file or the new one, never a part. Non-finite vertices, and files that cannot
+    be written, raise :class:`InputError`.
+    """
+    source = str(path)
+    colors = mesh.vertex_colors if vertex_colors is None else vertex_colors
+    if colors is not None and colors.shape != mesh.vertices.shape:
+        raise ValueError(
+            f"vertex_colors must be {tuple(mesh.vertices.shape)}, got {tuple(colors.shape)}"
+        )
+    vertices = mesh.vertices.detach().cpu().numpy()
+    if not np.isfinite(vertices).all():
+        raise InputError(source, "", "refusing to write non-finite (NaN or inf) vertices")
+    columns = vertices if colors is None else np.hstack([vertices, colors.detach().cpu().numpy()])
+    lines = ["# written by microDR"]
+    # str() of a numpy scalar is its shortest round-trip representation for that dtype.
+    lines += ["v " + " ".join(str(x) for x in row) for row in columns]
+    lines += [f"f {a} {b} {c}" for a, b, c in (mesh.faces.detach().cpu() + 1).tolist()]
+    _write_atomically(Path(path), "\n".join(lines) + "\n", source)
+
+
+def _write_atomically(path: Path, text: str, source: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        # os.open with mode 0o666 lets the umask decide the permissions, as for a plain open().
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise InputError(source, "", f"cannot write: {error.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives
+
+_GOLDEN = (1.0 + math.sqrt(5.0)) / 2.0
+
+_ICOSAHEDRON_VERTICES = [
+    (-1, _GOLDEN, 0), (1, _GOLDEN, 0), (-1, -_GOLDEN, 0), (1, -_GOLDEN, 0),
+    (0, -1, _GOLDEN), (0, 1, _GOLDEN), (0, -1, -_GOLDEN), (0, 1, -_GOLDEN),
+    (_GOLDEN, 0, -1), (_GOLDEN, 0, 1), (-_GOLDEN, 0, -1), (-_GOLDEN, 0, 1),
+]  # fmt: skip
+
+_ICOSAHEDRON_FACES = [
+    (0, 11, 5), (0, 5, 1), (0, 1, 7), (0, 7, 10), (0, 10, 11),
+    (1, 5, 9), (5, 11, 4), (11, 10, 2), (10, 7, 6), (7, 1, 8),
+    (3, 9, 4), (3, 4, 2), (3, 2, 6), (3, 6, 8), (3, 8, 9),
+    (4, 9, 5), (2, 4, 11), (6, 2, 10), (8, 6, 7), (9, 8, 1),
+]  # fmt: skip
+
+
+def icosphere(subdivisions: int = 2, radius: float = 1.0) -> Mesh:
+    """A geodesic sphere centered at the origin: ``20 * 4**subdivisions`` faces.
+
+    Level 0 is the icosahedron; each level splits every triangle into four at its edge midpoints
+    (shared between neighbours, so there are ``10 * 4**subdivisions + 2`` vertices) and pushes the
+    new vertices onto the sphere. Float32, outward counter-clockwise winding.
+    """
+    if not isinstance(subdivisions, int) or subdivisions < 0:
+        raise ValueError(f"subdivisions must be an integer >= 0, got {subdivisions!r}")
+    _check_positive("radius", radius)
+    # Built in float64 so that the final float32 vertices are as close to the sphere as possible.
+    vertices = _on_unit_sphere(torch.tensor(_ICOSAHEDRON_VERTICES, dtype=torch.float64))
+    faces = torch.tensor(_ICOSAHEDRON_FACES, dtype=torch.int64)
+    for _ in range(subdivisions):
+        vertices, faces = _subdivide(vertices, faces)
+        vertices = _on_unit_sphere(vertices)
+    return Mesh((vertices * radius).to(torch.float32), faces)
+
+
+def _on_unit_sphere(points: torch.Tensor) -> torch.Tensor:
+    return points / torch.linalg.vector_norm(points, dim=1, keepdim=True)
+
+
+def _subdivide(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each triangle ``(a, b, c)`` into four at its edge midpoints, keeping the winding.
+
+    Each undirected edge gets one midpoint vertex (appended after the old vertices), shared by
+    the two faces on it; ``torch.unique`` over the sorted edge pairs is the edge -> midpoint cache.
+    """
+    edges = faces[:, [[0, 1], [1, 2], [2, 0]]]  # (F, 3 edges ab bc ca, 2)
+    unique_edges, edge_ids = torch.unique(
+        edges.sort(dim=-1).values.reshape(-1, 2), dim=0, return_inverse=True
+    )
+    midpoints = vertices[unique_edges].mean(dim=1)
+    a, b, c = faces.unbind(dim=1)
+    ab, bc, ca = (edge_ids + len(vertices)).reshape(-1, 3).unbind(dim=1)
+    children = [(a, ab, ca), (b, bc, ab), (c, ca, bc), (ab, bc, ca)]
+    new_faces = torch.stack([torch.stack(child, dim=1) for child in children], dim=1)
+    return torch.cat([vertices, midpoints]), new_faces.reshape(-1, 3)
+
+
+def cube(size: float = 2.0) -> Mesh:
+    """An axis-aligned cube of edge ``size`` centered at the origin: 8 vertices, 12 triangles.
+
+    Float32, outward counter-clockwise winding.
+    """
+    _check_positive("size", size)
+    # Vertex i has x, y, z = bits 0, 1, 2 of i (0 -> -size/2, 1 -> +size/2).
+    corners = [[(i >> axis) & 1 for axis in range(3)] for i in range(8)]
+    vertices = (torch.tensor(corners, dtype=torch.float32) - 0.5) * size
+    faces = torch.tensor(
+        [
+            (0, 4, 6), (0, 6, 2),  # -x
+            (1, 3, 7), (1, 7, 5),  # +x
+            (0, 1, 5), (0, 5, 4),  # -y
+            (2, 6, 7), (2, 7, 3),  # +y
+            (0, 2, 3), (0, 3, 1),  # -z
+            (4, 5, 7), (4, 7, 6),  # +z
+        ],
+        dtype=torch.int64,
+    )  # fmt: skip
+    return Mesh(vertices, faces)
+
+
+def plane(size: float = 2.0) -> Mesh:
+    """A ``size`` x ``size`` square in the xz plane (y = 0), centered, facing +y.
+
+    4 vertices, 2 triangles, float32, counter-clockwise seen from +y.
+    """
+    _check_positive("size", size)
+    half = size / 2.0
+    vertices = torch.tensor(
+        [(-half, 0, -half), (half, 0, -half), (half, 0, half), (-half, 0, half)],
+        dtype=torch.float32,
+    )
+    faces = torch.tensor([(0, 2, 1), (0, 3, 2)], dtype=torch.int64)
+    return Mesh(vertices, faces)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

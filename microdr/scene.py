@@ -1,0 +1,673 @@
+"""The scene file: JSON in, validated frozen dataclasses out.
+
+Every problem is one :class:`InputError` naming the file, the JSON path and what was expected,
+e.g. ``scene.json: cameras[1].fov: expected a number in (0, 180), got "wide"``. The small reader
+classes at the end of this module hold every message format, so the parsing functions read one
+field per line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA
+from .errors import InputError, show_value
+from .mesh import Mesh, cube, icosphere, load_obj, plane, read_text
+
+Vec3 = tuple[float, float, float]
+
+MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 2**26
+PROJECTIONS = ("perspective", "orthographic")
+PRIMITIVES = ("icosphere", "cube", "plane")
+OPTIMIZABLE = ("vertices", "translation", "scale", "colors", "light", "camera")
+VERTEX_PARAMETRIZATIONS = ("offset", "bounded")
+IMAGE_LOSS_TERMS = ("silhouette_iou", "rgb_l1", "rgb_l2")
+LOSS_TERMS = IMAGE_LOSS_TERMS + ("laplacian", "flatten", "edge_length")
+DEFAULT_COLOR: Vec3 = (0.7, 0.7, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scene
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How images are rendered: the ``image`` and ``render`` sections.
+
+    - ``width``, ``height`` (``image.width``, ``image.height``): pixels, integers in
+      ``[1, 16384]``, at most ``2**26`` pixels in all; default 256 x 256.
+    - ``sigma``: sharpness of the soft edges in screen units squared, > 0; default ``1e-4``.
+    - ``gamma``: depth softmax temperature, > 0; default ``1e-4``.
+    - ``eps``: the background's normalized inverse depth, in ``[0, 1)``; default ``1e-3``.
+    - ``eps_d``: faces whose coverage of a pixel is below this are skipped there, in
+      ``(0, 0.5)``; default ``1e-4``.
+    - ``background``: RGB, each in ``[0, 1]``; default ``[0, 0, 0]``.
+    - ``cull_backfaces``: drop faces that wind clockwise on screen; default ``false``.
+    - ``backend``: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"reference"``; default ``"auto"``.
+    """
+
+    width: int = 256
+    height: int = 256
+    sigma: float = SIGMA
+    gamma: float = GAMMA
+    eps: float = EPS
+    eps_d: float = EPS_D
+    background: Vec3 = (0.0, 0.0, 0.0)
+    cull_backfaces: bool = False
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A mesh's placement in the world: ``v_world = R @ (scale * v) + translate``.
+
+    - ``translate``: ``[x, y, z]`` in world units; default ``[0, 0, 0]``.
+    - ``rotate``: XYZ Euler angles in degrees, ``R = Rz @ Ry @ Rx``; default ``[0, 0, 0]``.
+    - ``scale``: a number > 0 or ``[sx, sy, sz]`` each > 0 (held here as three numbers);
+      default 1.
+    """
+
+    translate: Vec3 = (0.0, 0.0, 0.0)
+    rotate: Vec3 = (0.0, 0.0, 0.0)
+    scale: Vec3 = (1.0, 1.0, 1.0)
+
+    def rotation(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """The rotation matrix ``R = Rz @ Ry @ Rx`` ``(3, 3)``."""
+        cx, cy, cz = (math.cos(math.radians(a)) for a in self.rotate)
+        sx, sy, sz = (math.sin(math.radians(a)) for a in self.rotate)
+        rx = [[1, 0, 0], [0, cx, -sx], [0, sx, cx]]
+        ry = [[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]]
+        rz = [[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]
+        # Composed in float64 so that float32 results are correctly rounded.
+        rx, ry, rz = (torch.tensor(m, dtype=torch.float64) for m in (rx, ry, rz))
+        return (rz @ ry @ rx).to(dtype=dtype, device=device)
+
+    def apply(self, vertices: torch.Tensor) -> torch.Tensor:
+        """World positions ``(V, 3)`` of model-space ``vertices`` ``(V, 3)``.
+
+        Same dtype and device as ``vertices``; differentiable with respect to them.
+        """
+        rotation = self.rotation(vertices.dtype, vertices.device)
+        return (vertices * vertices.new_tensor(self.scale)) @ rotation.T + vertices.new_tensor(
+            self.translate
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SceneMesh:
+    """One entry of ``meshes``.
+
+    Exactly one of ``file`` (an OBJ path, relative to the scene file's folder) and ``primitive``
+    (``"icosphere"``, ``"cube"`` of edge 2 or ``"plane"`` 2 x 2 in xz facing +y, all centered at
+    the origin) is given. ``subdivisions`` (icosphere only): an integer in ``[0, 7]``, default 2;
+    the unit icosphere then has ``20 * 4**subdivisions`` faces. ``transform``: see
+    :class:`Transform`. ``color``: ``[r, g, b]`` for the whole mesh, ``{"per_vertex": [[r, g, b],
+    ...]}`` (one per vertex) or ``{"per_face": [...]}`` (one per face), each in ``[0, 1]``;
+    default: the OBJ's vertex colors if it has them, else ``[0.7, 0.7, 0.7]``.
+
+    Fields: ``name`` is the ``file`` or ``primitive`` string as written (not unique); ``mesh`` is
+    the mesh as loaded, untransformed; ``colors`` is float32 ``(V, 3)`` when ``color_mode`` is
+    ``"vertex"`` and ``(F, 3)`` when it is ``"face"``.
+    """
+
+    name: str
+    mesh: Mesh = field(repr=False)  # tensors would flood the repr
+    transform: Transform
+    colors: torch.Tensor = field(repr=False)
+    color_mode: str
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One entry of ``cameras``: a look-at camera.
+
+    - ``projection``: ``"perspective"`` (default) or ``"orthographic"``.
+    - ``fov``: vertical field of view in degrees, in ``(0, 180)``; default 60. Perspective only
+      (``None`` for orthographic cameras).
+    - ``half_height``: half the visible height in world units, > 0; default 1. Orthographic only
+      (``None`` for perspective cameras).
+    - ``eye``: ``[x, y, z]``; or instead ``orbit``: ``{"distance": d, "elevation": el,
+      "azimuth": az}`` (degrees; ``d`` > 0 required, ``el`` in ``[-90, 90]`` default 0, ``az``
+      default 0) placing the eye at ``target + d * (cos el sin az, sin el, cos el cos az)``.
+      The fields hold the resulting eye.
+    - ``target``: default ``[0, 0, 0]``. ``up``: nonzero, default ``[0, 1, 0]``. ``eye`` must
+      differ from ``target`` and ``eye - target`` must not be parallel to ``up``.
+    - ``near``, ``far``: view depths with ``0 < near < far``; defaults 0.1 and 100.
+    """
+
+    projection: str
+    eye: Vec3
+    target: Vec3
+    up: Vec3
+    fov: float | None
+    half_height: float | None
+    near: float
+    far: float
+
+
+@dataclass(frozen=True)
+class DirectionalLight:
+    """One entry of ``lights.directional``.
+
+    - ``direction``: the direction towards the light, nonzero (required); held here normalized
+      to unit length.
+    - ``intensity``: >= 0; default 1.
+    """
+
+    direction: Vec3
+    intensity: float = 1.0
+
+
+@dataclass(frozen=True)
+class Lights:
+    """The optional ``lights`` section; without it surfaces show their plain colors.
+
+    - ``ambient``: >= 0; default 0.5.
+    - ``directional``: an array of :class:`DirectionalLight`; default none.
+    """
+
+    ambient: float = 0.5
+    directional: tuple[DirectionalLight, ...] = ()
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    """The optional ``optimize`` section.
+
+    - ``parameters``: a non-empty array of distinct names among ``"vertices"``,
+      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``; default
+      ``["vertices"]``.
+    - ``vertex_parametrization``: ``"offset"`` (default) or ``"bounded"``.
+    - ``loss``: weights >= 0 for ``silhouette_iou``, ``rgb_l1``, ``rgb_l2``, ``laplacian``,
+      ``flatten``, ``edge_length``; missing ones are 0 and at least one of the first three must
+      be > 0; default ``{"silhouette_iou": 1}``. Held here with all six keys.
+    - ``lr``: Adam's learning rate, in ``(0, 10]``; default 0.01.
+    - ``betas``: Adam's ``[beta1, beta2]``, each in ``[0, 1)``; default ``[0.9, 0.999]``.
+    - ``iterations``: an integer in ``[1, 10000000]``; default 500.
+    """
+
+    parameters: tuple[str, ...] = ("vertices",)
+    vertex_parametrization: str = "offset"
+    loss: dict[str, float] = field(
+        default_factory=lambda: {**dict.fromkeys(LOSS_TERMS, 0.0), "silhouette_iou": 1.0}
+    )
+    lr: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    iterations: int = 500
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A whole scene file: ``meshes`` (required, may be empty), ``cameras`` (required, at least
+    one), optional ``image``, ``render``, ``lights`` and ``optimize`` sections.
+
+    ``source`` is the scene file's name as the user gave it; ``lights`` and ``optimize`` are
+    ``None`` when their sections are absent.
+    """
+
+    source: str
+    render: RenderSettings
+    meshes: tuple[SceneMesh, ...]
+    cameras: tuple[Camera, ...]
+    lights: Lights | None
+    optimize: OptimizeSettings | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def load_scene(path: str | os.PathLike) -> Scene:
+    """Read and validate a scene file; mesh files are found relative to its folder."""
+    source = str(path)
+    text = read_text(path)
+    try:
+        data = json.loads(text, object_pairs_hook=_JSONObject.from_pairs)
+    except json.JSONDecodeError as error:
+        raise InputError(
+            source, f"line {error.lineno} column {error.colno}", f"invalid JSON: {error.msg}"
+        ) from None
+    except (ValueError, RecursionError) as error:
+        # Integers longer than Python's digit limit, or nesting deeper than the recursion limit.
+        raise InputError(source, "", f"invalid JSON: {error}") from None
+    return parse_scene(data, source, Path(path).parent)
+
+
+def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
+    """Validate parsed JSON ``data``; ``source`` names the file in errors, ``base_dir`` is where
+    relative mesh paths start.
+    """
+    root = _Node(data, source).object(
+        ("image", "render", "meshes", "cameras", "lights", "optimize")
+    )
+    return Scene(
+        source=source,
+        render=_render_settings(root["image"], root["render"]),
+        meshes=tuple(_scene_mesh(node, base_dir) for node in root["meshes"].array()),
+        cameras=tuple(_camera(node) for node in root["cameras"].array(min_length=1)),
+        lights=_lights(root["lights"]) if root["lights"].given else None,
+        optimize=_optimize(root["optimize"]) if root["optimize"].given else None,
+    )
+
+
+def _render_settings(image_node: _Node, render_node: _Node) -> RenderSettings:
+    default = RenderSettings()
+    image = image_node.object(("width", "height"), required=False)
+    side = _Interval(1, MAX_IMAGE_SIDE)
+    width = image["width"].integer(side, default=default.width)
+    height = image["height"].integer(side, default=default.height)
+    if width * height > MAX_IMAGE_PIXELS:
+        gib = width * height * 4 * 4 / 2**30
+        image_node.fail(
+            f"{width} x {height} is {width * height} pixels, more than the limit of 2**26 = "
+            f"{MAX_IMAGE_PIXELS}; one RGBA float32 image that size needs {gib:.1f} GiB"
+        )
+    render = render_node.object(
+        ("sigma", "gamma", "eps", "eps_d", "background", "cull_backfaces", "backend"),
+        required=False,
+    )
+    return RenderSettings(
+        width=width,
+        height=height,
+        sigma=render["sigma"].number(_POSITIVE, default=default.sigma),
+        gamma=render["gamma"].number(_POSITIVE, default=default.gamma),
+        eps=render["eps"].number(_Interval(0, 1, open_hi=True), default=default.eps),
+        eps_d=render["eps_d"].number(_Interval(0, 0.5, True, True), default=default.eps_d),
+        background=render["background"].vector(3, _UNIT, default=default.background),
+        cull_backfaces=render["cull_backfaces"].boolean(default=default.cull_backfaces),
+        backend=render["backend"].choice(BACKENDS, default=default.backend),
+    )
+
+
+def _scene_mesh(node: _Node, base_dir: Path) -> SceneMesh:
+    entry = node.object(("file", "primitive", "subdivisions", "transform", "color"))
+    if entry.either("file", "primitive") == "file":
+        name = entry["file"].string()
+        mesh = _mesh_file(entry["file"], base_dir)
+    else:
+        name = entry["primitive"].choice(PRIMITIVES)
+        mesh = _primitive(name, entry["subdivisions"])
+    transform = _transform(entry["transform"])
+    colors, color_mode = _colors(entry["color"], mesh)
+    return SceneMesh(name, mesh, transform, colors, color_mode)
+
+
+def _mesh_file(node: _Node, base_dir: Path) -> Mesh:
+    path = base_dir / node.string()
+    # A missing file is the scene's mistake, so it is reported at the scene entry; problems
+    # inside the file are reported by load_obj with the OBJ file's own name and line.
+    if not path.exists():
+        node.fail(f"no such file: {path}")
+    return load_obj(path)
+
+
+def _primitive(name: str, subdivisions: _Node) -> Mesh:
+    if name == "icosphere":
+        return icosphere(subdivisions.integer(_Interval(0, 7), default=2))
+    subdivisions.forbidden('only for "icosphere" meshes')
+    return cube() if name == "cube" else plane()
+
+
+def _colors(node: _Node, mesh: Mesh) -> tuple[torch.Tensor, str]:
+    """Albedo ``(V, 3)`` with mode ``"vertex"`` or ``(F, 3)`` with mode ``"face"``, float32."""
+    if not node.given and mesh.vertex_colors is not None:
+        return mesh.vertex_colors, "vertex"
+    if not node.given or isinstance(node.value, list):
+        rgb = node.vector(3, _UNIT, default=DEFAULT_COLOR)
+        return torch.tensor(rgb, dtype=torch.float32).repeat(mesh.num_vertices, 1), "vertex"
+    if not isinstance(node.value, dict):
+        node.expected('[r, g, b], {"per_vertex": [...]} or {"per_face": [...]}')
+    table = node.object(("per_vertex", "per_face"))
+    key = table.either("per_vertex", "per_face")
+    mode, count = ("vertex", mesh.num_vertices) if key == "per_vertex" else ("face", mesh.num_faces)
+    items = table[key].array()
+    if len(items) != count:
+        table[key].fail(f"expected {count} colors (one per {mode}), got {len(items)}")
+    return torch.tensor([item.vector(3, _UNIT) for item in items], dtype=torch.float32), mode
+
+
+def _transform(node: _Node) -> Transform:
+    default = Transform()
+    transform = node.object(("translate", "rotate", "scale"), required=False)
+    scale = transform["scale"]
+    return Transform(
+        translate=transform["translate"].vector(3, default=default.translate),
+        rotate=transform["rotate"].vector(3, default=default.rotate),
+        scale=(
+            scale.vector(3, _POSITIVE)
+            if isinstance(scale.value, list)
+            else (scale.number(_POSITIVE, default=default.scale[0]),) * 3
+        ),
+    )
+
+
+def _camera(node: _Node) -> Camera:
+    camera = node.object(
+        ("projection", "fov", "half_height", "eye", "orbit", "target", "up", "near", "far")
+    )
+    projection = camera["projection"].choice(PROJECTIONS, default="perspective")
+    if projection == "perspective":
+        fov = camera["fov"].number(_Interval(0, 180, True, True), default=60.0)
+        half_height = camera["half_height"].forbidden('only for "orthographic" cameras')
+    else:
+        fov = camera["fov"].forbidden('only for "perspective" cameras')
+        half_height = camera["half_height"].number(_POSITIVE, default=1.0)
+    target = camera["target"].vector(3, default=(0.0, 0.0, 0.0))
+    up = camera["up"].nonzero_vector(default=(0.0, 1.0, 0.0))
+    if camera.either("eye", "orbit") == "eye":
+        eye = camera["eye"].vector(3)
+    else:
+        eye = _orbit_eye(camera["orbit"], target)
+    near = camera["near"].number(_POSITIVE, default=NEAR)
+    far = camera["far"].number(_POSITIVE, default=FAR)
+    if far <= near:
+        camera["far"].expected(f"a number > near ({_format_bound(near)})")
+    if eye == target:
+        node.fail("eye and target are the same point")
+    if _parallel(tuple(e - t for e, t in zip(eye, target)), up):
+        node.fail("eye - target is parallel to up")
+    return Camera(projection, eye, target, up, fov, half_height, near, far)
+
+
+def _orbit_eye(node: _Node, target: Vec3) -> Vec3:
+    orbit = node.object(("distance", "elevation", "azimuth"))
+    distance = orbit["distance"].number(_POSITIVE)
+    elevation = math.radians(orbit["elevation"].number(_Interval(-90, 90), default=0.0))
+    azimuth = math.radians(orbit["azimuth"].number(default=0.0))
+    offset = (
+        math.cos(elevation) * math.sin(azimuth),
+        math.sin(elevation),
+        math.cos(elevation) * math.cos(azimuth),
+    )
+    return tuple(t + distance * o for t, o in zip(target, offset))
+
+
+def _parallel(a: Vec3, b: Vec3) -> bool:
+    """Whether nonzero ``a`` and ``b`` are parallel up to float noise (``|sin angle| <= 1e-9``)."""
+    cross = (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+    return math.hypot(*cross) <= 1e-9 * math.hypot(*a) * math.hypot(*b)
+
+
+def _lights(node: _Node) -> Lights:
+    default = Lights()
+    lights = node.object(("ambient", "directional"))
+    return Lights(
+        ambient=lights["ambient"].number(_NON_NEGATIVE, default=default.ambient),
+        directional=tuple(
+            _directional_light(item) for item in lights["directional"].array(required=False)
+        ),
+    )
+
+
+def _directional_light(node: _Node) -> DirectionalLight:
+    light = node.object(("direction", "intensity"))
+    direction = light["direction"].nonzero_vector()
+    length = math.hypot(*direction)
+    return DirectionalLight(
+        direction=tuple(d / length for d in direction),
+        intensity=light["intensity"].number(_NON_NEGATIVE, default=DirectionalLight.intensity),
+    )
+
+
+def _optimize(node: _Node) -> OptimizeSettings:
+    default = OptimizeSettings()
+    optimize = node.object(
+        ("parameters", "vertex_parametrization", "loss", "lr", "betas", "iterations")
+    )
+    return OptimizeSettings(
+        parameters=_optimized_parameters(optimize["parameters"], default.parameters),
+        vertex_parametrization=optimize["vertex_parametrization"].choice(
+            VERTEX_PARAMETRIZATIONS, default=default.vertex_parametrization
+        ),
+        loss=_loss(optimize["loss"], default.loss),
+        lr=optimize["lr"].number(_Interval(0, 10, open_lo=True), default=default.lr),
+        betas=optimize["betas"].vector(2, _Interval(0, 1, open_hi=True), default=default.betas),
+        iterations=optimize["iterations"].integer(
+            _Interval(1, 10_000_000), default=default.iterations
+        ),
+    )
+
+
+def _optimized_parameters(node: _Node, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not node.given:
+        return default
+    names: list[str] = []
+    for item in node.array(min_length=1):
+        name = item.choice(OPTIMIZABLE)
+        if name in names:
+            item.fail(f"{show_value(name)} is listed twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _loss(node: _Node, default: dict[str, float]) -> dict[str, float]:
+    if not node.given:
+        return default
+    terms = node.object(LOSS_TERMS)
+    loss = {term: terms[term].number(_NON_NEGATIVE, default=0.0) for term in LOSS_TERMS}
+    if not any(loss[term] > 0 for term in IMAGE_LOSS_TERMS):
+        node.fail(
+            "at least one of " + ", ".join(f'"{t}"' for t in IMAGE_LOSS_TERMS) + " must be > 0"
+        )
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading JSON values with one-line errors
+
+
+class _JSONObject(dict):
+    """A JSON object that remembers keys given more than once (``json`` keeps only the last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JSONObject:
+        obj = cls(pairs)
+        if len(obj) < len(pairs):
+            obj.duplicates = tuple(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return obj
+
+
+@dataclass(frozen=True)
+class _Interval:
+    """Allowed numbers: bounds (``None`` = unbounded), each closed unless marked open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.open_lo else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.open_hi else x <= self.hi)
+        return above and below
+
+    def describe(self, noun: str) -> str:
+        """E.g. ``a number in (0, 180)``, ``a number > 0``, ``an integer in [1, 16384]``."""
+        if self.lo is None and self.hi is None:
+            return noun
+        if self.hi is None:
+            return f"{noun} {'>' if self.open_lo else '>='} {_format_bound(self.lo)}"
+        if self.lo is None:
+            return f"{noun} {'<' if self.open_hi else '<='} {_format_bound(self.hi)}"
+        left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
+        return f"{noun} in {left}{_format_bound(self.lo)}, {_format_bound(self.hi)}{right}"
+
+
+_ANY = _Interval()
+_POSITIVE = _Interval(0, open_lo=True)
+_NON_NEGATIVE = _Interval(0)
+_UNIT = _Interval(0, 1)
+
+
+def _format_bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+_REQUIRED: Any = object()  # the ``default`` of a reader whose key must be given
+_MISSING: Any = object()  # the value of a node for a key that is absent
+
+
+class _Node:
+    """One JSON value and its place in the file; its readers return Python values or raise.
+
+    A node for an absent key (``given`` is false) returns its reader's ``default``, or reports the
+    key missing at the parent when there is none.
+    """
+
+    def __init__(self, value: Any, source: str, path: str = "", parent: str = "", key: str = ""):
+        self.value, self.source, self.path = value, source, path
+        self.parent, self.key = parent, key
+
+    @property
+    def given(self) -> bool:
+        return self.value is not _MISSING
+
+    def fail(self, message: str) -> NoReturn:
+        raise InputError(self.source, self.path, message)
+
+    def expected(self, what: str) -> NoReturn:
+        self.fail(f"expected {what}, got {show_value(self.value)}")
+
+    def missing(self) -> NoReturn:
+        raise InputError(self.source, self.parent, f'missing key "{self.key}"')
+
+    def _default(self, default: Any) -> Any:
+        if default is _REQUIRED:
+            self.missing()
+        return default
+
+    def number(self, allowed: _Interval = _ANY, *, default: Any = _REQUIRED) -> float:
+        """A JSON number (not a boolean) that is finite and ``in allowed``."""
+        if not self.given:
+            return self._default(default)
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            self.expected(allowed.describe("a number"))
+        try:
+            value = float(self.value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            self.expected("a finite number")
+        if value not in allowed:
+            self.expected(allowed.describe("a number"))
+        return value
+
+    def integer(self, allowed: _Interval, *, default: Any = _REQUIRED) -> int:
+        if not self.given:
+            return self._default(default)
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            self.expected(allowed.describe("an integer"))
+        return value
+
+    def boolean(self, *, default: Any = _REQUIRED) -> bool:
+        if not self.given:
+            return self._default(default)
+        if not isinstance(self.value, bool):
+            self.expected("true or false")
+        return self.value
+
+    def string(self) -> str:
+        """A non-empty string."""
+        if not self.given:
+            self.missing()
+        if not isinstance(self.value, str) or not self.value:
+            self.expected("a non-empty string")
+        return self.value
+
+    def choice(self, options: tuple[str, ...], *, default: Any = _REQUIRED) -> str:
+        if not self.given:
+            return self._default(default)
+        if not isinstance(self.value, str) or self.value not in options:
+            self.expected("one of " + ", ".join(f'"{option}"' for option in options))
+        return self.value
+
+    def vector(self, n: int, allowed: _Interval = _ANY, *, default: Any = _REQUIRED) -> tuple:
+        """An array of ``n`` numbers ``in allowed``, as a tuple of floats."""
+        if not self.given:
+            return self._default(default)
+        if not isinstance(self.value, list) or len(self.value) != n:
+            self.expected(f"an array of {n} numbers")
+        return tuple(item.number(allowed) for item in self.array())
+
+    def nonzero_vector(self, *, default: Any = _REQUIRED) -> Vec3:
+        """Three numbers, not all zero."""
+        vector = self.vector(3, default=default)
+        if not any(vector):
+            self.expected("a nonzero vector")
+        return vector
+
+    def forbidden(self, reason: str) -> None:
+        """For a key that the rest of its object rules out."""
+        if self.given:
+            self.fail(reason)
+
+    def array(self, *, min_length: int = 0, required: bool = True) -> list[_Node]:
+        """The items of an array of at least ``min_length``; a missing optional one is empty."""
+        if not self.given:
+            if required:
+                self.missing()
+            return []
+        if not isinstance(self.value, list):
+            self.expected("an array")
+        if len(self.value) < min_length:
+            self.expected(f"an array of at least {min_length} item{'s' * (min_length > 1)}")
+        return [_Node(item, self.source, f"{self.path}[{i}]") for i, item in enumerate(self.value)]
+
+    def object(self, keys: tuple[str, ...], *, required: bool = True) -> _Object:
+        """An object whose keys are all among ``keys``; a missing optional one is empty."""
+        if not self.given:
+            if required:
+                self.missing()
+            return _Object(self, {})
+        if not isinstance(self.value, dict):
+            self.expected("an object")
+        for key in getattr(self.value, "duplicates", ()):
+            self.fail(f"duplicate key {show_value(key)}")
+        for key in self.value:
+            if key not in keys:
+                raise InputError(self.source, _join(self.path, key), _unknown_key(key, keys))
+        return _Object(self, self.value)
+
+
+class _Object:
+    """A checked JSON object: ``obj[key]`` is the node of one of its known keys."""
+
+    def __init__(self, node: _Node, value: dict):
+        self.node, self.value = node, value
+
+    def __getitem__(self, key: str) -> _Node:
+        path = _join(self.node.path, key)
+        return _Node(self.value.get(key, _MISSING), self.node.source, path, self.node.path, key)
+
+    def either(self, first: str, second: str) -> str:
+        """Which of two alternative keys is given; exactly one must be."""
+        given = [key for key in (first, second) if key in self.value]
+        if not given:
+            self.node.fail(f'missing key "{first}" (or give "{second}")')
+        if len(given) == 2:
+            self.node.fail(f'give "{first}" or "{second}", not both')
+        return given[0]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _unknown_key(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    if close:
+        return f'unknown key (did you mean "{close[0]}"?)'
+    return "unknown key (expected one of " + ", ".join(f'"{k}"' for k in known) + ")"
