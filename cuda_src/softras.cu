@@ -1,0 +1,349 @@
+// The soft rasterizer (../shared/MODEL.md): forward and hand-written backward.
+//
+// Three kernels, each a 1-D grid of independent work items that own their outputs (no atomics,
+// so results are bitwise reproducible on the CPU whatever the thread count):
+//   setup     one item per face (b, j): whether the face is skipped, and the box of pixels it
+//             can touch (its screen bounding box grown by the cut-off distance).
+//   forward   one item per pixel (b, i): loops over the faces whose box holds the pixel and
+//             blends them; saves three aggregates per pixel for the backward.
+//   backward  one item per face (b, j): loops over the pixels of its box, recomputes the pair
+//             and accumulates the face's gradients in registers.
+// Both forward and backward evaluate a (pixel, face) pair with the same function, eval_pair,
+// so they agree exactly on which pairs count.
+//
+// Layouts (row-major, contiguous): face_verts (B, F, 3, 3) = screen x, y and view depth z per
+// corner; face_attrs (B, F, 3, C); image (B, C + 1, H, W); aux (B, 3, H, W) = (m_i, W_i, T_i);
+// face_boxes (B, F, 4) int = (row0, row1, col0, col1), inclusive, empty when row0 > row1.
+// Pixel (r, c) has its center at x = (2c + 1 - W) / H, y = (H - 2r - 1) / H (screen units,
+// microdr/conventions.py).
+
+#include "portability.h"
+
+// One argument block for every kernel (fields a kernel does not use are zero). Its layout is
+// mirrored by microdr/raster/kernels.py (ARGS_DTYPE): keep the two in the same order.
+template <typename T>
+struct RasterArgs {
+    const T* face_verts;
+    const T* face_attrs;
+    const T* background;  // (C,)
+    int* face_boxes;
+    T* image;
+    T* aux;
+    const T* grad_image;  // (B, C + 1, H, W)
+    T* grad_verts;        // (B, F, 3, 3)
+    T* grad_attrs;        // (B, F, 3, C)
+    long long n_items;
+    int batch, faces, channels, height, width;
+    int perspective, cull_backfaces;
+    double sigma, gamma, eps, distance_cutoff, near, far;
+};
+
+template <typename T>
+struct Face {
+    T x[3], y[3], z[3];
+    T area2;  // twice the signed screen area; > 0 for counter-clockwise faces
+};
+
+template <typename T>
+MDR_DEVICE Face<T> load_face(const T* __restrict__ corners) {
+    Face<T> f;
+    for (int k = 0; k < 3; ++k) {
+        f.x[k] = corners[3 * k + 0];
+        f.y[k] = corners[3 * k + 1];
+        f.z[k] = corners[3 * k + 2];
+    }
+    f.area2 = (f.x[1] - f.x[0]) * (f.y[2] - f.y[0]) - (f.y[1] - f.y[0]) * (f.x[2] - f.x[0]);
+    return f;
+}
+
+// Faces skipped whole: zero screen area, a corner nearer than `near`, culled back faces.
+template <typename T>
+MDR_DEVICE bool face_is_drawn(const Face<T>& f, const RasterArgs<T>& a) {
+    const T z_min = mdr_min(f.z[0], mdr_min(f.z[1], f.z[2]));
+    return f.area2 != T(0) && z_min >= T(a.near) && (!a.cull_backfaces || f.area2 > T(0));
+}
+
+// Everything about one (pixel, face) pair that the forward uses and the backward differentiates.
+template <typename T>
+struct Pair {
+    T b[3];          // barycentrics b_k
+    T b_clip[3];     // clipped barycentrics b~_k
+    T clip_sum;      // sum_l max(b_l, 0)
+    T inv_z_sum;     // sum_l b~_l / z_l (perspective)
+    T w_hat[3];      // interpolation weights w^_k
+    T z_ij, zhat;    // depth and normalized inverse depth
+    T d;             // squared distance to the boundary
+    int edge;        // the nearest edge runs from corner `edge` to corner `edge + 1`
+    T t;             // where on that edge the nearest point lies, in [0, 1]
+    T rx, ry;        // p minus the nearest point
+    bool inside;
+    T D, one_minus_D;  // sigmoid(x) and sigmoid(-x), x = delta d / sigma
+};
+
+// Evaluates the pair of pixel center (px, py) and a drawn face. Returns false for a skipped pair.
+template <typename T>
+MDR_DEVICE bool eval_pair(const Face<T>& f, T px, T py, const RasterArgs<T>& a, Pair<T>& q) {
+    // d: squared distance to the nearest of the three edge segments.
+    q.d = T(0);
+    q.edge = -1;
+    for (int k = 0; k < 3; ++k) {
+        const int n = k == 2 ? 0 : k + 1;
+        const T ex = f.x[n] - f.x[k], ey = f.y[n] - f.y[k];
+        const T len2 = ex * ex + ey * ey;
+        const T tx = px - f.x[k], ty = py - f.y[k];
+        T t = (tx * ex + ty * ey) / (len2 > T(0) ? len2 : T(1));
+        t = mdr_min(mdr_max(t, T(0)), T(1));
+        const T rx = tx - t * ex, ry = ty - t * ey;
+        const T dk = rx * rx + ry * ry;
+        if (q.edge < 0 || dk < q.d) {
+            q.d = dk;
+            q.edge = k;
+            q.t = t;
+            q.rx = rx;
+            q.ry = ry;
+        }
+    }
+    // b_k: signed area of (p, v_k+1, v_k+2) over the face's.
+    for (int k = 0; k < 3; ++k) {
+        const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
+        const T ux = f.x[n] - px, uy = f.y[n] - py;
+        const T wx = f.x[nn] - px, wy = f.y[nn] - py;
+        q.b[k] = (ux * wy - uy * wx) / f.area2;
+    }
+    q.inside = q.b[0] >= T(0) && q.b[1] >= T(0) && q.b[2] >= T(0);
+    if (!q.inside && q.d > T(a.distance_cutoff)) return false;
+
+    q.clip_sum = T(0);
+    for (int k = 0; k < 3; ++k) q.clip_sum += mdr_max(q.b[k], T(0));
+    for (int k = 0; k < 3; ++k) q.b_clip[k] = mdr_max(q.b[k], T(0)) / q.clip_sum;
+    if (a.perspective) {
+        q.inv_z_sum = T(0);
+        for (int k = 0; k < 3; ++k) q.inv_z_sum += q.b_clip[k] / f.z[k];
+        for (int k = 0; k < 3; ++k) q.w_hat[k] = q.b_clip[k] / f.z[k] / q.inv_z_sum;
+        q.z_ij = T(1) / q.inv_z_sum;
+    } else {
+        q.z_ij = T(0);
+        for (int k = 0; k < 3; ++k) {
+            q.w_hat[k] = q.b_clip[k];
+            q.z_ij += q.b_clip[k] * f.z[k];
+        }
+    }
+    if (!(q.z_ij >= T(a.near) && q.z_ij <= T(a.far))) return false;
+    q.zhat = (T(a.far) - q.z_ij) / T(a.far - a.near);
+
+    // D = sigmoid(x) and 1 - D = sigmoid(-x), each from its own exp so neither cancels.
+    const T x = (q.inside ? q.d : -q.d) / T(a.sigma);
+    q.D = T(1) / (T(1) + mdr_exp(-x));
+    q.one_minus_D = T(1) / (T(1) + mdr_exp(x));
+    return true;
+}
+
+template <typename T>
+MDR_DEVICE T pixel_x(int col, const RasterArgs<T>& a) { return T(2 * col + 1 - a.width) / T(a.height); }
+template <typename T>
+MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * row - 1) / T(a.height); }
+
+// ---------------------------------------------------------------------------------------------
+// setup: one item per face. A pair can count only if the pixel is inside the face or within
+// sqrt(distance_cutoff) of it, so the face's box is its screen bounding box grown by that much,
+// converted to pixel indices (one pixel of slack against rounding; eval_pair decides exactly).
+template <typename T>
+__device__ void setup_item(const RasterArgs<T>& a, long long item) {
+    int* box = a.face_boxes + 4 * item;
+    const Face<T> f = load_face(a.face_verts + 9 * item);
+    box[0] = 1, box[1] = 0, box[2] = 1, box[3] = 0;  // empty
+    if (!face_is_drawn(f, a)) return;
+    const T grow = mdr_sqrt(T(a.distance_cutoff));
+    const T x0 = mdr_min(f.x[0], mdr_min(f.x[1], f.x[2])) - grow;
+    const T x1 = mdr_max(f.x[0], mdr_max(f.x[1], f.x[2])) + grow;
+    const T y0 = mdr_min(f.y[0], mdr_min(f.y[1], f.y[2])) - grow;
+    const T y1 = mdr_max(f.y[0], mdr_max(f.y[1], f.y[2])) + grow;
+    const T h = T(a.height), w = T(a.width);
+    // Invert the pixel-center formulas, clamping in floating point before converting to int.
+    const T col0 = mdr_max(mdr_floor((x0 * h + w - T(1)) / T(2)) - T(1), T(0));
+    const T col1 = mdr_min(mdr_ceil((x1 * h + w - T(1)) / T(2)) + T(1), w - T(1));
+    const T row0 = mdr_max(mdr_floor((h - T(1) - y1 * h) / T(2)) - T(1), T(0));
+    const T row1 = mdr_min(mdr_ceil((h - T(1) - y0 * h) / T(2)) + T(1), h - T(1));
+    if (!(col0 <= col1 && row0 <= row1)) return;
+    box[0] = (int)row0, box[1] = (int)row1, box[2] = (int)col0, box[3] = (int)col1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: one item per pixel i. With m_i found on the fly (an online softmax: when a nearer
+// face raises m, the sums so far are rescaled by exp((m_old - m_new) / gamma)):
+//   T_i = prod_j (1 - D_ij),                 A_i = 1 - T_i
+//   W_i = sum_j w_ij + w_b,                  w_ij = D_ij exp((zhat_ij - m_i) / gamma),
+//   I_i = (sum_j w_ij C_ij + w_b C_bg) / W_i,   w_b = exp((eps - m_i) / gamma).
+// Saved for the backward: aux = (m_i, W_i, T_i); I_i is the image itself.
+template <typename T>
+__device__ void forward_item(const RasterArgs<T>& a, long long item) {
+    const int C = a.channels, HW = a.height * a.width;
+    const int b = (int)(item / HW), pix = (int)(item % HW);
+    const int row = pix / a.width, col = pix % a.width;
+    const T px = pixel_x(col, a), py = pixel_y(row, a);
+    const T inv_gamma = T(1) / T(a.gamma);
+    T* image = a.image + (long long)b * (C + 1) * HW + pix;  // channel c at image[c * HW]
+
+    T m = T(a.eps), weight_sum = T(1), transmittance = T(1);
+    for (int c = 0; c < C; ++c) image[c * HW] = a.background[c];  // w_b C_bg with w_b = 1 at m = eps
+    for (int j = 0; j < a.faces; ++j) {
+        const long long face = (long long)b * a.faces + j;
+        const int* box = a.face_boxes + 4 * face;
+        if (row < box[0] || row > box[1] || col < box[2] || col > box[3]) continue;
+        const Face<T> f = load_face(a.face_verts + 9 * face);
+        Pair<T> q;
+        if (!eval_pair(f, px, py, a, q)) continue;
+        transmittance *= q.one_minus_D;
+        if (q.zhat > m) {
+            const T rescale = mdr_exp((m - q.zhat) * inv_gamma);
+            weight_sum *= rescale;
+            for (int c = 0; c < C; ++c) image[c * HW] *= rescale;
+            m = q.zhat;
+        }
+        const T w = q.D * mdr_exp((q.zhat - m) * inv_gamma);
+        weight_sum += w;
+        const T* attrs = a.face_attrs + face * 3 * C;
+        for (int c = 0; c < C; ++c)
+            image[c * HW] += w * (q.w_hat[0] * attrs[c] + q.w_hat[1] * attrs[C + c] + q.w_hat[2] * attrs[2 * C + c]);
+    }
+    for (int c = 0; c < C; ++c) image[c * HW] /= weight_sum;
+    image[C * HW] = T(1) - transmittance;
+    T* aux = a.aux + (long long)b * 3 * HW + pix;
+    aux[0] = m, aux[HW] = weight_sum, aux[2 * HW] = transmittance;
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: one item per face j; sums over the pixels i of its box. With gI = dL/dI_i (C values)
+// and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
+//   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
+//   dL/dw_ij    = gI . (C_ij - I_i) / W_i             =: gw
+//   dL/dw^_k    = dL/dC_ij . c_k
+//   dL/dzhat_ij = gw w_ij / gamma
+//   dL/dx_ij    = gw w_ij (1 - D_ij) + gA D_ij T_i     (x = delta d / sigma; dA/dx_j = D_j T_i
+//                                                      needs no division by 1 - D_j)
+//   dL/dd_ij    = dL/dx_ij delta / sigma
+// Through the nearest edge (a -> b, nearest point q = a + t (b - a), r = p - q; t is optimal or
+// clamped, so it contributes nothing):  dd/da = -2 (1 - t) r,  dd/db = -2 t r.
+// Depth: dL/dz_ij = -dL/dzhat / (far - near). Perspective, with s = sum_l b~_l / z_l,
+// z_ij = 1 / s and w^_k = (b~_k / z_k) / s, for u_k = b~_k / z_k:
+//   dL/du_k = (dL/dw^_k - sum_l dL/dw^_l w^_l) / s - dL/dz_ij z_ij^2
+//   dL/db~_k = dL/du_k / z_k,   dL/dz_k += -dL/du_k u_k / z_k.
+// Orthographic (w^ = b~, z_ij = sum b~_l z_l):  dL/db~_k = dL/dw^_k + dL/dz_ij z_k,
+//   dL/dz_k += dL/dz_ij b~_k.
+// Clipping (b~_k = max(b_k, 0) / S, S = sum_l max(b_l, 0)):
+//   dL/db_k = [b_k > 0] (dL/db~_k - sum_l dL/db~_l b~_l) / S.
+// Barycentrics b_k = E_k / A2 with E_k = cross(v_k+1 - p, v_k+2 - p), A2 = cross(v1 - v0, v2 - v0):
+//   dL/dE_k = dL/db_k / A2,  dL/dA2 = -sum_k dL/db_k b_k / A2,
+//   and d cross(u, w) / du = (w_y, -w_x), d cross(u, w) / dw = (-u_y, u_x).
+template <typename T>
+__device__ void backward_item(const RasterArgs<T>& a, long long item) {
+    const int C = a.channels, HW = a.height * a.width;
+    const int b = (int)(item / a.faces);
+    const int* box = a.face_boxes + 4 * item;
+    const Face<T> f = load_face(a.face_verts + 9 * item);
+    const T* attrs = a.face_attrs + item * 3 * C;
+    T* grad_attrs = a.grad_attrs + item * 3 * C;
+    for (int k = 0; k < 3 * C; ++k) grad_attrs[k] = T(0);
+    T gx[3] = {0, 0, 0}, gy[3] = {0, 0, 0}, gz[3] = {0, 0, 0};
+    const T inv_gamma = T(1) / T(a.gamma);
+    const T* image_b = a.image + (long long)b * (C + 1) * HW;
+    const T* grad_b = a.grad_image + (long long)b * (C + 1) * HW;
+    const T* aux_b = a.aux + (long long)b * 3 * HW;
+
+    for (int row = box[0]; row <= box[1]; ++row) {
+        for (int col = box[2]; col <= box[3]; ++col) {
+            const T px = pixel_x(col, a), py = pixel_y(row, a);
+            Pair<T> q;
+            if (!eval_pair(f, px, py, a, q)) continue;
+            const int pix = row * a.width + col;
+            const T m = aux_b[pix], weight_sum = aux_b[HW + pix], transmittance = aux_b[2 * HW + pix];
+            const T w = q.D * mdr_exp((q.zhat - m) * inv_gamma);
+            const T coef = w / weight_sum;
+
+            // Color: dL/dC_ij, dL/dw_ij, dL/dc_k and dL/dw^_k.
+            T g_w = T(0), g_w_hat[3] = {0, 0, 0};
+            for (int c = 0; c < C; ++c) {
+                const T gI = grad_b[c * HW + pix];
+                const T color = q.w_hat[0] * attrs[c] + q.w_hat[1] * attrs[C + c] + q.w_hat[2] * attrs[2 * C + c];
+                g_w += gI * (color - image_b[c * HW + pix]);
+                const T g_color = gI * coef;
+                for (int k = 0; k < 3; ++k) {
+                    grad_attrs[k * C + c] += q.w_hat[k] * g_color;
+                    g_w_hat[k] += g_color * attrs[k * C + c];
+                }
+            }
+            g_w /= weight_sum;
+            const T g_zhat = g_w * w * inv_gamma;
+            const T g_x = g_w * w * q.one_minus_D + grad_b[C * HW + pix] * q.D * transmittance;
+
+            // Distance: through the nearest edge.
+            const T g_d = (q.inside ? g_x : -g_x) / T(a.sigma);
+            const int e0 = q.edge, e1 = q.edge == 2 ? 0 : q.edge + 1;
+            gx[e0] += T(-2) * (T(1) - q.t) * q.rx * g_d;
+            gy[e0] += T(-2) * (T(1) - q.t) * q.ry * g_d;
+            gx[e1] += T(-2) * q.t * q.rx * g_d;
+            gy[e1] += T(-2) * q.t * q.ry * g_d;
+
+            // Depth and interpolation weights -> clipped barycentrics.
+            const T g_z_ij = -g_zhat / T(a.far - a.near);
+            T g_b_clip[3];
+            if (a.perspective) {
+                const T g_w_hat_mean = g_w_hat[0] * q.w_hat[0] + g_w_hat[1] * q.w_hat[1] + g_w_hat[2] * q.w_hat[2];
+                const T g_s = -g_z_ij * q.z_ij * q.z_ij;
+                for (int k = 0; k < 3; ++k) {
+                    const T u = q.b_clip[k] / f.z[k];
+                    const T g_u = (g_w_hat[k] - g_w_hat_mean) / q.inv_z_sum + g_s;
+                    g_b_clip[k] = g_u / f.z[k];
+                    gz[k] -= g_u * u / f.z[k];
+                }
+            } else {
+                for (int k = 0; k < 3; ++k) {
+                    g_b_clip[k] = g_w_hat[k] + g_z_ij * f.z[k];
+                    gz[k] += g_z_ij * q.b_clip[k];
+                }
+            }
+
+            // Clipping -> barycentrics -> corners.
+            const T g_clip_mean = g_b_clip[0] * q.b_clip[0] + g_b_clip[1] * q.b_clip[1] + g_b_clip[2] * q.b_clip[2];
+            T g_area2 = T(0);
+            for (int k = 0; k < 3; ++k) {
+                const T g_b = q.b[k] > T(0) ? (g_b_clip[k] - g_clip_mean) / q.clip_sum : T(0);
+                const T g_E = g_b / f.area2;
+                g_area2 -= g_b * q.b[k] / f.area2;
+                const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
+                const T ux = f.x[n] - px, uy = f.y[n] - py;
+                const T wx = f.x[nn] - px, wy = f.y[nn] - py;
+                gx[n] += g_E * wy, gy[n] -= g_E * wx;
+                gx[nn] -= g_E * uy, gy[nn] += g_E * ux;
+            }
+            const T ux = f.x[1] - f.x[0], uy = f.y[1] - f.y[0];
+            const T wx = f.x[2] - f.x[0], wy = f.y[2] - f.y[0];
+            gx[1] += g_area2 * wy, gy[1] -= g_area2 * wx;
+            gx[2] -= g_area2 * uy, gy[2] += g_area2 * ux;
+            gx[0] -= g_area2 * (wy - uy), gy[0] -= g_area2 * (ux - wx);
+        }
+    }
+    T* grad_verts = a.grad_verts + 9 * item;
+    for (int k = 0; k < 3; ++k) grad_verts[3 * k] = gx[k], grad_verts[3 * k + 1] = gy[k], grad_verts[3 * k + 2] = gz[k];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: softras_{setup,forward,backward}_{f32,f64}. One thread per work item.
+#define MDR_KERNEL(name, item_fn, T)                                                 \
+    extern "C" __global__ void name(const RasterArgs<T> args) {                       \
+        const long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x;      \
+        if (item < args.n_items) item_fn<T>(args, item);                              \
+    }                                                                                 \
+    MDR_HOST_LAUNCHER(name, RasterArgs<T>)
+
+MDR_KERNEL(softras_setup_f32, setup_item, float)
+MDR_KERNEL(softras_setup_f64, setup_item, double)
+MDR_KERNEL(softras_forward_f32, forward_item, float)
+MDR_KERNEL(softras_forward_f64, forward_item, double)
+MDR_KERNEL(softras_backward_f32, backward_item, float)
+MDR_KERNEL(softras_backward_f64, backward_item, double)
+
+#ifndef __CUDACC__
+// Lets the host adapter check that ARGS_DTYPE in microdr/raster/kernels.py matches RasterArgs.
+extern "C" long long softras_args_size() { return (long long)sizeof(RasterArgs<float>); }
+#endif

@@ -1,0 +1,121 @@
+"""The rasterize seam: screen-space triangles and per-corner attributes in, RGBA out.
+
+Everything above this seam (cameras, shading, losses) is plain PyTorch and gets its gradients
+from autograd *through* :func:`rasterize`; everything below it is a backend that implements
+``../shared/MODEL.md`` exactly: the PyTorch reference (autograd) or the hand-written kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..defaults import BACKENDS
+from ..errors import MicroDRError
+from .kernels import KernelTarget, SoftRasterize
+from .reference import rasterize_reference
+from .settings import SoftRasSettings
+
+__all__ = ["BACKENDS", "SoftRasSettings", "backend_status", "rasterize", "resolve_backend"]
+
+
+
+def rasterize(
+    face_verts: torch.Tensor,
+    face_attrs: torch.Tensor,
+    width: int,
+    height: int,
+    settings: SoftRasSettings = SoftRasSettings(),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Soft-rasterize triangles into an image with ``C`` attribute channels plus alpha.
+
+    Args:
+        face_verts: ``(B, F, 3, 3)`` float32/float64, any device. Per face corner: screen ``x``
+            (right) and ``y`` (up) in screen units (image height spans 2, origin at the center;
+            see ``microdr.conventions``) and view depth ``z`` (positive in front of the camera).
+        face_attrs: ``(B, F, 3, C)``, same dtype and device: per-corner attributes (e.g. RGB),
+            interpolated perspective-correctly.
+        width, height: image size in pixels.
+        settings: MODEL.md's constants (sigma, gamma, eps, eps_d, near, far, projection, ...).
+        backend: ``"auto"`` or one of :data:`BACKENDS`.
+
+    Returns:
+        ``(B, C + 1, H, W)`` in the inputs' dtype and device: the blended attributes ``I`` then
+        the silhouette ``A``; row 0 is the top of the image. Differentiable w.r.t. both inputs.
+    """
+    _check_inputs(face_verts, face_attrs, width, height)
+    backend = resolve_backend(backend, face_verts.device)
+    if backend == "reference":
+        return rasterize_reference(face_verts, face_attrs, width, height, settings)
+    return SoftRasterize.apply(face_verts, face_attrs, width, height, settings, _target(backend, face_verts.device))
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """The concrete backend (``cpu``, ``cuda`` or ``reference``) that ``backend`` means for
+    tensors on ``device``; raises :class:`MicroDRError` when an explicit choice cannot run."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise MicroDRError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        wanted = "cuda" if device.type == "cuda" else "cpu"
+        return wanted if _unavailable(wanted, device) is None else "reference"
+    reason = _unavailable(backend, device)
+    if reason is not None:
+        raise MicroDRError(f'backend "{backend}" is unavailable: {reason}')
+    return backend
+
+
+def backend_status(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """For each concrete backend: None if it runs on tensors on ``device``, else why not."""
+    device = torch.device(device)
+    return {name: _unavailable(name, device) for name in ("cpu", "cuda", "reference")}
+
+
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors, these are on {device}"
+        return _cpu_build_error()
+    from .cuda import cuda_unavailable_reason
+
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors, these are on {device}"
+    return cuda_unavailable_reason()
+
+
+@functools.cache
+def _cpu_build_error() -> str | None:
+    from .cpu import cpu_target
+
+    try:
+        cpu_target()
+    except MicroDRError as error:
+        return str(error)
+    return None
+
+
+def _target(backend: str, device: torch.device) -> KernelTarget:
+    if backend == "cpu":
+        from .cpu import cpu_target
+
+        return cpu_target()
+    from .cuda import cuda_target
+
+    return cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _check_inputs(face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int, height: int) -> None:
+    if face_verts.dim() != 4 or face_verts.shape[2:] != (3, 3):
+        raise ValueError(f"face_verts must be (B, F, 3, 3), got {tuple(face_verts.shape)}")
+    if face_attrs.dim() != 4 or face_attrs.shape[:3] != face_verts.shape[:3]:
+        raise ValueError(f"face_attrs must be (B, F, 3, C) matching face_verts, got {tuple(face_attrs.shape)}")
+    if face_verts.dtype != face_attrs.dtype or face_verts.device != face_attrs.device:
+        raise ValueError("face_verts and face_attrs must share dtype and device")
+    if not face_verts.is_floating_point():
+        raise ValueError(f"face_verts must be float32 or float64, got {face_verts.dtype}")
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width} x {height}")

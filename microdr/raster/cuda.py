@@ -1,0 +1,81 @@
+"""CUDA target: cuda_src/softras.cu compiled by nvcc through PyCUDA, on torch's CUDA tensors.
+
+- Context: PyTorch works in the device's *primary* context; this target retains and pushes that
+  same context around every PyCUDA call (``pycuda.autoinit`` would create a second one, in
+  which torch's pointers are invalid).
+- Streams: kernels are launched on the legacy default stream. When torch's current stream is
+  another one, it is synchronized first, so the kernel sees finished inputs; the launch is
+  synchronized before returning, so torch's next op sees finished outputs.
+- Pointers: torch tensors are passed by address inside the argument block (ARGS_DTYPE).
+- The module is compiled once per process and device (PyCUDA also caches the cubin on disk).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ..errors import MicroDRError
+from .cpu_build import source_dir
+
+INSTALL_HINT = "install the CUDA extra: pip install 'microdr[cuda]'"
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why ``backend="cuda"`` cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch"
+    try:
+        import pycuda.driver  # noqa: F401
+    except ImportError:
+        return f"pycuda is not installed ({INSTALL_HINT})"
+    return None
+
+
+class CudaTarget:
+    name = "cuda"
+
+    def __init__(self, device_index: int) -> None:
+        import pycuda.driver as driver
+        from pycuda.compiler import SourceModule
+
+        driver.init()
+        torch.cuda.init()  # makes torch create (and own) the primary context first
+        self._driver = driver
+        self._context = driver.Device(device_index).retain_primary_context()
+        self._context.push()
+        try:
+            source = (source_dir() / "softras.cu").read_text()
+            self._module = SourceModule(
+                source, no_extern_c=True, include_dirs=[str(source_dir())], options=["-std=c++17"]
+            )
+        finally:
+            self._context.pop()
+        self._functions: dict[str, object] = {}
+
+    def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
+        stream = torch.cuda.current_stream()
+        if stream.cuda_stream != 0:
+            stream.synchronize()
+        self._context.push()
+        try:
+            if kernel not in self._functions:
+                self._functions[kernel] = self._module.get_function(kernel)
+            # A 1-element structured array's element (np.void) is passed by value.
+            self._functions[kernel](args[0], block=(block, 1, 1), grid=(grid, 1, 1))
+            self._driver.Context.synchronize()
+        except self._driver.Error as error:
+            raise MicroDRError(f"CUDA kernel {kernel} failed: {error}") from error
+        finally:
+            self._context.pop()
+
+
+@functools.cache
+def cuda_target(device_index: int) -> CudaTarget:
+    """The process's CUDA target for one device (compiled on first use)."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise MicroDRError(f'backend "cuda" is unavailable: {reason}')
+    return CudaTarget(device_index)

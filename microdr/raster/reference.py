@@ -1,0 +1,119 @@
+"""The reference soft rasterizer: MODEL.md written out in PyTorch, differentiated by autograd.
+
+This is the oracle every kernel is tested against, so it is written to be read next to MODEL.md,
+not to be fast: every (pixel, face) pair is evaluated as a dense ``(B, P, F)`` tensor over a chunk
+of ``P`` pixels. Each chunk runs under activation checkpointing, so memory stays bounded by one
+chunk's graph however large the image is.
+
+Skipped pairs are masked with ``torch.where``. Inputs to operations that could overflow or divide
+by zero are made safe *before* the operation on masked pairs too (the "double where"), because a
+``where`` alone would still send ``0 * inf = NaN`` into the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..conventions import pixel_centers, signed_area2
+from .settings import SoftRasSettings
+
+#: (pixel, face) pairs evaluated at once; bounds the memory of one chunk (~1 GiB in float64).
+PAIRS_PER_CHUNK = 1 << 20
+
+
+def rasterize_reference(
+    face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int, height: int, settings: SoftRasSettings
+) -> torch.Tensor:
+    """Soft-rasterize; see :func:`microdr.raster.rasterize` for the tensor contract."""
+    batch, faces = face_verts.shape[:2]
+    channels = face_attrs.shape[-1]
+    centers = pixel_centers(height, width, dtype=face_verts.dtype, device=face_verts.device).reshape(-1, 2)
+    background = face_attrs.new_tensor(settings.background_values(channels))
+    pixels_per_chunk = max(1, PAIRS_PER_CHUNK // max(1, batch * faces))
+
+    def shade_chunk(points, verts, attrs):
+        return _shade_pixels(points, verts, attrs, background, settings)
+
+    outputs = []
+    for points in centers.split(pixels_per_chunk):
+        if torch.is_grad_enabled() and (face_verts.requires_grad or face_attrs.requires_grad):
+            outputs.append(checkpoint(shade_chunk, points, face_verts, face_attrs, use_reentrant=False))
+        else:
+            outputs.append(shade_chunk(points, face_verts, face_attrs))
+    image = torch.cat(outputs, dim=1)  # (B, H*W, C+1)
+    return image.transpose(1, 2).reshape(batch, channels + 1, height, width)
+
+
+def _shade_pixels(
+    p: torch.Tensor, face_verts: torch.Tensor, face_attrs: torch.Tensor, c_bg: torch.Tensor, s: SoftRasSettings
+) -> torch.Tensor:
+    """RGBA ``(B, P, C+1)`` of pixel centers ``p`` ``(P, 2)``. Pair tensors are ``(B, P, F, ...)``."""
+    # Per face: screen corners v (B, 1, F, 3, 2), view depths z (B, 1, F, 3).
+    v = face_verts[:, None, :, :, :2]
+    z = face_verts[:, None, :, :, 2]
+
+    # Faces skipped whole: zero screen area, a corner nearer than `near`, culled back faces.
+    area2 = signed_area2(v)  # (B, 1, F)
+    face_ok = (area2 != 0) & (z.min(dim=-1).values >= s.near)
+    if s.cull_backfaces:
+        face_ok = face_ok & (area2 > 0)
+    area2 = torch.where(face_ok, area2, 1.0)
+    z = torch.where(face_ok[..., None], z, 1.0)
+
+    p = p[None, :, None, :]  # (1, P, 1, 2)
+
+    # d_ij: squared distance to the boundary, the minimum over the three edge segments
+    # (edge k runs from corner k to corner k+1).
+    edge_start = v
+    edge = v.roll(-1, dims=-2) - v  # (B, 1, F, 3, 2)
+    edge_len2 = (edge * edge).sum(-1)
+    to_p = p[..., None, :] - edge_start  # (B, P, F, 3, 2)
+    t = ((to_p * edge).sum(-1) / torch.where(edge_len2 > 0, edge_len2, 1.0)).clamp(0.0, 1.0)
+    r = to_p - t[..., None] * edge
+    d = (r * r).sum(-1).min(dim=-1).values  # (B, P, F)
+
+    # Barycentrics b_k: the signed area of the triangle (p, v_k+1, v_k+2) over the face's.
+    u = v.roll(-1, dims=-2) - p[..., None, :]
+    w = v.roll(-2, dims=-2) - p[..., None, :]
+    b = (u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]) / area2[..., None]  # (B, P, F, 3)
+    b = torch.where(face_ok[..., None], b, 1.0 / 3.0)  # skipped faces: any finite, summing to 1
+
+    # delta_ij = +1 inside, -1 outside; D_ij = sigmoid(delta_ij d_ij / sigma).
+    inside = (b >= 0).all(dim=-1)
+    x = torch.where(inside, d, -d) / s.sigma
+    D = torch.sigmoid(x)
+
+    # Clipped barycentrics, then perspective-correct weights w^ and depth z_ij.
+    b_clip = b.clamp(min=0.0)
+    b_clip = b_clip / b_clip.sum(dim=-1, keepdim=True)
+    if s.perspective:
+        b_over_z = b_clip / z
+        w_hat = b_over_z / b_over_z.sum(dim=-1, keepdim=True)
+        z_ij = 1.0 / b_over_z.sum(dim=-1)
+    else:
+        w_hat = b_clip
+        z_ij = (b_clip * z).sum(dim=-1)
+
+    # Pairs that count: the face is kept, the pixel is inside or within the cut-off, and the
+    # interpolated depth is inside [near, far].
+    keep = face_ok & (inside | (d <= s.distance_cutoff)) & (z_ij >= s.near) & (z_ij <= s.far)
+
+    C = torch.einsum("bpfk,bfkc->bpfc", w_hat, face_attrs)
+    zhat = (s.far - z_ij) / (s.far - s.near)
+
+    # Silhouette: A = 1 - prod_j (1 - D_ij), the product taken as a sum of log-sigmoids.
+    log_transmittance = torch.where(keep, F.logsigmoid(-x), 0.0).sum(dim=-1)
+    A = 1.0 - torch.exp(log_transmittance)
+
+    # Color: softmax over depth with a background term, stabilized by m_i = max(eps, max_j zhat_ij).
+    # The image does not depend on m_i (it cancels), so it is a constant for autograd.
+    eps_column = zhat.new_full((*zhat.shape[:-1], 1), s.eps)
+    candidates = torch.cat([torch.where(keep, zhat, -torch.inf), eps_column], dim=-1)
+    m = candidates.amax(dim=-1).detach()
+    exponent = torch.where(keep, (zhat - m[..., None]) / s.gamma, 0.0)
+    w_ij = torch.where(keep, D * torch.exp(exponent), 0.0)
+    w_b = torch.exp((s.eps - m) / s.gamma)
+    I = (torch.einsum("bpf,bpfc->bpc", w_ij, C) + w_b[..., None] * c_bg) / (w_ij.sum(-1) + w_b)[..., None]
+    return torch.cat([I, A[..., None]], dim=-1)

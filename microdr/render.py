@@ -1,0 +1,122 @@
+"""Scenes to images: transform, project, shade, then soft-rasterize (MODEL.md, in that order).
+
+The pieces are separate so that an optimizer can make any of them a free parameter: the
+world-space geometry and albedo (:func:`scene_faces`), the camera poses and the lights
+(:func:`render_faces`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .camera import CameraTensors, project
+from .raster import SoftRasSettings, rasterize
+from .scene import Camera, Lights, RenderSettings, Scene, SceneMesh
+from .shading import shade
+
+
+@dataclass(frozen=True)
+class FaceSoup:
+    """All meshes of a scene as one triangle soup.
+
+    vertices: ``(V, 3)`` world-space vertices of all meshes, transforms applied.
+    faces: ``(F, 3)`` int64 indices into ``vertices``, counter-clockwise seen from outside.
+    albedo: ``(F, 3, 3)`` per-corner RGB albedo in [0, 1].
+    """
+
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    albedo: torch.Tensor
+
+    @property
+    def corners(self) -> torch.Tensor:
+        """World-space face corners ``(F, 3, 3)``."""
+        return self.vertices[self.faces]
+
+
+def mesh_albedo(scene_mesh: SceneMesh) -> torch.Tensor:
+    """Per-corner albedo ``(F, 3, 3)``: per-vertex colors gathered, per-face colors repeated."""
+    if scene_mesh.color_mode == "vertex":
+        return scene_mesh.colors[scene_mesh.mesh.faces]
+    return scene_mesh.colors[:, None, :].expand(-1, 3, -1)
+
+
+def scene_faces(scene: Scene, *, dtype=torch.float32, device=None) -> FaceSoup:
+    """The scene's meshes, transformed to world space and merged into one :class:`FaceSoup`."""
+    vertices, faces, albedo = [], [], []
+    offset = 0
+    for scene_mesh in scene.meshes:
+        world = scene_mesh.transform.apply(scene_mesh.mesh.vertices.to(dtype=dtype, device=device))
+        vertices.append(world)
+        faces.append(scene_mesh.mesh.faces.to(device) + offset)
+        albedo.append(mesh_albedo(scene_mesh).to(dtype=dtype, device=device))
+        offset += world.shape[0]
+    if not vertices:
+        return FaceSoup(
+            torch.zeros(0, 3, dtype=dtype, device=device),
+            torch.zeros(0, 3, dtype=torch.int64, device=device),
+            torch.zeros(0, 3, 3, dtype=dtype, device=device),
+        )
+    return FaceSoup(torch.cat(vertices), torch.cat(faces), torch.cat(albedo))
+
+
+def raster_settings(render: RenderSettings, camera: Camera) -> SoftRasSettings:
+    """The rasterizer's settings for one camera of a scene."""
+    return SoftRasSettings(
+        sigma=render.sigma,
+        gamma=render.gamma,
+        eps=render.eps,
+        eps_d=render.eps_d,
+        near=camera.near,
+        far=camera.far,
+        perspective=camera.projection == "perspective",
+        cull_backfaces=render.cull_backfaces,
+        background=tuple(render.background),
+    )
+
+
+def render_faces(
+    corners: torch.Tensor,
+    albedo: torch.Tensor,
+    cameras: Sequence[Camera],
+    render: RenderSettings,
+    lights: Lights | None,
+    *,
+    poses: Sequence[CameraTensors] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """RGBA ``(N, 4, H, W)`` of world-space triangles seen by each of ``N`` cameras.
+
+    corners: ``(F, 3, 3)`` world-space face corners; albedo: ``(F, 3, 3)`` per-corner RGB.
+    poses: optional per-camera pose tensors (for gradients w.r.t. cameras).
+    Cameras that share projection, near and far are rasterized as one batch.
+    """
+    colors = shade(albedo, corners, lights)
+    images: list[torch.Tensor | None] = [None] * len(cameras)
+    groups: dict[SoftRasSettings, list[int]] = {}
+    for index, camera in enumerate(cameras):
+        groups.setdefault(raster_settings(render, camera), []).append(index)
+    for settings, indices in groups.items():
+        screen = torch.stack(
+            [project(corners, cameras[i], None if poses is None else poses[i]) for i in indices]
+        )
+        batch = rasterize(
+            screen,
+            colors.expand(len(indices), -1, -1, -1),
+            render.width,
+            render.height,
+            settings,
+            backend=backend or render.backend,
+        )
+        for i, image in zip(indices, batch):
+            images[i] = image
+    return torch.stack(images)
+
+
+def render_scene(scene: Scene, *, backend: str | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Render every camera of ``scene``: RGBA ``(N_cameras, 4, H, W)``, values in [0, 1]."""
+    soup = scene_faces(scene, dtype=dtype, device=device)
+    return render_faces(soup.corners, soup.albedo, scene.cameras, scene.render, scene.lights, backend=backend)
