@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, show_value
+from .files import read_text, write_files
 
 
 @dataclass
@@ -103,32 +103,6 @@ def load_obj(path: str | os.PathLike) -> Mesh:
     for number, line in enumerate(text.split("\n"), start=1):
         parser.parse_line(line, number)
     return parser.finish()
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
-    raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
-    """
-    source = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(source, "", "no such file") from None
-    except IsADirectoryError:
-        raise InputError(source, "", "is a directory, not a file") from None
-    except OSError as error:
-        raise InputError(source, "", f"cannot read: {error.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line_start = data.rfind(b"\n", 0, error.start) + 1
-        line = data.count(b"\n", 0, error.start) + 1
-        raise InputError(
-            source,
-            f"line {line}",
-            f"not UTF-8 text (byte 0x{data[error.start]:02x} at byte {error.start - line_start + 1}"
-            " of the line)",
-        ) from None
 
 
 class _ObjParser:
@@ -278,23 +252,7 @@ def save_obj(
     # str() of a numpy scalar is its shortest round-trip representation for that dtype.
     lines += ["v " + " ".join(str(x) for x in row) for row in columns]
     lines += [f"f {a} {b} {c}" for a, b, c in (mesh.faces.detach().cpu() + 1).tolist()]
-    _write_atomically(Path(path), "\n".join(lines) + "\n", source)
-
-
-def _write_atomically(path: Path, text: str, source: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # os.open with mode 0o666 lets the umask decide the permissions, as for a plain open().
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise InputError(source, "", f"cannot write: {error.strerror}") from None
+    write_files({Path(path): ("\n".join(lines) + "\n").encode("utf-8")})
 
 
 # ---------------------------------------------------------------------------------------------

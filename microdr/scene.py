@@ -21,7 +21,8 @@ import torch
 
 from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA
 from .errors import InputError, show_value
-from .mesh import Mesh, cube, icosphere, load_obj, plane, read_text
+from .files import read_text
+from .mesh import Mesh, cube, icosphere, load_obj, plane
 
 Vec3 = tuple[float, float, float]
 

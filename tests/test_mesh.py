@@ -206,9 +206,10 @@ def test_save_refuses_non_finite_and_unwritable(tmp_path):
     mesh.vertices[0, 0] = float("nan")
     with pytest.raises(InputError, match="non-finite"):
         save_obj(mesh, tmp_path / "nan.obj")
-    with pytest.raises(InputError, match="cannot write"):
-        save_obj(cube(), tmp_path / "missing_dir" / "x.obj")
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(InputError, match="cannot create folder"):
+        save_obj(cube(), tmp_path / "file" / "x.obj")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 # --- primitives --------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Reading the user's files and writing ours: one clear error per failure, atomic writes.
+
+Every output microDR writes goes through :func:`write_files`: a temporary file beside each
+target, flushed to disk, then renamed over it, so a crash or a full disk leaves either the old
+file or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from .errors import InputError
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
+    raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
+    """
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(source, "", "no such file") from None
+    except IsADirectoryError:
+        raise InputError(source, "", "is a directory, not a file") from None
+    except OSError as error:
+        raise InputError(source, "", f"cannot read: {error.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        raise InputError(
+            source,
+            f"line {line}",
+            f"not UTF-8 text (byte 0x{data[error.start]:02x} at byte {error.start - line_start + 1}"
+            " of the line)",
+        ) from None
+
+
+def write_files(files: dict[Path, bytes]) -> None:
+    """Write every file atomically, and either all of them or (barring a crash) none.
+
+    Each file's bytes first go to a temporary file beside it; only once all are on disk are
+    they renamed over their targets, and a failure before that removes them again.
+    """
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            written.append((_write_temporary(path, data), path))
+        for temporary, path in written:
+            try:
+                os.replace(temporary, path)
+            except OSError as error:
+                raise InputError(str(path), "", f"cannot write: {error.strerror}") from None
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
+
+
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file in ``path``'s folder (created if missing)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(str(path.parent), "", f"cannot create folder: {error.strerror}") from None
+    if path.is_dir():  # found now, before any file is renamed into place
+        raise InputError(str(path), "", "cannot write: is a folder")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        # "x" never clobbers an existing file; the umask sets permissions as for any new file.
+        with open(temporary, "xb") as handle:
+            try:
+                handle.write(data)
+                # On disk before the rename, or a power cut can leave the name on a partial file.
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError:
+                temporary.unlink(missing_ok=True)
+                raise
+    except OSError as error:
+        raise InputError(str(path), "", f"cannot write: {error.strerror}") from None
+    return temporary
