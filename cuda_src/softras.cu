@@ -1,19 +1,28 @@
 // The soft rasterizer (../shared/MODEL.md): forward and hand-written backward.
 //
-// Three kernels, each a 1-D grid of independent work items that own their outputs (no atomics,
+// Four kernels, each a 1-D grid of independent work items that own their outputs (no atomics,
 // so results are bitwise reproducible on the CPU whatever the thread count):
-//   setup     one item per face (b, j): whether the face is skipped, and the box of pixels it
-//             can touch (its screen bounding box grown by the cut-off distance).
-//   forward   one item per pixel (b, i): loops over the faces whose box holds the pixel and
+//   setup     one item per face (b, j): whether the face is skipped, the box of pixels it can
+//             touch (its screen bounding box grown by the cut-off distance), and how many
+//             tiles (TILE x TILE pixels) that box overlaps.
+//   bin       one item per face: writes one (tile key, face) pair per overlapped tile into the
+//             face's slots of the pair list (slots sized by a prefix sum of setup's counts, so
+//             nothing can overflow). The launch code then sorts the pairs by tile, stably, so
+//             each tile lists its faces in face order.
+//   forward   one item per pixel (b, i), grouped so that a block of TILE * TILE items is one
+//             tile: loops over the faces listed for its tile whose box holds the pixel and
 //             blends them; saves three aggregates per pixel for the backward.
 //   backward  one item per face (b, j): loops over the pixels of its box, recomputes the pair
 //             and accumulates the face's gradients in registers.
-// Both forward and backward evaluate a (pixel, face) pair with the same function, eval_pair,
-// so they agree exactly on which pairs count.
+// Forward and backward evaluate a (pixel, face) pair with the same function, eval_pair, so
+// they agree exactly on which pairs count. Memory is O(pixels + faces + listed pairs).
 //
 // Layouts (row-major, contiguous): face_verts (B, F, 3, 3) = screen x, y and view depth z per
 // corner; face_attrs (B, F, 3, C); image (B, C + 1, H, W); aux (B, 3, H, W) = (m_i, W_i, T_i);
-// face_boxes (B, F, 4) int = (row0, row1, col0, col1), inclusive, empty when row0 > row1.
+// face_boxes (B, F, 4) int = (row0, row1, col0, col1), inclusive, empty when row0 > row1;
+// face_tiles (B, F) int = tiles overlapped; bin_starts (B, F) = first slot of each face;
+// bin_keys, bin_faces (pairs) = b * tiles + tile (row-major tiles), j; tile_faces (pairs) = the
+// faces sorted by tile; tile_ends (B * tiles) = one past each tile's last entry in tile_faces.
 // Pixel (r, c) has its center at x = (2c + 1 - W) / H, y = (H - 2r - 1) / H (screen units,
 // microdr/conventions.py).
 
@@ -27,32 +36,74 @@ struct RasterArgs {
     const T* face_attrs;
     const T* background;  // (C,)
     int* face_boxes;
+    T* face_data;  // (B, F, FACE_RECORD), written by setup for drawn faces
     T* image;
     T* aux;
     const T* grad_image;  // (B, C + 1, H, W)
     T* grad_verts;        // (B, F, 3, 3)
     T* grad_attrs;        // (B, F, 3, C)
+    int* face_tiles;
+    const long long* bin_starts;
+    long long* bin_keys;
+    int* bin_faces;
+    const int* tile_faces;
+    const long long* tile_ends;
     long long n_items;
     int batch, faces, channels, height, width;
     int perspective, cull_backfaces;
+    int tile, tiles_x, tiles_y;
     double sigma, gamma, eps, distance_cutoff, near, far;
 };
 
+// A face as the pair evaluation needs it, precomputed once by setup (FACE_RECORD values per
+// face in face_data) so that the per-pair work has no divisions by per-face quantities.
 template <typename T>
 struct Face {
     T x[3], y[3], z[3];
-    T area2;  // twice the signed screen area; > 0 for counter-clockwise faces
+    T inv_z[3];
+    T area2;        // twice the signed screen area; > 0 for counter-clockwise faces
+    T inv_area2;
+    T inv_len2[3];  // 1 / |edge k|^2 (0 for a zero-length edge); edge k runs from corner k to k+1
 };
+#define FACE_RECORD 17
 
 template <typename T>
-MDR_DEVICE Face<T> load_face(const T* __restrict__ corners) {
+MDR_DEVICE Face<T> make_face(const T* __restrict__ corners) {
     Face<T> f;
     for (int k = 0; k < 3; ++k) {
         f.x[k] = corners[3 * k + 0];
         f.y[k] = corners[3 * k + 1];
         f.z[k] = corners[3 * k + 2];
+        f.inv_z[k] = T(1) / f.z[k];
     }
     f.area2 = (f.x[1] - f.x[0]) * (f.y[2] - f.y[0]) - (f.y[1] - f.y[0]) * (f.x[2] - f.x[0]);
+    f.inv_area2 = T(1) / f.area2;
+    for (int k = 0; k < 3; ++k) {
+        const int n = k == 2 ? 0 : k + 1;
+        const T ex = f.x[n] - f.x[k], ey = f.y[n] - f.y[k];
+        const T len2 = ex * ex + ey * ey;
+        f.inv_len2[k] = len2 > T(0) ? T(1) / len2 : T(0);
+    }
+    return f;
+}
+
+template <typename T>
+MDR_DEVICE void store_face(const Face<T>& f, T* __restrict__ record) {
+    for (int k = 0; k < 3; ++k) {
+        record[k] = f.x[k], record[3 + k] = f.y[k], record[6 + k] = f.z[k];
+        record[9 + k] = f.inv_z[k], record[14 + k] = f.inv_len2[k];
+    }
+    record[12] = f.area2, record[13] = f.inv_area2;
+}
+
+template <typename T>
+MDR_DEVICE Face<T> load_face(const T* __restrict__ record) {
+    Face<T> f;
+    for (int k = 0; k < 3; ++k) {
+        f.x[k] = record[k], f.y[k] = record[3 + k], f.z[k] = record[6 + k];
+        f.inv_z[k] = record[9 + k], f.inv_len2[k] = record[14 + k];
+    }
+    f.area2 = record[12], f.inv_area2 = record[13];
     return f;
 }
 
@@ -80,19 +131,42 @@ struct Pair {
     T D, one_minus_D;  // sigmoid(x) and sigmoid(-x), x = delta d / sigma
 };
 
+// Outside pairs are first tested against the edge *lines*: the distance to the boundary is at
+// least the distance to any edge line the pixel lies beyond, so a pair beyond the cut-off from
+// one of those lines is skipped before the segment distances are computed. The margin keeps
+// rounding in that cheap test from ever skipping a pair that the exact test would keep.
+#define LINE_TEST_MARGIN 1.25
+
 // Evaluates the pair of pixel center (px, py) and a drawn face. Returns false for a skipped pair.
 template <typename T>
 MDR_DEVICE bool eval_pair(const Face<T>& f, T px, T py, const RasterArgs<T>& a, Pair<T>& q) {
+    // b_k: signed area of (p, v_k+1, v_k+2) over the face's.
+    T area_k[3];
+    for (int k = 0; k < 3; ++k) {
+        const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
+        const T ux = f.x[n] - px, uy = f.y[n] - py;
+        const T wx = f.x[nn] - px, wy = f.y[nn] - py;
+        area_k[k] = ux * wy - uy * wx;
+        q.b[k] = area_k[k] * f.inv_area2;
+    }
+    q.inside = q.b[0] >= T(0) && q.b[1] >= T(0) && q.b[2] >= T(0);
+    const T cutoff = T(a.distance_cutoff);
+    if (!q.inside) {
+        // Squared distance to the line through v_k+1, v_k+2 (edge k+1): area_k^2 / |edge|^2.
+        for (int k = 0; k < 3; ++k) {
+            const int n = k == 2 ? 0 : k + 1;
+            if (q.b[k] < T(0) && area_k[k] * area_k[k] * f.inv_len2[n] > T(LINE_TEST_MARGIN) * cutoff) return false;
+        }
+    }
+
     // d: squared distance to the nearest of the three edge segments.
     q.d = T(0);
     q.edge = -1;
     for (int k = 0; k < 3; ++k) {
         const int n = k == 2 ? 0 : k + 1;
         const T ex = f.x[n] - f.x[k], ey = f.y[n] - f.y[k];
-        const T len2 = ex * ex + ey * ey;
         const T tx = px - f.x[k], ty = py - f.y[k];
-        T t = (tx * ex + ty * ey) / (len2 > T(0) ? len2 : T(1));
-        t = mdr_min(mdr_max(t, T(0)), T(1));
+        const T t = mdr_min(mdr_max((tx * ex + ty * ey) * f.inv_len2[k], T(0)), T(1));
         const T rx = tx - t * ex, ry = ty - t * ey;
         const T dk = rx * rx + ry * ry;
         if (q.edge < 0 || dk < q.d) {
@@ -103,24 +177,17 @@ MDR_DEVICE bool eval_pair(const Face<T>& f, T px, T py, const RasterArgs<T>& a, 
             q.ry = ry;
         }
     }
-    // b_k: signed area of (p, v_k+1, v_k+2) over the face's.
-    for (int k = 0; k < 3; ++k) {
-        const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
-        const T ux = f.x[n] - px, uy = f.y[n] - py;
-        const T wx = f.x[nn] - px, wy = f.y[nn] - py;
-        q.b[k] = (ux * wy - uy * wx) / f.area2;
-    }
-    q.inside = q.b[0] >= T(0) && q.b[1] >= T(0) && q.b[2] >= T(0);
-    if (!q.inside && q.d > T(a.distance_cutoff)) return false;
+    if (!q.inside && q.d > cutoff) return false;
 
     q.clip_sum = T(0);
     for (int k = 0; k < 3; ++k) q.clip_sum += mdr_max(q.b[k], T(0));
-    for (int k = 0; k < 3; ++k) q.b_clip[k] = mdr_max(q.b[k], T(0)) / q.clip_sum;
+    const T inv_clip_sum = T(1) / q.clip_sum;
+    for (int k = 0; k < 3; ++k) q.b_clip[k] = mdr_max(q.b[k], T(0)) * inv_clip_sum;
     if (a.perspective) {
         q.inv_z_sum = T(0);
-        for (int k = 0; k < 3; ++k) q.inv_z_sum += q.b_clip[k] / f.z[k];
-        for (int k = 0; k < 3; ++k) q.w_hat[k] = q.b_clip[k] / f.z[k] / q.inv_z_sum;
+        for (int k = 0; k < 3; ++k) q.inv_z_sum += q.b_clip[k] * f.inv_z[k];
         q.z_ij = T(1) / q.inv_z_sum;
+        for (int k = 0; k < 3; ++k) q.w_hat[k] = q.b_clip[k] * f.inv_z[k] * q.z_ij;
     } else {
         q.z_ij = T(0);
         for (int k = 0; k < 3; ++k) {
@@ -131,10 +198,13 @@ MDR_DEVICE bool eval_pair(const Face<T>& f, T px, T py, const RasterArgs<T>& a, 
     if (!(q.z_ij >= T(a.near) && q.z_ij <= T(a.far))) return false;
     q.zhat = (T(a.far) - q.z_ij) / T(a.far - a.near);
 
-    // D = sigmoid(x) and 1 - D = sigmoid(-x), each from its own exp so neither cancels.
+    // D = sigmoid(x) and 1 - D = sigmoid(-x) from one exp of -|x|, so neither cancels or
+    // overflows: with e = exp(-|x|), the larger is 1 / (1 + e) and the smaller e / (1 + e).
     const T x = (q.inside ? q.d : -q.d) / T(a.sigma);
-    q.D = T(1) / (T(1) + mdr_exp(-x));
-    q.one_minus_D = T(1) / (T(1) + mdr_exp(x));
+    const T e = mdr_exp(q.inside ? -x : x);
+    const T larger = T(1) / (T(1) + e);
+    q.D = q.inside ? larger : e * larger;
+    q.one_minus_D = q.inside ? e * larger : larger;
     return true;
 }
 
@@ -150,9 +220,11 @@ MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * 
 template <typename T>
 __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     int* box = a.face_boxes + 4 * item;
-    const Face<T> f = load_face(a.face_verts + 9 * item);
+    const Face<T> f = make_face(a.face_verts + 9 * item);
     box[0] = 1, box[1] = 0, box[2] = 1, box[3] = 0;  // empty
+    a.face_tiles[item] = 0;
     if (!face_is_drawn(f, a)) return;
+    store_face(f, a.face_data + FACE_RECORD * item);
     const T grow = mdr_sqrt(T(a.distance_cutoff));
     const T x0 = mdr_min(f.x[0], mdr_min(f.x[1], f.x[2])) - grow;
     const T x1 = mdr_max(f.x[0], mdr_max(f.x[1], f.x[2])) + grow;
@@ -166,10 +238,29 @@ __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     const T row1 = mdr_min(mdr_ceil((h - T(1) - y0 * h) / T(2)) + T(1), h - T(1));
     if (!(col0 <= col1 && row0 <= row1)) return;
     box[0] = (int)row0, box[1] = (int)row1, box[2] = (int)col0, box[3] = (int)col1;
+    a.face_tiles[item] = (box[1] / a.tile - box[0] / a.tile + 1) * (box[3] / a.tile - box[2] / a.tile + 1);
 }
 
 // ---------------------------------------------------------------------------------------------
-// forward: one item per pixel i. With m_i found on the fly (an online softmax: when a nearer
+// bin: one item per face; its (tile key, face) pairs, tiles in row-major order.
+template <typename T>
+__device__ void bin_item(const RasterArgs<T>& a, long long item) {
+    const int* box = a.face_boxes + 4 * item;
+    if (a.face_tiles[item] == 0) return;
+    const long long b = item / a.faces;
+    const int j = (int)(item % a.faces);
+    long long slot = a.bin_starts[item];
+    for (int tile_row = box[0] / a.tile; tile_row <= box[1] / a.tile; ++tile_row) {
+        for (int tile_col = box[2] / a.tile; tile_col <= box[3] / a.tile; ++tile_col) {
+            a.bin_keys[slot] = (b * a.tiles_y + tile_row) * a.tiles_x + tile_col;
+            a.bin_faces[slot] = j;
+            ++slot;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: one item per pixel i (tile by tile). With m_i found on the fly (an online softmax: when a nearer
 // face raises m, the sums so far are rescaled by exp((m_old - m_new) / gamma)):
 //   T_i = prod_j (1 - D_ij),                 A_i = 1 - T_i
 //   W_i = sum_j w_ij + w_b,                  w_ij = D_ij exp((zhat_ij - m_i) / gamma),
@@ -177,20 +268,25 @@ __device__ void setup_item(const RasterArgs<T>& a, long long item) {
 // Saved for the backward: aux = (m_i, W_i, T_i); I_i is the image itself.
 template <typename T>
 __device__ void forward_item(const RasterArgs<T>& a, long long item) {
-    const int C = a.channels, HW = a.height * a.width;
-    const int b = (int)(item / HW), pix = (int)(item % HW);
-    const int row = pix / a.width, col = pix % a.width;
+    const int C = a.channels, HW = a.height * a.width, tile_pixels = a.tile * a.tile;
+    const long long tile_key = item / tile_pixels;  // b * tiles + tile
+    const int local = (int)(item % tile_pixels);
+    const int tile = (int)(tile_key % (a.tiles_x * a.tiles_y)), b = (int)(tile_key / (a.tiles_x * a.tiles_y));
+    const int row = tile / a.tiles_x * a.tile + local / a.tile, col = tile % a.tiles_x * a.tile + local % a.tile;
+    if (row >= a.height || col >= a.width) return;  // the edge tiles stick out of the image
+    const int pix = row * a.width + col;
     const T px = pixel_x(col, a), py = pixel_y(row, a);
     const T inv_gamma = T(1) / T(a.gamma);
     T* image = a.image + (long long)b * (C + 1) * HW + pix;  // channel c at image[c * HW]
 
     T m = T(a.eps), weight_sum = T(1), transmittance = T(1);
     for (int c = 0; c < C; ++c) image[c * HW] = a.background[c];  // w_b C_bg with w_b = 1 at m = eps
-    for (int j = 0; j < a.faces; ++j) {
-        const long long face = (long long)b * a.faces + j;
+    const long long begin = tile_key == 0 ? 0 : a.tile_ends[tile_key - 1], end = a.tile_ends[tile_key];
+    for (long long entry = begin; entry < end; ++entry) {
+        const long long face = (long long)b * a.faces + a.tile_faces[entry];
         const int* box = a.face_boxes + 4 * face;
         if (row < box[0] || row > box[1] || col < box[2] || col > box[3]) continue;
-        const Face<T> f = load_face(a.face_verts + 9 * face);
+        const Face<T> f = load_face(a.face_data + FACE_RECORD * face);
         Pair<T> q;
         if (!eval_pair(f, px, py, a, q)) continue;
         transmittance *= q.one_minus_D;
@@ -240,7 +336,7 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
     const int C = a.channels, HW = a.height * a.width;
     const int b = (int)(item / a.faces);
     const int* box = a.face_boxes + 4 * item;
-    const Face<T> f = load_face(a.face_verts + 9 * item);
+    const Face<T> f = load_face(a.face_data + FACE_RECORD * item);  // read only if the box is not empty
     const T* attrs = a.face_attrs + item * 3 * C;
     T* grad_attrs = a.grad_attrs + item * 3 * C;
     for (int k = 0; k < 3 * C; ++k) grad_attrs[k] = T(0);
@@ -291,10 +387,10 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
                 const T g_w_hat_mean = g_w_hat[0] * q.w_hat[0] + g_w_hat[1] * q.w_hat[1] + g_w_hat[2] * q.w_hat[2];
                 const T g_s = -g_z_ij * q.z_ij * q.z_ij;
                 for (int k = 0; k < 3; ++k) {
-                    const T u = q.b_clip[k] / f.z[k];
-                    const T g_u = (g_w_hat[k] - g_w_hat_mean) / q.inv_z_sum + g_s;
-                    g_b_clip[k] = g_u / f.z[k];
-                    gz[k] -= g_u * u / f.z[k];
+                    const T u = q.b_clip[k] * f.inv_z[k];
+                    const T g_u = (g_w_hat[k] - g_w_hat_mean) * q.z_ij + g_s;
+                    g_b_clip[k] = g_u * f.inv_z[k];
+                    gz[k] -= g_u * u * f.inv_z[k];
                 }
             } else {
                 for (int k = 0; k < 3; ++k) {
@@ -308,8 +404,8 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
             T g_area2 = T(0);
             for (int k = 0; k < 3; ++k) {
                 const T g_b = q.b[k] > T(0) ? (g_b_clip[k] - g_clip_mean) / q.clip_sum : T(0);
-                const T g_E = g_b / f.area2;
-                g_area2 -= g_b * q.b[k] / f.area2;
+                const T g_E = g_b * f.inv_area2;
+                g_area2 -= g_b * q.b[k] * f.inv_area2;
                 const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
                 const T ux = f.x[n] - px, uy = f.y[n] - py;
                 const T wx = f.x[nn] - px, wy = f.y[nn] - py;
@@ -328,7 +424,7 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points: softras_{setup,forward,backward}_{f32,f64}. One thread per work item.
+// Entry points: softras_{setup,bin,forward,backward}_{f32,f64}. One thread per work item.
 #define MDR_KERNEL(name, item_fn, T)                                                 \
     extern "C" __global__ void name(const RasterArgs<T> args) {                       \
         const long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x;      \
@@ -338,6 +434,8 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
 
 MDR_KERNEL(softras_setup_f32, setup_item, float)
 MDR_KERNEL(softras_setup_f64, setup_item, double)
+MDR_KERNEL(softras_bin_f32, bin_item, float)
+MDR_KERNEL(softras_bin_f64, bin_item, double)
 MDR_KERNEL(softras_forward_f32, forward_item, float)
 MDR_KERNEL(softras_forward_f64, forward_item, double)
 MDR_KERNEL(softras_backward_f32, backward_item, float)

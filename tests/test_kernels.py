@@ -209,7 +209,7 @@ def test_kernels_compile_with_nvcc_without_spills(arch, tmp_path):
     report = result.stdout + result.stderr
     kernels = re.findall(r"Function properties for (\w+)", report)
     assert sorted(kernels) == sorted(
-        f"softras_{stage}_{suffix}" for stage in ("setup", "forward", "backward") for suffix in ("f32", "f64")
+        f"softras_{stage}_{suffix}" for stage in ("setup", "bin", "forward", "backward") for suffix in ("f32", "f64")
     )
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills), report

@@ -9,6 +9,7 @@ compiles the source and launches a named kernel. Nothing here knows which target
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -19,19 +20,25 @@ from .settings import SoftRasSettings
 #: Mirrors ``RasterArgs`` in cuda_src/softras.cu, field by field (C layout: align=True).
 ARGS_DTYPE = np.dtype(
     [(name, np.uint64) for name in (
-        "face_verts", "face_attrs", "background", "face_boxes", "image", "aux",
+        "face_verts", "face_attrs", "background", "face_boxes", "face_data", "image", "aux",
         "grad_image", "grad_verts", "grad_attrs",
+        "face_tiles", "bin_starts", "bin_keys", "bin_faces", "tile_faces", "tile_ends",
     )]
     + [("n_items", np.int64)]
     + [(name, np.int32) for name in (
         "batch", "faces", "channels", "height", "width", "perspective", "cull_backfaces",
+        "tile", "tiles_x", "tiles_y",
     )]
     + [(name, np.float64) for name in ("sigma", "gamma", "eps", "distance_cutoff", "near", "far")],
     align=True,
 )
 
+#: Values per face in the face_data buffer (FACE_RECORD in softras.cu).
+FACE_RECORD = 17
+#: Tiles are TILE x TILE pixels; the forward runs one tile per block of TILE * TILE threads.
+TILE = 16
 #: Threads per block on the GPU, and work items per scheduling chunk on the CPU.
-BLOCK = 128
+BLOCK = TILE * TILE
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -61,6 +68,7 @@ def _args(face_verts, face_attrs, width, height, settings: SoftRasSettings, **bu
         args[name] = _pointer(tensor)
     args["batch"], args["faces"], args["channels"] = batch, faces, channels
     args["height"], args["width"] = height, width
+    args["tile"], args["tiles_x"], args["tiles_y"] = TILE, -(-width // TILE), -(-height // TILE)
     args["perspective"], args["cull_backfaces"] = int(settings.perspective), int(settings.cull_backfaces)
     args["sigma"], args["gamma"], args["eps"] = settings.sigma, settings.gamma, settings.eps
     args["distance_cutoff"] = settings.distance_cutoff
@@ -75,28 +83,74 @@ def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarr
     target.launch(f"softras_{stage}_{_SUFFIX[dtype]}", args, grid=-(-n_items // BLOCK), block=BLOCK)
 
 
-def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings):
-    """Runs setup and forward. Returns ``(image, aux, face_boxes)``; see softras.cu for layouts."""
+@dataclass(frozen=True)
+class TileBins:
+    """Which faces each tile must visit: ``tile_faces[tile_ends[t - 1]:tile_ends[t]]`` are the
+    faces (indices within their batch element, ascending) whose boxes overlap tile ``t``
+    (``t = b * tiles + row-major tile index``)."""
+
+    tile_faces: torch.Tensor  # (pairs,) int32
+    tile_ends: torch.Tensor  # (B * tiles,) int64
+
+    def pairs_visited(self) -> int:
+        """(pixel, face) pairs the forward examines: every pixel of a tile with each listed face."""
+        return int(self.tile_ends[-1]) * TILE * TILE if self.tile_ends.numel() else 0
+
+
+def bin_faces(target: KernelTarget, args: np.ndarray, face_tiles: torch.Tensor, dtype, batch, tiles) -> TileBins:
+    """After setup: the pair list of every face (bin kernel), sorted stably by tile."""
+    ends_by_face = torch.cumsum(face_tiles.flatten(), 0, dtype=torch.int64)
+    pairs = int(ends_by_face[-1]) if ends_by_face.numel() else 0
+    bin_starts = ends_by_face - face_tiles.flatten()
+    bin_keys = torch.empty(pairs, dtype=torch.int64, device=face_tiles.device)
+    bin_faces = torch.empty(pairs, dtype=torch.int32, device=face_tiles.device)
+    args["bin_starts"], args["bin_keys"], args["bin_faces"] = (_pointer(t) for t in (bin_starts, bin_keys, bin_faces))
+    _launch(target, "bin", dtype, args, face_tiles.numel())
+    # Stable: within a tile the faces stay in face order, so the blend order is fixed.
+    order = torch.argsort(bin_keys, stable=True)
+    tile_ends = torch.cumsum(torch.bincount(bin_keys, minlength=batch * tiles), 0)
+    return TileBins(bin_faces[order], tile_ends)
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """What the forward leaves: the image and what the backward needs (layouts in softras.cu)."""
+
+    image: torch.Tensor  # (B, C + 1, H, W)
+    aux: torch.Tensor  # (B, 3, H, W): m_i, W_i, T_i
+    face_boxes: torch.Tensor  # (B, F, 4) int32
+    face_data: torch.Tensor  # (B, F, FACE_RECORD)
+    bins: TileBins
+
+
+def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings) -> ForwardResult:
+    """Runs setup, bin and forward on contiguous ``(B, F, 3, 3)`` and ``(B, F, 3, C)`` inputs."""
     batch, faces, _, channels = face_attrs.shape
+    device = face_verts.device
     background = face_attrs.new_tensor(settings.background_values(channels))
-    face_boxes = torch.empty(batch, faces, 4, dtype=torch.int32, device=face_verts.device)
+    face_boxes = torch.empty(batch, faces, 4, dtype=torch.int32, device=device)
+    face_data = face_attrs.new_empty(batch, faces, FACE_RECORD)
+    face_tiles = torch.empty(batch, faces, dtype=torch.int32, device=device)
     image = face_attrs.new_empty(batch, channels + 1, height, width)
     aux = face_attrs.new_empty(batch, 3, height, width)
-    args = _args(face_verts, face_attrs, width, height, settings,
-                 background=background, face_boxes=face_boxes, image=image, aux=aux)
+    args = _args(face_verts, face_attrs, width, height, settings, background=background,
+                 face_boxes=face_boxes, face_data=face_data, face_tiles=face_tiles, image=image, aux=aux)
     _launch(target, "setup", face_verts.dtype, args, batch * faces)
-    _launch(target, "forward", face_verts.dtype, args, batch * height * width)
-    return image, aux, face_boxes
+    tiles = int(args["tiles_x"][0]) * int(args["tiles_y"][0])
+    bins = bin_faces(target, args, face_tiles, face_verts.dtype, batch, tiles)
+    args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_faces), _pointer(bins.tile_ends)
+    _launch(target, "forward", face_verts.dtype, args, batch * tiles * TILE * TILE)
+    return ForwardResult(image, aux, face_boxes, face_data, bins)
 
 
 def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height, settings,
-                    image, aux, face_boxes, grad_image):
+                    image, aux, face_boxes, face_data, grad_image):
     """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs)`` from ``dL/dimage``."""
     batch, faces = face_verts.shape[:2]
     grad_verts = torch.empty_like(face_verts)
     grad_attrs = torch.empty_like(face_attrs)
-    args = _args(face_verts, face_attrs, width, height, settings, face_boxes=face_boxes, image=image,
-                 aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs)
+    args = _args(face_verts, face_attrs, width, height, settings, face_boxes=face_boxes, face_data=face_data,
+                 image=image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs)
     _launch(target, "backward", face_verts.dtype, args, batch * faces)
     return grad_verts, grad_attrs
 
@@ -107,18 +161,16 @@ class SoftRasterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, face_verts, face_attrs, width, height, settings, target):
         face_verts, face_attrs = face_verts.contiguous(), face_attrs.contiguous()
-        image, aux, face_boxes = kernel_forward(target, face_verts, face_attrs, width, height, settings)
-        ctx.save_for_backward(face_verts, face_attrs, image, aux, face_boxes)
+        result = kernel_forward(target, face_verts, face_attrs, width, height, settings)
+        ctx.save_for_backward(face_verts, face_attrs, result.image, result.aux, result.face_boxes, result.face_data)
         ctx.config = (width, height, settings, target)
-        return image
+        return result.image
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image):
-        face_verts, face_attrs, image, aux, face_boxes = ctx.saved_tensors
         width, height, settings, target = ctx.config
         grad_verts, grad_attrs = kernel_backward(
-            target, face_verts, face_attrs, width, height, settings, image, aux, face_boxes,
-            grad_image.contiguous(),
+            target, *ctx.saved_tensors[:2], width, height, settings, *ctx.saved_tensors[2:], grad_image.contiguous()
         )
         return grad_verts, grad_attrs, None, None, None, None

@@ -1,0 +1,261 @@
+"""Benchmark the rasterizer backends: forward and forward + backward time, peak memory.
+
+    python scripts/bench.py [--quick] [--csv FILE] [--plot FILE] [--threads N] [--only TEXT]
+
+Cases: icospheres of 1,280 / 5,120 / 20,480 / 81,920 faces filling about half the image,
+square images of 64 / 256 / 1024 pixels, batch 1 and 8, silhouette only (no attribute channel)
+and RGB, with ``sigma`` chosen so the soft edge is about one pixel wide at each resolution --
+``sqrt(sigma)`` (the distance at which ``D = sigmoid(-1)``) equals one pixel, ``2 / H`` screen
+units, so ``sigma = 4 / H**2`` -- and with SoftRas's fixed ``sigma = 1e-4``.
+
+Each timing is the median of several runs after a warm-up (fewer for slow cases). Peak memory
+is the largest resident-set growth above the level before the case (CPU) or
+``torch.cuda.max_memory_allocated`` (CUDA). The reference is skipped where its dense
+``pixels x faces`` evaluation would take too long; the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from microdr.camera import CameraTensors, project  # noqa: E402
+from microdr.mesh import icosphere  # noqa: E402
+from microdr.raster import SoftRasSettings, backend_status, rasterize  # noqa: E402
+from microdr.raster.kernels import kernel_forward  # noqa: E402
+from microdr.raster.cpu import cpu_target  # noqa: E402
+from microdr.scene import Camera  # noqa: E402
+
+COLUMNS = ["case", "backend", "faces", "width", "height", "batch", "channels", "threads",
+           "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited"]
+SUBDIVISIONS = {1280: 3, 5120: 4, 20480: 5, 81920: 6}
+#: The reference evaluates every (pixel, face) pair densely; beyond this many it is skipped.
+REFERENCE_MAX_PAIRS = {"quick": 2e7, "full": 4e8}
+#: Distance and field of view that make a unit sphere cover about half of a square image.
+CAMERA = Camera("perspective", eye=(0.0, 0.0, 3.0), target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0),
+                fov=48.0, half_height=None, near=0.1, far=100.0)
+
+
+@dataclass(frozen=True)
+class Case:
+    faces: int
+    size: int
+    batch: int
+    channels: int
+    sigma_rule: str  # "1px" or "softras"
+
+    @property
+    def sigma(self) -> float:
+        return 4.0 / self.size**2 if self.sigma_rule == "1px" else 1e-4
+
+    @property
+    def name(self) -> str:
+        kind = "rgb" if self.channels else "silhouette"
+        return f"f{self.faces}_{self.size}px_b{self.batch}_{kind}_sigma-{self.sigma_rule}"
+
+
+def inputs(case: Case, device: str):
+    mesh = icosphere(SUBDIVISIONS[case.faces])
+    corners = mesh.vertices[mesh.faces].to(device)
+    # Each batch element sees the sphere turned a little, so the elements differ.
+    screens = []
+    for b in range(case.batch):
+        angle = 2 * math.pi * b / max(case.batch, 1) / 10
+        rotation = torch.tensor([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0],
+                                 [-math.sin(angle), 0, math.cos(angle)]], device=device)
+        screens.append(project(corners @ rotation.T, CAMERA, CameraTensors.of(CAMERA, device=device)))
+    verts = torch.stack(screens).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    attrs = torch.rand(case.batch, case.faces, 3, case.channels, generator=generator).to(device)
+    settings = SoftRasSettings(sigma=case.sigma)
+    return verts, attrs, settings
+
+
+class PeakMemory:
+    """Peak growth of resident memory (CPU, sampled) or of torch's CUDA allocations."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, _rss())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def timed(fn, device: str, budget_s: float, max_runs: int = 7) -> float:
+    """Median milliseconds of ``fn`` after one warm-up; fewer runs when each is slow."""
+    def once():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = once()  # warm-up (also compiles kernels on first use)
+    if first > budget_s:  # too slow to repeat: the warm-up is the measurement
+        return 1e3 * first
+    runs = max(1, min(max_runs, int(budget_s / max(first, 1e-6))))
+    return 1e3 * statistics.median(once() for _ in range(runs))
+
+
+def pairs_visited(case: Case, backend: str, verts, attrs, settings) -> int:
+    """(pixel, face) pairs the forward examines: all of them for the reference; for the kernels,
+    every pixel of a tile with each face listed for that tile."""
+    if backend == "reference":
+        return case.batch * case.size * case.size * case.faces
+    return kernel_forward(cpu_target(), verts, attrs, case.size, case.size, settings).bins.pairs_visited()
+
+
+def run_case(case: Case, backend: str, device: str, budget_s: float) -> dict:
+    verts, attrs, settings = inputs(case, device)
+
+    def forward():
+        with torch.no_grad():
+            rasterize(verts, attrs, case.size, case.size, settings, backend=backend)
+
+    def forward_backward():
+        v = verts.clone().requires_grad_()
+        c = attrs.clone().requires_grad_()
+        image = rasterize(v, c, case.size, case.size, settings, backend=backend)
+        image.sum().backward()
+
+    forward_ms = timed(forward, device, budget_s)
+    with PeakMemory(device) as memory:
+        forward_backward_ms = timed(forward_backward, device, budget_s)
+    return {
+        "case": case.name, "backend": backend, "faces": case.faces, "width": case.size,
+        "height": case.size, "batch": case.batch, "channels": case.channels,
+        "threads": torch.get_num_threads(), "forward_ms": round(forward_ms, 3),
+        "forward_backward_ms": round(forward_backward_ms, 3), "peak_mb": round(memory.megabytes, 1),
+        "pairs_visited": pairs_visited(case, backend, verts, attrs, settings) if backend != "cuda" else "",
+    }
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case(f, s, 1, 3, "1px") for f, s in [(1280, 64), (5120, 256), (20480, 256), (81920, 1024)]] + [
+            Case(5120, 64, 8, 0, "softras"), Case(1280, 64, 1, 3, "softras")]
+    grid = itertools.product(SUBDIVISIONS, (64, 256, 1024), (1, 8), (0, 3), ("1px", "softras"))
+    return [Case(*values) for values in grid]
+
+
+def backends() -> list[tuple[str, str]]:
+    available = [("cpu", "cpu"), ("reference", "cpu")]
+    if torch.cuda.is_available():
+        if backend_status("cuda")["cuda"] is None:
+            available.append(("cuda", "cuda"))
+        available.append(("reference", "cuda"))
+    return available
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_faces, by_pixels) = plt.subplots(1, 2, figsize=(10, 4))
+    for backend in sorted({r["backend"] for r in rows}):
+        for size in sorted({r["width"] for r in rows}):
+            points = sorted((r["faces"], r["forward_backward_ms"]) for r in rows
+                            if r["backend"] == backend and r["width"] == size and r["batch"] == 1
+                            and r["channels"] == 3 and r["case"].endswith("1px"))
+            if len(points) > 1:
+                by_faces.plot(*zip(*points), marker="o", label=f"{backend}, {size}x{size}")
+        for faces in sorted({r["faces"] for r in rows}):
+            points = sorted((r["width"] * r["height"], r["forward_backward_ms"]) for r in rows
+                            if r["backend"] == backend and r["faces"] == faces and r["batch"] == 1
+                            and r["channels"] == 3 and r["case"].endswith("1px"))
+            if len(points) > 1:
+                by_pixels.plot(*zip(*points), marker="o", label=f"{backend}, {faces} faces")
+    for axes, label in ((by_faces, "faces"), (by_pixels, "pixels")):
+        axes.set(xscale="log", yscale="log", xlabel=label, ylabel="forward + backward (ms)")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.suptitle(f"microDR, RGB, batch 1, one-pixel soft edge, {torch.get_num_threads()} threads")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few cases, under 2 minutes")
+    parser.add_argument("--csv", type=Path, help="write the table as CSV")
+    parser.add_argument("--plot", type=Path, help="write a log-log plot (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    limit = REFERENCE_MAX_PAIRS["quick" if args.quick else "full"]
+    budget = 1.0 if args.quick else 3.0
+    rows = []
+    print(",".join(COLUMNS), flush=True)
+    for case in (c for c in cases(args.quick) if args.only in c.name):
+        for backend, device in backends():
+            pairs = case.batch * case.size**2 * case.faces
+            if backend == "reference" and pairs > limit:
+                print(f"# {case.name}: reference skipped ({pairs:.2g} pairs > {limit:.2g})", flush=True)
+                continue
+            row = run_case(case, backend, device, budget)
+            rows.append(row)
+            print(",".join(str(row[c]) for c in COLUMNS), flush=True)
+    for row in rows:
+        if row["backend"] == "cpu":
+            ref = next((r for r in rows if r["case"] == row["case"] and r["backend"] == "reference"), None)
+            if ref:
+                print(f"# {row['case']}: cpu kernels {ref['forward_backward_ms'] / row['forward_backward_ms']:.0f}x "
+                      f"faster than the reference (forward + backward)")
+    if args.csv:
+        with open(args.csv, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
