@@ -9,9 +9,9 @@
 //             face's slots of the pair list (slots sized by a prefix sum of setup's counts, so
 //             nothing can overflow). The launch code then sorts the pairs by tile, stably, so
 //             each tile lists its faces in face order.
-//   forward   one item per pixel (b, i), grouped so that a block of TILE * TILE items is one
-//             tile: loops over the faces listed for its tile whose box holds the pixel and
-//             blends them; saves three aggregates per pixel for the backward.
+//   forward   one item per row of a tile: loops over the faces listed for its tile whose box
+//             meets the row and blends them into the row's pixels; saves three aggregates
+//             per pixel for the backward.
 //   backward  one item per face (b, j): loops over the pixels of its box, recomputes the pair
 //             and accumulates the face's gradients in registers.
 // Forward and backward evaluate a (pixel, face) pair with the same function, eval_pair, so
@@ -216,7 +216,9 @@ MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * 
 // ---------------------------------------------------------------------------------------------
 // setup: one item per face. A pair can count only if the pixel is inside the face or within
 // sqrt(distance_cutoff) of it, so the face's box is its screen bounding box grown by that much,
-// converted to pixel indices (one pixel of slack against rounding; eval_pair decides exactly).
+// converted to the pixels whose centers it holds. A thousandth of a pixel of slack keeps
+// rounding from ever dropping a pixel; eval_pair decides exactly.
+#define BOX_SLACK 1e-3
 template <typename T>
 __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     int* box = a.face_boxes + 4 * item;
@@ -230,12 +232,13 @@ __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     const T x1 = mdr_max(f.x[0], mdr_max(f.x[1], f.x[2])) + grow;
     const T y0 = mdr_min(f.y[0], mdr_min(f.y[1], f.y[2])) - grow;
     const T y1 = mdr_max(f.y[0], mdr_max(f.y[1], f.y[2])) + grow;
-    const T h = T(a.height), w = T(a.width);
-    // Invert the pixel-center formulas, clamping in floating point before converting to int.
-    const T col0 = mdr_max(mdr_floor((x0 * h + w - T(1)) / T(2)) - T(1), T(0));
-    const T col1 = mdr_min(mdr_ceil((x1 * h + w - T(1)) / T(2)) + T(1), w - T(1));
-    const T row0 = mdr_max(mdr_floor((h - T(1) - y1 * h) / T(2)) - T(1), T(0));
-    const T row1 = mdr_min(mdr_ceil((h - T(1) - y0 * h) / T(2)) + T(1), h - T(1));
+    const T h = T(a.height), w = T(a.width), slack = T(BOX_SLACK);
+    // Invert x = (2c + 1 - W) / H and y = (H - 2r - 1) / H, clamping in floating point before
+    // converting to int (a far-off face must not overflow the conversion).
+    const T col0 = mdr_max(mdr_ceil((x0 * h + w - T(1)) / T(2) - slack), T(0));
+    const T col1 = mdr_min(mdr_floor((x1 * h + w - T(1)) / T(2) + slack), w - T(1));
+    const T row0 = mdr_max(mdr_ceil((h - T(1) - y1 * h) / T(2) - slack), T(0));
+    const T row1 = mdr_min(mdr_floor((h - T(1) - y0 * h) / T(2) + slack), h - T(1));
     if (!(col0 <= col1 && row0 <= row1)) return;
     box[0] = (int)row0, box[1] = (int)row1, box[2] = (int)col0, box[3] = (int)col1;
     a.face_tiles[item] = (box[1] / a.tile - box[0] / a.tile + 1) * (box[3] / a.tile - box[2] / a.tile + 1);
@@ -260,52 +263,65 @@ __device__ void bin_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// forward: one item per pixel i (tile by tile). With m_i found on the fly (an online softmax: when a nearer
-// face raises m, the sums so far are rescaled by exp((m_old - m_new) / gamma)):
+// forward: one item per row of a tile (TILE pixels). Each pixel i of the row goes through the
+// faces listed for its tile in list order; m_i is found on the fly (an online softmax: when a
+// nearer face raises m, the sums so far are rescaled by exp((m_old - m_new) / gamma)):
 //   T_i = prod_j (1 - D_ij),                 A_i = 1 - T_i
 //   W_i = sum_j w_ij + w_b,                  w_ij = D_ij exp((zhat_ij - m_i) / gamma),
 //   I_i = (sum_j w_ij C_ij + w_b C_bg) / W_i,   w_b = exp((eps - m_i) / gamma).
-// Saved for the backward: aux = (m_i, W_i, T_i); I_i is the image itself.
+// The running sums live in the outputs themselves: aux = (m_i, W_i, T_i), which the backward
+// needs, and the image. A face whose box misses the row costs one test for the whole row, and
+// one that meets it is evaluated only at the columns of its box.
 template <typename T>
 __device__ void forward_item(const RasterArgs<T>& a, long long item) {
-    const int C = a.channels, HW = a.height * a.width, tile_pixels = a.tile * a.tile;
-    const long long tile_key = item / tile_pixels;  // b * tiles + tile
-    const int local = (int)(item % tile_pixels);
-    const int tile = (int)(tile_key % (a.tiles_x * a.tiles_y)), b = (int)(tile_key / (a.tiles_x * a.tiles_y));
-    const int row = tile / a.tiles_x * a.tile + local / a.tile, col = tile % a.tiles_x * a.tile + local % a.tile;
-    if (row >= a.height || col >= a.width) return;  // the edge tiles stick out of the image
-    const int pix = row * a.width + col;
-    const T px = pixel_x(col, a), py = pixel_y(row, a);
+    const int C = a.channels, HW = a.height * a.width, tiles = a.tiles_x * a.tiles_y;
+    const long long tile_key = item / a.tile;  // b * tiles + tile
+    const int tile = (int)(tile_key % tiles), b = (int)(tile_key / tiles);
+    const int row = tile / a.tiles_x * a.tile + (int)(item % a.tile);
+    const int first_col = tile % a.tiles_x * a.tile, last_col = mdr_min(first_col + a.tile, a.width) - 1;
+    if (row >= a.height) return;  // the bottom tiles stick out of the image
+    const T py = pixel_y(row, a);
     const T inv_gamma = T(1) / T(a.gamma);
-    T* image = a.image + (long long)b * (C + 1) * HW + pix;  // channel c at image[c * HW]
+    T* image = a.image + (long long)b * (C + 1) * HW + row * a.width;  // (c, col) at image[c * HW + col]
+    T* m = a.aux + (long long)b * 3 * HW + row * a.width;
+    T* weight_sum = m + HW;
+    T* transmittance = m + 2 * HW;
 
-    T m = T(a.eps), weight_sum = T(1), transmittance = T(1);
-    for (int c = 0; c < C; ++c) image[c * HW] = a.background[c];  // w_b C_bg with w_b = 1 at m = eps
+    for (int col = first_col; col <= last_col; ++col) {
+        // The background alone: m = eps, so w_b = 1.
+        m[col] = T(a.eps), weight_sum[col] = T(1), transmittance[col] = T(1);
+        for (int c = 0; c < C; ++c) image[c * HW + col] = a.background[c];
+    }
     const long long begin = tile_key == 0 ? 0 : a.tile_ends[tile_key - 1], end = a.tile_ends[tile_key];
     for (long long entry = begin; entry < end; ++entry) {
         const long long face = (long long)b * a.faces + a.tile_faces[entry];
         const int* box = a.face_boxes + 4 * face;
-        if (row < box[0] || row > box[1] || col < box[2] || col > box[3]) continue;
+        if (row < box[0] || row > box[1]) continue;
+        const int from = mdr_max(box[2], first_col), to = mdr_min(box[3], last_col);
+        if (from > to) continue;
         const Face<T> f = load_face(a.face_data + FACE_RECORD * face);
-        Pair<T> q;
-        if (!eval_pair(f, px, py, a, q)) continue;
-        transmittance *= q.one_minus_D;
-        if (q.zhat > m) {
-            const T rescale = mdr_exp((m - q.zhat) * inv_gamma);
-            weight_sum *= rescale;
-            for (int c = 0; c < C; ++c) image[c * HW] *= rescale;
-            m = q.zhat;
-        }
-        const T w = q.D * mdr_exp((q.zhat - m) * inv_gamma);
-        weight_sum += w;
         const T* attrs = a.face_attrs + face * 3 * C;
-        for (int c = 0; c < C; ++c)
-            image[c * HW] += w * (q.w_hat[0] * attrs[c] + q.w_hat[1] * attrs[C + c] + q.w_hat[2] * attrs[2 * C + c]);
+        for (int col = from; col <= to; ++col) {
+            Pair<T> q;
+            if (!eval_pair(f, pixel_x(col, a), py, a, q)) continue;
+            transmittance[col] *= q.one_minus_D;
+            if (C == 0) continue;  // a silhouette alone needs no color blend
+            if (q.zhat > m[col]) {
+                const T rescale = mdr_exp((m[col] - q.zhat) * inv_gamma);
+                weight_sum[col] *= rescale;
+                for (int c = 0; c < C; ++c) image[c * HW + col] *= rescale;
+                m[col] = q.zhat;
+            }
+            const T w = q.D * mdr_exp((q.zhat - m[col]) * inv_gamma);
+            weight_sum[col] += w;
+            for (int c = 0; c < C; ++c)
+                image[c * HW + col] += w * (q.w_hat[0] * attrs[c] + q.w_hat[1] * attrs[C + c] + q.w_hat[2] * attrs[2 * C + c]);
+        }
     }
-    for (int c = 0; c < C; ++c) image[c * HW] /= weight_sum;
-    image[C * HW] = T(1) - transmittance;
-    T* aux = a.aux + (long long)b * 3 * HW + pix;
-    aux[0] = m, aux[HW] = weight_sum, aux[2 * HW] = transmittance;
+    for (int col = first_col; col <= last_col; ++col) {
+        for (int c = 0; c < C; ++c) image[c * HW + col] /= weight_sum[col];
+        image[C * HW + col] = T(1) - transmittance[col];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,25 +368,31 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
             Pair<T> q;
             if (!eval_pair(f, px, py, a, q)) continue;
             const int pix = row * a.width + col;
-            const T m = aux_b[pix], weight_sum = aux_b[HW + pix], transmittance = aux_b[2 * HW + pix];
-            const T w = q.D * mdr_exp((q.zhat - m) * inv_gamma);
-            const T coef = w / weight_sum;
+            const T transmittance = aux_b[2 * HW + pix];
+            T g_x = grad_b[C * HW + pix] * q.D * transmittance;  // the silhouette's part
 
-            // Color: dL/dC_ij, dL/dw_ij, dL/dc_k and dL/dw^_k.
-            T g_w = T(0), g_w_hat[3] = {0, 0, 0};
-            for (int c = 0; c < C; ++c) {
-                const T gI = grad_b[c * HW + pix];
-                const T color = q.w_hat[0] * attrs[c] + q.w_hat[1] * attrs[C + c] + q.w_hat[2] * attrs[2 * C + c];
-                g_w += gI * (color - image_b[c * HW + pix]);
-                const T g_color = gI * coef;
-                for (int k = 0; k < 3; ++k) {
-                    grad_attrs[k * C + c] += q.w_hat[k] * g_color;
-                    g_w_hat[k] += g_color * attrs[k * C + c];
+            // Color (none without attribute channels: the forward blended nothing, m_i and W_i
+            // are the background's): dL/dC_ij, dL/dw_ij, dL/dc_k and dL/dw^_k.
+            T g_zhat = T(0), g_w_hat[3] = {0, 0, 0};
+            if (C > 0) {
+                const T m = aux_b[pix], weight_sum = aux_b[HW + pix];
+                const T w = q.D * mdr_exp((q.zhat - m) * inv_gamma);
+                const T coef = w / weight_sum;
+                T g_w = T(0);
+                for (int c = 0; c < C; ++c) {
+                    const T gI = grad_b[c * HW + pix];
+                    const T color = q.w_hat[0] * attrs[c] + q.w_hat[1] * attrs[C + c] + q.w_hat[2] * attrs[2 * C + c];
+                    g_w += gI * (color - image_b[c * HW + pix]);
+                    const T g_color = gI * coef;
+                    for (int k = 0; k < 3; ++k) {
+                        grad_attrs[k * C + c] += q.w_hat[k] * g_color;
+                        g_w_hat[k] += g_color * attrs[k * C + c];
+                    }
                 }
+                g_w /= weight_sum;
+                g_zhat = g_w * w * inv_gamma;
+                g_x += g_w * w * q.one_minus_D;
             }
-            g_w /= weight_sum;
-            const T g_zhat = g_w * w * inv_gamma;
-            const T g_x = g_w * w * q.one_minus_D + grad_b[C * HW + pix] * q.D * transmittance;
 
             // Distance: through the nearest edge.
             const T g_d = (q.inside ? g_x : -g_x) / T(a.sigma);

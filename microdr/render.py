@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .camera import CameraTensors, project
-from .raster import SoftRasSettings, rasterize
+from .raster import SoftRasSettings, preferred_device, rasterize
 from .scene import Camera, Lights, RenderSettings, Scene, SceneMesh
 from .shading import shade
 
@@ -117,6 +117,10 @@ def render_faces(
 
 
 def render_scene(scene: Scene, *, backend: str | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Render every camera of ``scene``: RGBA ``(N_cameras, 4, H, W)``, values in [0, 1]."""
-    soup = scene_faces(scene, dtype=dtype, device=device)
+    """Render every camera of ``scene``: RGBA ``(N_cameras, 4, H, W)``, values in [0, 1].
+
+    ``device`` defaults to the GPU when the backend is ``cuda`` (or ``auto`` and it works).
+    """
+    backend = backend or scene.render.backend
+    soup = scene_faces(scene, dtype=dtype, device=device or preferred_device(backend))
     return render_faces(soup.corners, soup.albedo, scene.cameras, scene.render, scene.lights, backend=backend)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .raster import resolve_backend
+from .raster import preferred_device, resolve_backend
 from .render import render_faces, scene_faces
 from .scene import Scene
 
@@ -45,15 +45,15 @@ def shrink(scene: Scene, max_side: int) -> Scene:
     return replace(scene, render=replace(render, **size))
 
 
-def _render_and_differentiate(scene: Scene, backend: str, dtype: torch.dtype, projection_seed: int):
-    soup = scene_faces(scene, dtype=dtype)
+def _render_and_differentiate(scene: Scene, backend: str, dtype: torch.dtype, projection_seed: int, device):
+    soup = scene_faces(scene, dtype=dtype, device=device)
     vertices = soup.vertices.detach().requires_grad_()
     albedo = soup.albedo.detach().requires_grad_()
     image = render_faces(vertices[soup.faces], albedo, scene.cameras, scene.render, scene.lights, backend=backend)
     generator = torch.Generator().manual_seed(projection_seed)
-    projection = torch.randn(image.shape, generator=generator, dtype=dtype)
+    projection = torch.randn(image.shape, generator=generator, dtype=dtype).to(device)
     vertex_grad, color_grad = torch.autograd.grad((image * projection).sum(), (vertices, albedo), allow_unused=True)
-    return image.detach(), _or_zeros(vertex_grad, vertices), _or_zeros(color_grad, albedo)
+    return tuple(t.cpu() for t in (image.detach(), _or_zeros(vertex_grad, vertices), _or_zeros(color_grad, albedo)))
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -63,11 +63,13 @@ def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def compare_backends(
     scene: Scene, backend: str = "cpu", *, dtype: torch.dtype = torch.float64, seed: int = 0
 ) -> list[Comparison]:
-    """Compares ``backend`` with the reference on ``scene``: image, dL/dvertices, dL/dcolors."""
-    backend = resolve_backend(backend)
+    """Compares ``backend`` with the reference on ``scene``: image, dL/dvertices, dL/dcolors.
+    Both run on the device ``backend`` prefers (the GPU for ``cuda``)."""
+    device = preferred_device(backend)
+    backend = resolve_backend(backend, device)
     forward_tol, grad_tol = TOLERANCES[dtype]
-    tested = _render_and_differentiate(scene, backend, dtype, seed)
-    reference = _render_and_differentiate(scene, "reference", dtype, seed)
+    tested = _render_and_differentiate(scene, backend, dtype, seed, device)
+    reference = _render_and_differentiate(scene, "reference", dtype, seed, device)
     rows = []
     for quantity, got, want, tolerance, measure in zip(
         ("image", "dL/dvertices", "dL/dcolors"),

@@ -17,7 +17,7 @@ from .kernels import KernelTarget, SoftRasterize
 from .reference import rasterize_reference
 from .settings import SoftRasSettings
 
-__all__ = ["BACKENDS", "SoftRasSettings", "backend_status", "rasterize", "resolve_backend"]
+__all__ = ["BACKENDS", "SoftRasSettings", "backend_status", "preferred_device", "rasterize", "resolve_backend"]
 
 
 
@@ -52,12 +52,13 @@ def rasterize(
     return SoftRasterize.apply(face_verts, face_attrs, width, height, settings, _target(backend, face_verts.device))
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
     """The concrete backend (``cpu``, ``cuda`` or ``reference``) that ``backend`` means for
-    tensors on ``device``; raises :class:`MicroDRError` when an explicit choice cannot run."""
-    device = torch.device(device)
+    tensors on ``device`` (default: :func:`preferred_device`); raises :class:`MicroDRError`
+    when an explicit choice cannot run."""
     if backend not in BACKENDS:
         raise MicroDRError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    device = preferred_device(backend) if device is None else torch.device(device)
     if backend == "auto":
         wanted = "cuda" if device.type == "cuda" else "cpu"
         return wanted if _unavailable(wanted, device) is None else "reference"
@@ -65,6 +66,18 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     if reason is not None:
         raise MicroDRError(f'backend "{backend}" is unavailable: {reason}')
     return backend
+
+
+def preferred_device(backend: str) -> torch.device:
+    """Where a caller that owns its tensors (a scene render) should put them for ``backend``:
+    the GPU for ``cuda``, and for ``auto`` when the CUDA backend works; else the CPU."""
+    if backend in ("auto", "cuda"):
+        reason = _unavailable("cuda", torch.device("cuda"))
+        if reason is None:
+            return torch.device("cuda")
+        if backend == "cuda":
+            raise MicroDRError(f'backend "cuda" is unavailable: {reason}')
+    return torch.device("cpu")
 
 
 def backend_status(device: torch.device | str = "cpu") -> dict[str, str | None]:

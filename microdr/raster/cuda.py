@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import numpy as np
 import torch
@@ -24,14 +25,13 @@ INSTALL_HINT = "install the CUDA extra: pip install 'microdr[cuda]'"
 
 
 def cuda_unavailable_reason() -> str | None:
-    """Why ``backend="cuda"`` cannot run here, or None when it can."""
+    """Why ``backend="cuda"`` cannot run here, or None when it can: every missing piece."""
+    missing = []
     if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to PyTorch"
-    try:
-        import pycuda.driver  # noqa: F401
-    except ImportError:
-        return f"pycuda is not installed ({INSTALL_HINT})"
-    return None
+        missing.append("no CUDA GPU is visible to PyTorch")
+    if importlib.util.find_spec("pycuda") is None:
+        missing.append(f"pycuda is not installed ({INSTALL_HINT})")
+    return "; ".join(missing) or None
 
 
 class CudaTarget:

@@ -35,10 +35,10 @@ ARGS_DTYPE = np.dtype(
 
 #: Values per face in the face_data buffer (FACE_RECORD in softras.cu).
 FACE_RECORD = 17
-#: Tiles are TILE x TILE pixels; the forward runs one tile per block of TILE * TILE threads.
-TILE = 16
+#: Tiles are TILE x TILE pixels, and the forward's work items are their rows.
+TILE = 8
 #: Threads per block on the GPU, and work items per scheduling chunk on the CPU.
-BLOCK = TILE * TILE
+BLOCK = 128
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -92,9 +92,9 @@ class TileBins:
     tile_faces: torch.Tensor  # (pairs,) int32
     tile_ends: torch.Tensor  # (B * tiles,) int64
 
-    def pairs_visited(self) -> int:
-        """(pixel, face) pairs the forward examines: every pixel of a tile with each listed face."""
-        return int(self.tile_ends[-1]) * TILE * TILE if self.tile_ends.numel() else 0
+    def rows_visited(self) -> int:
+        """(tile row, face) pairs the forward tests: every row of a tile with each listed face."""
+        return int(self.tile_ends[-1]) * TILE if self.tile_ends.numel() else 0
 
 
 def bin_faces(target: KernelTarget, args: np.ndarray, face_tiles: torch.Tensor, dtype, batch, tiles) -> TileBins:
@@ -139,7 +139,7 @@ def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, 
     tiles = int(args["tiles_x"][0]) * int(args["tiles_y"][0])
     bins = bin_faces(target, args, face_tiles, face_verts.dtype, batch, tiles)
     args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_faces), _pointer(bins.tile_ends)
-    _launch(target, "forward", face_verts.dtype, args, batch * tiles * TILE * TILE)
+    _launch(target, "forward", face_verts.dtype, args, batch * tiles * TILE)
     return ForwardResult(image, aux, face_boxes, face_data, bins)
 
 
