@@ -1,4 +1,5 @@
-"""The ``microdr`` command: render scenes, report the installation, check gradients.
+"""The ``microdr`` command: render scenes, optimize them to match images, report the
+installation, check gradients.
 
 Problems the user can act on (:class:`~microdr.errors.MicroDRError`) print ``str(error)`` as one
 line on stderr and exit with code 2; ``--debug`` shows their traceback instead. Any other
@@ -7,16 +8,17 @@ exception is a bug in microDR and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import platform
+import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import typer
@@ -26,18 +28,41 @@ from . import __version__
 from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import write_files
+from .images import encode_gif, encode_png, grid, to_uint8
+from .optimize import Step
+from .optimize import optimize as optimize_scene
+from .outputs import default_outdir
 from .raster import backend_status, resolve_backend
 from .raster.cpu_build import build_info
 from .render import render_scene
-from .scene import Camera, Scene, load_scene
+from .scene import (
+    OPTIMIZABLE,
+    Camera,
+    OptimizeSettings,
+    Scene,
+    input_files,
+    load_scene,
+    override_optimize,
+)
+from .targets import read_targets
 from .verify import compare_backends, shrink
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: How long one turntable orbit lasts, whatever its number of frames.
 TURNTABLE_SECONDS = 3.0
 
+#: The exit code of a run stopped by Ctrl-C, as shells report a process ended by SIGINT.
+INTERRUPTED_EXIT_CODE = 130
+
 SceneArgument = Annotated[
     str, typer.Argument(help="The scene file (JSON).", metavar="SCENE", show_default=False)
+]
+BackendOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"One of {', '.join(BACKENDS)}. Default: the scene's render.backend.",
+        show_default=False,
+    ),
 ]
 
 
@@ -109,13 +134,7 @@ def render(
             show_default=False,
         ),
     ] = None,
-    backend: Annotated[
-        Optional[str],
-        typer.Option(
-            help=f"One of {', '.join(BACKENDS)}. Default: the scene's render.backend.",
-            show_default=False,
-        ),
-    ] = None,
+    backend: BackendOption = None,
     alpha: Annotated[
         bool, typer.Option("--alpha", help="Write RGBA PNGs (the silhouette as alpha).")
     ] = False,
@@ -130,7 +149,7 @@ def render(
     loaded = load_scene(scene)
     used = resolve_backend(backend or loaded.render.backend)
     jobs = _render_jobs(loaded, Path(output), grid, turntable)
-    _refuse_to_overwrite_inputs(scene, loaded, [Path(output), *(path for path, _ in jobs)])
+    _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs)])
     _check_suffix(output, ".gif" if turntable else ".png")
     files: dict[Path, bytes] = {}
     lines = []
@@ -185,9 +204,9 @@ def _render_file(scene: Scene, backend: str, alpha: bool, animate: bool) -> tupl
     """One file's bytes, a PNG grid of the scene's views or a GIF with one frame per view, and
     the summary of the file for its "wrote" line."""
     start = time.perf_counter()
-    images = _to_uint8(render_scene(scene, backend=backend), alpha)
-    picture = images if animate else _grid(images)
-    data = _encode_gif(picture) if animate else _encode_png(picture)
+    images = to_uint8(render_scene(scene, backend=backend)[:, : 4 if alpha else 3])
+    picture = images if animate else grid(images)
+    data = encode_gif(picture, TURNTABLE_SECONDS) if animate else encode_png(picture)
     height, width = picture.shape[-3:-1]
     views = len(scene.cameras)
     count = f"{views} frames" if animate else _plural(views, "camera")
@@ -214,55 +233,198 @@ def _orbit(camera: Camera, frames: int) -> tuple[Camera, ...]:
     return tuple(cameras)
 
 
-def _refuse_to_overwrite_inputs(scene_path: str, scene: Scene, outputs: list[Path]) -> None:
+def _refuse_to_overwrite_inputs(scene: Scene, outputs: list[Path]) -> None:
     """Raise if an output path is the scene file or one of its mesh files."""
-    inputs = {Path(scene_path).resolve(): "the scene file"}
-    for mesh in scene.meshes:
-        # A primitive's name ("cube") gives a path that is no file; it never matches an output
-        # that passes the suffix check, so it needs no special case.
-        inputs.setdefault((Path(scene_path).parent / mesh.name).resolve(), "a mesh of the scene")
+    inputs = input_files(scene)
     for output in outputs:
         role = inputs.get(output.resolve())
         if role:
             raise InputError("-o", "", f"refusing to overwrite {output}: it is {role}")
 
 
-def _to_uint8(images: torch.Tensor, alpha: bool) -> np.ndarray:
-    """``(N, H, W, 3 or 4)`` 8-bit images from float RGBA ``(N, 4, H, W)``."""
-    channels = images[:, : 4 if alpha else 3]
-    # Lit colors can exceed 1 (ambient plus lights); 8 bits saturate them.
-    scaled = (channels.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-    return scaled.permute(0, 2, 3, 1).numpy()
-
-
-def _grid(images: np.ndarray) -> np.ndarray:
-    """The images ``(N, H, W, C)`` row by row in a near-square grid with 1-pixel gaps (zeros:
-    black, or transparent with alpha); one image comes back as it is."""
-    count, height, width, channels = images.shape
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    canvas = np.zeros(
-        (rows * (height + 1) - 1, columns * (width + 1) - 1, channels), dtype=np.uint8
-    )
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        top, left = row * (height + 1), column * (width + 1)
-        canvas[top : top + height, left : left + width] = image
-    return canvas
-
-
-def _encode_png(image: np.ndarray) -> bytes:
-    return iio.imwrite("<bytes>", image, extension=".png")
-
-
-def _encode_gif(frames: np.ndarray) -> bytes:
-    """A looping animated GIF; GIF counts time in hundredths of a second."""
-    duration = round(TURNTABLE_SECONDS * 100 / len(frames)) * 10
-    return iio.imwrite("<bytes>", frames, extension=".gif", loop=0, duration=duration)
-
-
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# optimize
+
+
+@app.command()
+def optimize(
+    scene: SceneArgument,
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="One image per camera, in the scene's order: files, folders (their images "
+            "sorted by name) or quoted glob patterns. RGB, RGBA (alpha: the silhouette) or "
+            "grayscale (a silhouette), 8 or 16 bits.",
+            metavar="TARGET...",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Optional[str],
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUTDIR",
+            help="The folder to write into. Default: <scene stem>_optimized.",
+            show_default=False,
+        ),
+    ] = None,
+    iterations: Annotated[
+        Optional[int],
+        typer.Option(
+            metavar="N", help="Default: the scene's optimize.iterations.", show_default=False
+        ),
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(
+            metavar="X", help="Adam's learning rate. Default: optimize.lr.", show_default=False
+        ),
+    ] = None,
+    params: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="LIST",
+            help=f"Free parameters, comma-separated, of {', '.join(OPTIMIZABLE)}. Default: "
+            "optimize.parameters, else vertices (and colors if a target has color).",
+            show_default=False,
+        ),
+    ] = None,
+    backend: BackendOption = None,
+    seed: Annotated[int, typer.Option(help="Seeds the random choice of views per iteration.")] = 0,
+    resize: Annotated[
+        bool,
+        typer.Option("--resize", help="Resample targets whose size differs from the scene's."),
+    ] = False,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="OUTDIR",
+            help="Continue the run in OUTDIR from its checkpoint (same scene, targets, options).",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int, typer.Option(metavar="N", help="Checkpoint every N iterations (0: only at the end).")
+    ] = 100,
+    log_every: Annotated[
+        int, typer.Option(metavar="N", help="Without a terminal, log a line every N iterations.")
+    ] = 50,
+) -> None:
+    """Change SCENE's free parameters until its renders match the TARGET images.
+
+    Writes into OUTDIR: the optimized mesh and scene, renders, sheets, a GIF, loss curves, metrics.
+
+    Ctrl-C stops cleanly, writing all that and a checkpoint (exit code 130); --resume continues.
+    """
+    if backend is not None:
+        _check_choice("--backend", backend, BACKENDS)
+    _check_at_least("--checkpoint-every", checkpoint_every, 0)
+    _check_at_least("--log-every", log_every, 1)
+    if (
+        resume is not None
+        and output is not None
+        and Path(output).resolve() != Path(resume).resolve()
+    ):
+        raise InputError("-o", "", "a resumed run writes into the folder it resumes: leave -o out")
+    loaded = load_scene(scene)
+    settings = _optimize_settings(loaded, iterations=iterations, lr=lr, params=params)
+    size = (loaded.render.width, loaded.render.height)
+    images = read_targets(targets, len(loaded.cameras), size, resize=resize)
+    outdir = Path(resume or output or default_outdir(scene))
+    with _progress(settings.iterations, log_every) as report:
+        result = optimize_scene(
+            loaded, images, settings, seed=seed, backend=backend, callback=report,
+            outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+    typer.echo(f"wrote {outdir}")
+    quality = [
+        f"{name} {_number(final, unit)} (start {_number(start, unit)})"
+        for name, final, start, unit in (
+            ("IoU", result.metrics.mean_iou, result.start_metrics.mean_iou, ""),
+            ("PSNR", result.metrics.mean_psnr, result.start_metrics.mean_psnr, " dB"),
+        )
+        if final is not None
+    ]
+    run = f"{result.iterations} iterations, {result.seconds:.1f} s, backend {result.backend}"
+    typer.echo(", ".join([*quality, run]))
+    if result.interrupted:
+        typer.echo(
+            f"interrupted after {result.iterations} of {settings.iterations} iterations; "
+            f"continue with --resume {outdir}",
+            err=True,
+        )
+        raise typer.Exit(INTERRUPTED_EXIT_CODE)
+
+
+def _check_at_least(flag: str, value: int, least: int) -> None:
+    if value < least:
+        raise InputError(flag, "", f"expected an integer >= {least}, got {value}")
+
+
+def _optimize_settings(
+    scene: Scene, *, iterations: int | None, lr: float | None, params: str | None
+) -> OptimizeSettings:
+    """The scene's ``optimize`` section with the flags that were given instead of its keys."""
+    settings = scene.optimize or OptimizeSettings()
+    overrides = [
+        ("--iterations", "iterations", iterations),
+        ("--lr", "lr", lr),
+        (
+            "--params",
+            "parameters",
+            None if params is None else [p.strip() for p in params.split(",")],
+        ),
+    ]
+    for flag, key, value in overrides:
+        if value is not None:
+            settings = override_optimize(settings, key, value, flag)
+    return settings
+
+
+@contextlib.contextmanager
+def _progress(total: int, every: int) -> Iterator[Callable[[Step], None]]:
+    """A callback reporting each finished iteration on stderr: a live bar on a terminal, else a
+    line every ``every`` iterations and at the last."""
+    if not sys.stderr.isatty():
+
+        def log(step: Step) -> None:
+            done = step.iteration + 1
+            if done % every == 0 or done == total:
+                typer.echo(f"iteration {done}/{total}  {_status(step)}", err=True)
+
+        yield log
+        return
+    with typer.progressbar(
+        length=total, label="optimizing", file=sys.stderr, show_pos=True, item_show_func=str
+    ) as bar:
+
+        def advance(step: Step) -> None:
+            bar.current_item = _status(step)  # what item_show_func shows
+            # A resumed run starts part of the way.
+            bar.update(step.iteration + 1 - bar.pos)
+
+        yield advance
+
+
+def _status(step: Step) -> str:
+    """The loss, IoU, PSNR and speed after a step."""
+    parts = [f"loss {step.loss:.4g}"]
+    if step.iou is not None:
+        parts.append(f"IoU {step.iou:.3f}")
+    if step.psnr is not None:
+        parts.append(f"PSNR {step.psnr:.1f} dB")
+    # seconds and iterations both count the parts of a resumed run before this one.
+    parts.append(f"{(step.iteration + 1) / max(step.seconds, 1e-9):.1f} it/s")
+    return "  ".join(parts)
+
+
+def _number(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.3f}{unit}" if not unit else f"{value:.1f}{unit}"
 
 
 # ---------------------------------------------------------------------------------------------

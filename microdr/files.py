@@ -14,19 +14,26 @@ from pathlib import Path
 from .errors import InputError
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
-    raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
-    """
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's contents; a missing or unreadable file raises :class:`InputError` naming
+    ``str(path)``."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise InputError(source, "", "no such file") from None
     except IsADirectoryError:
         raise InputError(source, "", "is a directory, not a file") from None
     except OSError as error:
         raise InputError(source, "", f"cannot read: {error.strerror}") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
+    raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
+    """
+    source = str(path)
+    data = read_bytes(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:

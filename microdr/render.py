@@ -15,7 +15,7 @@ import torch
 from .camera import CameraTensors, project
 from .raster import SoftRasSettings, preferred_device, rasterize
 from .scene import Camera, Lights, RenderSettings, Scene, SceneMesh
-from .shading import shade
+from .shading import LightTensors, shade
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def render_faces(
     albedo: torch.Tensor,
     cameras: Sequence[Camera],
     render: RenderSettings,
-    lights: Lights | None,
+    lights: Lights | LightTensors | None,
     *,
     poses: Sequence[CameraTensors] | None = None,
     backend: str | None = None,
@@ -91,7 +91,8 @@ def render_faces(
     """RGBA ``(N, 4, H, W)`` of world-space triangles seen by each of ``N`` cameras.
 
     corners: ``(F, 3, 3)`` world-space face corners; albedo: ``(F, 3, 3)`` per-corner RGB.
-    poses: optional per-camera pose tensors (for gradients w.r.t. cameras).
+    poses: optional per-camera pose tensors (for gradients w.r.t. cameras); lights may be
+    :class:`LightTensors` (for gradients w.r.t. lights).
     Cameras that share projection, near and far are rasterized as one batch.
     """
     colors = shade(albedo, corners, lights)

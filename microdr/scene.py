@@ -13,7 +13,8 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +33,7 @@ PROJECTIONS = ("perspective", "orthographic")
 PRIMITIVES = ("icosphere", "cube", "plane")
 OPTIMIZABLE = ("vertices", "translation", "scale", "colors", "light", "camera")
 VERTEX_PARAMETRIZATIONS = ("offset", "bounded")
+LR_SCHEDULES = ("constant", "cosine")
 IMAGE_LOSS_TERMS = ("silhouette_iou", "rgb_l1", "rgb_l2")
 LOSS_TERMS = IMAGE_LOSS_TERMS + ("laplacian", "flatten", "edge_length")
 DEFAULT_COLOR: Vec3 = (0.7, 0.7, 0.7)
@@ -186,25 +188,36 @@ class OptimizeSettings:
     """The optional ``optimize`` section.
 
     - ``parameters``: a non-empty array of distinct names among ``"vertices"``,
-      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``; default
-      ``["vertices"]``.
+      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``; default ``None``:
+      chosen from the targets by the optimizer (``microdr.optimize.resolve_settings``).
     - ``vertex_parametrization``: ``"offset"`` (default) or ``"bounded"``.
     - ``loss``: weights >= 0 for ``silhouette_iou``, ``rgb_l1``, ``rgb_l2``, ``laplacian``,
       ``flatten``, ``edge_length``; missing ones are 0 and at least one of the first three must
-      be > 0; default ``{"silhouette_iou": 1}``. Held here with all six keys.
+      be > 0. Held here with all six keys; default ``None``: chosen by the optimizer.
+    - ``mask_rgb``: weigh the RGB terms by the target's alpha, so that only the object's colors
+      count; default ``false``.
     - ``lr``: Adam's learning rate, in ``(0, 10]``; default 0.01.
     - ``betas``: Adam's ``[beta1, beta2]``, each in ``[0, 1)``; default ``[0.9, 0.999]``.
+    - ``lr_schedule``: ``"constant"`` (default) or ``"cosine"`` (from ``lr`` down to 0 over the
+      iterations).
     - ``iterations``: an integer in ``[1, 10000000]``; default 500.
+    - ``sigma_schedule``: ``{"start": s0, "end": s1}``, both > 0: ``render.sigma`` goes
+      geometrically from ``s0`` at the first iteration to ``s1`` at the last (coarse to fine);
+      held here as ``(s0, s1)``; default ``None``: ``render.sigma`` throughout.
+    - ``views_per_step``: how many cameras, drawn at random, each iteration renders, an integer
+      from 1 to the number of cameras; default ``None``: all of them.
     """
 
-    parameters: tuple[str, ...] = ("vertices",)
+    parameters: tuple[str, ...] | None = None
     vertex_parametrization: str = "offset"
-    loss: dict[str, float] = field(
-        default_factory=lambda: {**dict.fromkeys(LOSS_TERMS, 0.0), "silhouette_iou": 1.0}
-    )
+    loss: dict[str, float] | None = None
+    mask_rgb: bool = False
     lr: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
     iterations: int = 500
+    sigma_schedule: tuple[float, float] | None = None
+    views_per_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -251,13 +264,17 @@ def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
     root = _Node(data, source).object(
         ("image", "render", "meshes", "cameras", "lights", "optimize")
     )
+    # In file order, so that the first mistake is the one reported.
+    render = _render_settings(root["image"], root["render"])
+    meshes = tuple(_scene_mesh(node, base_dir) for node in root["meshes"].array())
+    cameras = tuple(_camera(node) for node in root["cameras"].array(min_length=1))
     return Scene(
         source=source,
-        render=_render_settings(root["image"], root["render"]),
-        meshes=tuple(_scene_mesh(node, base_dir) for node in root["meshes"].array()),
-        cameras=tuple(_camera(node) for node in root["cameras"].array(min_length=1)),
+        render=render,
+        meshes=meshes,
+        cameras=cameras,
         lights=_lights(root["lights"]) if root["lights"].given else None,
-        optimize=_optimize(root["optimize"]) if root["optimize"].given else None,
+        optimize=_optimize(root["optimize"], len(cameras)) if root["optimize"].given else None,
     )
 
 
@@ -420,28 +437,27 @@ def _directional_light(node: _Node) -> DirectionalLight:
     )
 
 
-def _optimize(node: _Node) -> OptimizeSettings:
-    default = OptimizeSettings()
-    optimize = node.object(
-        ("parameters", "vertex_parametrization", "loss", "lr", "betas", "iterations")
+def _optimize(node: _Node, cameras: int) -> OptimizeSettings:
+    optimize = node.object(tuple(_OPTIMIZE_READERS))
+    settings = OptimizeSettings(
+        **{key: read(optimize[key]) for key, read in _OPTIMIZE_READERS.items()}
     )
-    return OptimizeSettings(
-        parameters=_optimized_parameters(optimize["parameters"], default.parameters),
-        vertex_parametrization=optimize["vertex_parametrization"].choice(
-            VERTEX_PARAMETRIZATIONS, default=default.vertex_parametrization
-        ),
-        loss=_loss(optimize["loss"], default.loss),
-        lr=optimize["lr"].number(_Interval(0, 10, open_lo=True), default=default.lr),
-        betas=optimize["betas"].vector(2, _Interval(0, 1, open_hi=True), default=default.betas),
-        iterations=optimize["iterations"].integer(
-            _Interval(1, 10_000_000), default=default.iterations
-        ),
-    )
+    if settings.views_per_step is not None and settings.views_per_step > cameras:
+        optimize["views_per_step"].expected(f"at most the number of cameras ({cameras})")
+    return settings
 
 
-def _optimized_parameters(node: _Node, default: tuple[str, ...]) -> tuple[str, ...]:
+def override_optimize(
+    settings: OptimizeSettings, key: str, value: object, source: str
+) -> OptimizeSettings:
+    """``settings`` with field ``key`` read from ``value`` as if the ``optimize`` section gave it,
+    with the same checks; errors name ``source`` (a flag such as ``--lr``) instead of the file."""
+    return replace(settings, **{key: _OPTIMIZE_READERS[key](_Node(value, source))})
+
+
+def _optimized_parameters(node: _Node) -> tuple[str, ...] | None:
     if not node.given:
-        return default
+        return _DEFAULT_OPTIMIZE.parameters
     names: list[str] = []
     for item in node.array(min_length=1):
         name = item.choice(OPTIMIZABLE)
@@ -451,9 +467,9 @@ def _optimized_parameters(node: _Node, default: tuple[str, ...]) -> tuple[str, .
     return tuple(names)
 
 
-def _loss(node: _Node, default: dict[str, float]) -> dict[str, float]:
+def _loss(node: _Node) -> dict[str, float] | None:
     if not node.given:
-        return default
+        return _DEFAULT_OPTIMIZE.loss
     terms = node.object(LOSS_TERMS)
     loss = {term: terms[term].number(_NON_NEGATIVE, default=0.0) for term in LOSS_TERMS}
     if not any(loss[term] > 0 for term in IMAGE_LOSS_TERMS):
@@ -461,6 +477,136 @@ def _loss(node: _Node, default: dict[str, float]) -> dict[str, float]:
             "at least one of " + ", ".join(f'"{t}"' for t in IMAGE_LOSS_TERMS) + " must be > 0"
         )
     return loss
+
+
+def _sigma_schedule(node: _Node) -> tuple[float, float] | None:
+    if not node.given:
+        return _DEFAULT_OPTIMIZE.sigma_schedule
+    schedule = node.object(("start", "end"))
+    return schedule["start"].number(_POSITIVE), schedule["end"].number(_POSITIVE)
+
+
+_DEFAULT_OPTIMIZE = OptimizeSettings()
+
+#: One reader per field of the ``optimize`` section (and of :func:`override_optimize`); each
+#: returns the field's value, or its default when the key is absent.
+_OPTIMIZE_READERS: dict[str, Callable[[_Node], Any]] = {
+    "parameters": _optimized_parameters,
+    "vertex_parametrization": lambda node: node.choice(
+        VERTEX_PARAMETRIZATIONS, default=_DEFAULT_OPTIMIZE.vertex_parametrization
+    ),
+    "loss": _loss,
+    "mask_rgb": lambda node: node.boolean(default=_DEFAULT_OPTIMIZE.mask_rgb),
+    "lr": lambda node: node.number(_Interval(0, 10, open_lo=True), default=_DEFAULT_OPTIMIZE.lr),
+    "betas": lambda node: node.vector(
+        2, _Interval(0, 1, open_hi=True), default=_DEFAULT_OPTIMIZE.betas
+    ),
+    "lr_schedule": lambda node: node.choice(LR_SCHEDULES, default=_DEFAULT_OPTIMIZE.lr_schedule),
+    "iterations": lambda node: node.integer(
+        _Interval(1, 10_000_000), default=_DEFAULT_OPTIMIZE.iterations
+    ),
+    "sigma_schedule": _sigma_schedule,
+    "views_per_step": lambda node: node.integer(
+        _Interval(1), default=_DEFAULT_OPTIMIZE.views_per_step
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def input_files(scene: Scene) -> dict[Path, str]:
+    """The files ``scene`` was read from, resolved, each with its role in messages: ``"the scene
+    file"`` or ``"a mesh of the scene"``. A primitive's name (``"cube"``) gives a path that is
+    no file, which no output path matches in practice."""
+    inputs = {Path(scene.source).resolve(): "the scene file"}
+    for scene_mesh in scene.meshes:
+        inputs.setdefault(
+            (Path(scene.source).parent / scene_mesh.name).resolve(), "a mesh of the scene"
+        )
+    return inputs
+
+
+def scene_to_json(scene: Scene, mesh_files: Sequence[str]) -> dict[str, Any]:
+    """The scene as a JSON object that :func:`parse_scene` reads back to the same scene.
+
+    ``mesh_files[i]`` is the path, relative to the folder the JSON will be written to, of an OBJ
+    file holding ``scene.meshes[i].mesh`` and, for per-vertex colors, those colors (as
+    ``save_obj(mesh, path, vertex_colors=colors)`` writes it): per-vertex colors live in the OBJ
+    only, per-face colors in the JSON, since OBJ has no face colors.
+    """
+    if len(mesh_files) != len(scene.meshes):
+        raise ValueError(f"{len(mesh_files)} mesh files for {len(scene.meshes)} meshes")
+    render = scene.render
+    data: dict[str, Any] = {
+        "image": {"width": render.width, "height": render.height},
+        "render": {
+            "sigma": render.sigma,
+            "gamma": render.gamma,
+            "eps": render.eps,
+            "eps_d": render.eps_d,
+            "background": list(render.background),
+            "cull_backfaces": render.cull_backfaces,
+            "backend": render.backend,
+        },
+        "meshes": [_mesh_json(mesh, file) for mesh, file in zip(scene.meshes, mesh_files)],
+        "cameras": [_camera_json(camera) for camera in scene.cameras],
+    }
+    if scene.lights is not None:
+        data["lights"] = {
+            "ambient": scene.lights.ambient,
+            "directional": [
+                {"direction": list(light.direction), "intensity": light.intensity}
+                for light in scene.lights.directional
+            ],
+        }
+    if scene.optimize is not None:
+        data["optimize"] = _optimize_json(scene.optimize)
+    return data
+
+
+def _mesh_json(scene_mesh: SceneMesh, file: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"file": file}
+    transform = scene_mesh.transform
+    if transform != Transform():
+        entry["transform"] = {
+            "translate": list(transform.translate),
+            "rotate": list(transform.rotate),
+            "scale": list(transform.scale),
+        }
+    if scene_mesh.color_mode == "face":
+        entry["color"] = {"per_face": scene_mesh.colors.tolist()}
+    return entry
+
+
+def _camera_json(camera: Camera) -> dict[str, Any]:
+    if camera.projection == "perspective":
+        lens = {"fov": camera.fov}
+    else:
+        lens = {"half_height": camera.half_height}
+    return {
+        "projection": camera.projection,
+        **lens,
+        "eye": list(camera.eye),
+        "target": list(camera.target),
+        "up": list(camera.up),
+        "near": camera.near,
+        "far": camera.far,
+    }
+
+
+def _optimize_json(settings: OptimizeSettings) -> dict[str, Any]:
+    """The fields that are set (``None`` ones take their defaults again when read back)."""
+    data = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in vars(settings).items()
+        if value is not None
+    }
+    if settings.sigma_schedule is not None:
+        start, end = settings.sigma_schedule
+        data["sigma_schedule"] = {"start": start, "end": end}
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

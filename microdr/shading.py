@@ -7,9 +7,37 @@ winding, right-hand rule) and ``l`` the unit direction towards light ``l``. With
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .scene import Lights
+
+
+@dataclass(frozen=True)
+class LightTensors:
+    """Lights as tensors, so that gradients can flow into them (like ``CameraTensors``).
+
+    ``ambient``: ``()``; ``directions``: ``(L, 3)`` towards each light, any nonzero length;
+    ``intensities``: ``(L,)``. Any float dtype and device, the same for all three.
+    """
+
+    ambient: torch.Tensor
+    directions: torch.Tensor
+    intensities: torch.Tensor
+
+    @staticmethod
+    def of(lights: Lights, *, dtype=torch.float32, device=None) -> "LightTensors":
+        def t(values):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        directional = lights.directional
+        return LightTensors(
+            t(lights.ambient),
+            # reshape: no lights gives (0, 3), not (0,)
+            t([light.direction for light in directional]).reshape(-1, 3),
+            t([light.intensity for light in directional]),
+        )
 
 
 def face_normals(face_vertices: torch.Tensor) -> torch.Tensor:
@@ -18,17 +46,22 @@ def face_normals(face_vertices: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.linalg.cross(v1 - v0, v2 - v0), dim=-1)
 
 
-def shade(albedo: torch.Tensor, face_vertices: torch.Tensor, lights: Lights | None) -> torch.Tensor:
+def shade(
+    albedo: torch.Tensor, face_vertices: torch.Tensor, lights: Lights | LightTensors | None
+) -> torch.Tensor:
     """Shaded per-corner colors ``(..., F, 3, C)`` from albedo ``(..., F, 3, C)``.
 
     ``face_vertices`` ``(..., F, 3, 3)`` are world-space corners. Light directions point towards
-    the light and need not be unit length.
+    the light and need not be unit length. With :class:`LightTensors` the result is
+    differentiable with respect to the lights too.
     """
     if lights is None:
         return albedo
+    if isinstance(lights, Lights):
+        lights = LightTensors.of(lights, dtype=face_vertices.dtype, device=face_vertices.device)
     normals = face_normals(face_vertices)
-    irradiance = torch.full_like(normals[..., 0], lights.ambient)
-    for light in lights.directional:
-        towards = torch.nn.functional.normalize(normals.new_tensor(light.direction), dim=0)
-        irradiance = irradiance + light.intensity * (normals @ towards).clamp(min=0)
+    irradiance = torch.zeros_like(normals[..., 0]) + lights.ambient
+    for direction, intensity in zip(lights.directions, lights.intensities):
+        towards = torch.nn.functional.normalize(direction, dim=0)
+        irradiance = irradiance + intensity * (normals @ towards).clamp(min=0)
     return albedo * irradiance[..., None, None]

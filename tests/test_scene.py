@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from microdr.errors import InputError
+from microdr.mesh import save_obj
 from microdr.scene import (
     Camera,
     DirectionalLight,
@@ -18,7 +19,9 @@ from microdr.scene import (
     RenderSettings,
     Transform,
     load_scene,
+    override_optimize,
     parse_scene,
+    scene_to_json,
 )
 
 COLORED_TRIANGLE = "v 0 0 0 1 0 0\nv 1 0 0 0 1 0\nv 0 1 0 0 0 1\nf 1 2 3\n"
@@ -85,9 +88,13 @@ def test_full_scene(tmp_path):
             "parameters": ["vertices", "colors"],
             "vertex_parametrization": "bounded",
             "loss": {"silhouette_iou": 1, "laplacian": 0.03, "flatten": 0.0003},
+            "mask_rgb": True,
             "lr": 0.05,
             "betas": [0.5, 0.99],
+            "lr_schedule": "cosine",
             "iterations": 2000,
+            "sigma_schedule": {"start": 1e-3, "end": 1e-4},
+            "views_per_step": 2,
         },
     }
     result = load_scene(write_scene(tmp_path, data))
@@ -125,9 +132,13 @@ def test_full_scene(tmp_path):
             "flatten": 0.0003,
             "edge_length": 0,
         },
+        mask_rgb=True,
         lr=0.05,
         betas=(0.5, 0.99),
+        lr_schedule="cosine",
         iterations=2000,
+        sigma_schedule=(1e-3, 1e-4),
+        views_per_step=2,
     )
 
 
@@ -152,7 +163,10 @@ def test_empty_sections_take_defaults():
     assert result.meshes == ()
     assert result.lights == Lights(0.5, ())
     assert result.optimize == OptimizeSettings()
-    assert result.optimize.loss["silhouette_iou"] == 1 and sum(result.optimize.loss.values()) == 1
+    # Parameters and loss are left to the optimizer, which picks them to suit the targets.
+    assert result.optimize.parameters is None and result.optimize.loss is None
+    assert (result.optimize.lr, result.optimize.iterations) == (0.01, 500)
+    assert result.optimize.sigma_schedule is None and result.optimize.views_per_step is None
 
 
 def test_orthographic_defaults():
@@ -166,7 +180,11 @@ def test_orthographic_defaults():
         ({"distance": 2, "azimuth": 90}, [0, 0, 0], (2, 0, 0)),
         ({"distance": 2, "elevation": 0, "azimuth": 0}, [0, 0, 0], (0, 0, 2)),
         ({"distance": 2, "elevation": 30, "azimuth": 180}, [1, 1, 1], (1, 2, 1 - math.sqrt(3))),
-        ({"distance": 1, "elevation": -45, "azimuth": -90}, [0, 0, 0], (-0.5**0.5, -0.5**0.5, 0)),
+        (
+            {"distance": 1, "elevation": -45, "azimuth": -90},
+            [0, 0, 0],
+            (-(0.5**0.5), -(0.5**0.5), 0),
+        ),
     ],
 )
 def test_orbit(orbit, target, eye):
@@ -342,6 +360,19 @@ INVALID = [
      "optimize.iterations: expected an integer in [1, 10000000], got 0"),
     ("parametrization", scene(optimize={"vertex_parametrization": "free"}),
      'optimize.vertex_parametrization: expected one of "offset", "bounded", got "free"'),
+    ("lr_schedule", scene(optimize={"lr_schedule": "step"}),
+     'optimize.lr_schedule: expected one of "constant", "cosine", got "step"'),
+    ("mask_rgb", scene(optimize={"mask_rgb": 1}), "optimize.mask_rgb: expected true or false, got 1"),
+    ("sigma_schedule_end", scene(optimize={"sigma_schedule": {"start": 1e-3}}),
+     'optimize.sigma_schedule: missing key "end"'),
+    ("sigma_schedule_zero", scene(optimize={"sigma_schedule": {"start": 0, "end": 1e-4}}),
+     "optimize.sigma_schedule.start: expected a number > 0, got 0"),
+    ("sigma_schedule_number", scene(optimize={"sigma_schedule": 1e-3}),
+     "optimize.sigma_schedule: expected an object, got 0.001"),
+    ("views_per_step_0", scene(optimize={"views_per_step": 0}),
+     "optimize.views_per_step: expected an integer >= 1, got 0"),
+    ("views_per_step_too_many", scene(optimize={"views_per_step": 2}),
+     "optimize.views_per_step: expected at most the number of cameras (1), got 2"),
 ]  # fmt: skip
 
 
@@ -381,3 +412,51 @@ def test_errors_inside_a_mesh_file_name_the_mesh_file(tmp_path, monkeypatch):
         "bad.obj: line 2: face index 2 out of range (the file has 1 vertex)"
     )
 
+
+# --- overrides and writing ---------------------------------------------------------------------
+
+
+def test_override_optimize_checks_like_the_file():
+    settings = override_optimize(OptimizeSettings(), "lr", 0.5, "--lr")
+    settings = override_optimize(settings, "parameters", ["colors", "light"], "--params")
+    assert (settings.lr, settings.parameters) == (0.5, ("colors", "light"))
+    with pytest.raises(InputError) as caught:
+        override_optimize(settings, "iterations", 0, "--iterations")
+    assert str(caught.value) == "--iterations: expected an integer in [1, 10000000], got 0"
+    with pytest.raises(InputError) as caught:
+        override_optimize(settings, "parameters", ["colors", "colors"], "--params")
+    assert str(caught.value) == '--params: [1]: "colors" is listed twice'
+
+
+def test_scene_to_json_reads_back_to_the_same_scene(tmp_path):
+    (tmp_path / "tri.obj").write_text(COLORED_TRIANGLE)
+    data = scene(
+        meshes=[
+            {"file": "tri.obj", "transform": {"translate": [1, 2, 3], "rotate": [10, 0, 0]}},
+            {"primitive": "cube", "color": {"per_face": [[0, 0, i / 11] for i in range(12)]}},
+        ],
+        cameras=[
+            {"eye": [0, 1, 3], "fov": 30, "far": 10},
+            {"projection": "orthographic", "half_height": 2, "eye": [3, 0, 0], "up": [0, 0, 1]},
+        ],
+        render={"sigma": 3e-5, "background": [0.1, 0.2, 0.3], "cull_backfaces": True},
+        lights={"ambient": 0.2, "directional": [{"direction": [0, 1, 1], "intensity": 0.5}]},
+        optimize={"parameters": ["colors"], "lr": 0.1, "sigma_schedule": {"start": 1, "end": 2}},
+    )
+    original = load_scene(write_scene(tmp_path, data))
+    # The cube is written as an OBJ; its per-face colors stay in the JSON.
+    save_obj(original.meshes[1].mesh, tmp_path / "cube.obj")
+    text = json.dumps(scene_to_json(original, ["tri.obj", "cube.obj"]))
+    copy = load_scene(write_scene(tmp_path, text, "copy.json"))
+    for field in ("render", "cameras", "optimize"):
+        assert getattr(copy, field) == getattr(original, field)
+    # Light directions are normalized again when read: equal up to the last bit.
+    assert copy.lights.ambient == original.lights.ambient
+    ((light_copy,), (light,)) = copy.lights.directional, original.lights.directional
+    assert light_copy.direction == pytest.approx(light.direction, abs=1e-15)
+    assert light_copy.intensity == light.intensity
+    for before, after in zip(original.meshes, copy.meshes):
+        assert (after.transform, after.color_mode) == (before.transform, before.color_mode)
+        assert torch.equal(after.colors, before.colors)
+        assert torch.equal(after.mesh.vertices, before.mesh.vertices)
+        assert torch.equal(after.mesh.faces, before.mesh.faces)

@@ -1,0 +1,48 @@
+"""Images as files: float tensors to 8-bit arrays, grids of views, PNG and GIF bytes.
+
+Arrays here are numpy ``(..., H, W, C)`` uint8, row 0 at the top, as image files store them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(..., H, W, C)`` 8-bit images from float images ``(..., C, H, W)``, any device."""
+    # Lit colors can exceed 1 (ambient plus lights); 8 bits saturate them.
+    scaled = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+    return scaled.movedim(-3, -1).cpu().numpy()
+
+
+def grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """The images ``(N, H, W, C)`` row by row in a grid with 1-pixel gaps (zeros: black, or
+    transparent with alpha), ``columns`` wide (default: near-square); one image comes back as
+    it is."""
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    canvas = np.zeros(
+        (rows * (height + 1) - 1, columns * (width + 1) - 1, channels), dtype=np.uint8
+    )
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = row * (height + 1), column * (width + 1)
+        canvas[top : top + height, left : left + width] = image
+    return canvas
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of one ``(H, W, C)`` uint8 image."""
+    return iio.imwrite("<bytes>", image, extension=".png")
+
+
+def encode_gif(frames: np.ndarray, seconds: float) -> bytes:
+    """A looping animated GIF of ``frames`` ``(N, H, W, 3)`` uint8 lasting ``seconds`` per loop;
+    GIF counts time in hundredths of a second."""
+    duration = round(seconds * 100 / len(frames)) * 10
+    return iio.imwrite("<bytes>", frames, extension=".gif", loop=0, duration=duration)

@@ -1,0 +1,747 @@
+"""Recover geometry, colors, lights and camera poses from images: the optimization loop.
+
+A scene is the starting guess; targets hold one image per camera. Adam changes the free
+parameters (``optimize.parameters``) so that the scene's renders match the targets:
+
+```python
+from microdr.optimize import Optimization, optimize
+from microdr.targets import Targets
+
+result = optimize(scene, Targets.from_images(images))      # the whole run
+result.meshes[0].vertices, result.colors[0]                 # (V, 3) each: the optimized mesh
+result.metrics.mean_iou, result.metrics.psnr                # how well it matches
+
+run = Optimization(scene, targets, loss_fn=my_loss)         # or one iteration at a time
+for step in run.steps():
+    print(step.iteration, step.loss, step.iou)
+result = run.result()
+```
+
+A custom ``loss_fn(evaluation) -> Tensor | dict[str, Tensor]`` replaces the weighted terms of
+``optimize.loss``: it gets a :class:`~microdr.losses.Evaluation` (the iteration's renders,
+targets and vertices) and may call the terms of :mod:`microdr.losses` itself; a dict's values are
+summed and logged by name.
+
+Free parameters (each starts where the scene is):
+
+- ``vertices``: world-space offsets ``(V, 3)`` added to the start mesh; or, with
+  ``vertex_parametrization: "bounded"``, SoftRas's parametrization that keeps vertices in the box
+  ``[-1, 1]^3``: ``v = sigmoid(logit|v0| + d) * sign(v0)``, then the box squeezed towards a center
+  ``tanh(c)``. It needs ``|v0| < 1`` for every coordinate; a coordinate that is exactly 0 keeps
+  its sign of 0 and stays at the center's coordinate (as in SoftRas).
+- ``translation`` ``(3,)`` and ``scale`` ``(3,)`` (a log scale per axis, about the start mesh's
+  centroid), applied to all meshes after the vertices.
+- ``colors``: per-vertex or per-face albedo as each mesh has it, ``sigmoid`` of free logits so
+  that it stays in ``(0, 1)`` (start colors are clamped to ``[1e-4, 1 - 1e-4]``).
+- ``light``: the ambient term, each directional light's direction and intensity (intensities
+  ``softplus`` of free values, so >= 0). Needs a ``lights`` section.
+- ``camera``: an eye offset ``(3,)`` per camera (target and up stay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .camera import CameraTensors
+from .checkpoint import encode_checkpoint, read_checkpoint
+from .errors import InputError
+from .files import write_files
+from .images import to_uint8
+from .losses import Evaluation, MeshTopology, Metrics, loss_terms
+from .mesh import Mesh
+from .outputs import check_outdir, write_outputs
+from .raster import preferred_device, resolve_backend
+from .render import mesh_albedo, render_faces, scene_faces
+from .scene import (
+    LOSS_TERMS,
+    DirectionalLight,
+    Lights,
+    OptimizeSettings,
+    Scene,
+    Transform,
+)
+from .shading import LightTensors
+from .targets import SOURCE as TARGETS_SOURCE
+from .targets import Targets
+
+#: Parameters that move or reshape what the cameras see, so the silhouette constrains them.
+GEOMETRY_PARAMETERS = ("vertices", "translation", "scale", "camera")
+#: SoftRas's regularizer weights for deforming a sphere (``examples/demo_deform.py``).
+DEFAULT_REGULARIZERS = {"laplacian": 0.03, "flatten": 0.0003}
+#: The progress animation keeps at most about this many frames, evenly spaced.
+GIF_FRAMES = 50
+#: Start colors are clamped this far inside (0, 1), where their logits are finite.
+COLOR_MARGIN = 1e-4
+#: The name of the checkpoint file in an output folder.
+CHECKPOINT = "checkpoint.pt"
+
+LossFunction = Callable[[Evaluation], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings for a task
+
+
+def resolve_settings(
+    scene: Scene, targets: Targets, settings: OptimizeSettings | None = None
+) -> OptimizeSettings:
+    """``settings`` (default: the scene's ``optimize`` section) with what it leaves out chosen
+    for the task, and checked against the scene and the targets.
+
+    Parameters: ``vertices``, and ``colors`` when a target has color. Loss: ``rgb_l2`` when a
+    target has color; ``silhouette_iou`` when one has a silhouette and the geometry is free (or
+    nothing else constrains anything); SoftRas's Laplacian (0.03) and flatten (0.0003) terms
+    when the vertices are free.
+    """
+    settings = settings or scene.optimize or OptimizeSettings()
+    has_rgb = bool(targets.has_rgb.any())
+    has_silhouette = bool(targets.has_silhouette.any())
+    parameters = settings.parameters or (("vertices", "colors") if has_rgb else ("vertices",))
+    loss = settings.loss or _default_loss(parameters, has_rgb, has_silhouette)
+    if "light" in parameters and scene.lights is None:
+        raise InputError(
+            scene.source, "", '"light" is a free parameter but there is no "lights" section'
+        )
+    if not scene.meshes:
+        raise InputError(scene.source, "meshes", "nothing to optimize: the scene has no meshes")
+    if "colors" in parameters and not has_rgb:
+        raise InputError(TARGETS_SOURCE, "", '"colors" is a free parameter but no target has color')
+    if not has_rgb and (loss["rgb_l1"] > 0 or loss["rgb_l2"] > 0):
+        raise InputError(TARGETS_SOURCE, "", "the loss compares colors but no target has color")
+    if not has_silhouette and loss["silhouette_iou"] > 0:
+        raise InputError(
+            TARGETS_SOURCE, "", 'the loss has "silhouette_iou" but no target has a silhouette'
+        )
+    return replace(settings, parameters=parameters, loss=loss)
+
+
+def _default_loss(parameters: tuple[str, ...], has_rgb: bool, has_silhouette: bool) -> dict:
+    loss = dict.fromkeys(LOSS_TERMS, 0.0)
+    if has_rgb:
+        loss["rgb_l2"] = 1.0
+    geometry = any(name in GEOMETRY_PARAMETERS for name in parameters)
+    if has_silhouette and (geometry or not has_rgb):
+        loss["silhouette_iou"] = 1.0
+    if "vertices" in parameters:
+        loss.update(DEFAULT_REGULARIZERS)
+    return loss
+
+
+def sigma_at(settings: OptimizeSettings, scene: Scene, iteration: int) -> float:
+    """``render.sigma`` of ``iteration`` (0-based; ``settings.iterations`` means after the run):
+    geometric from the schedule's start to its end over the iterations, else the scene's."""
+    if settings.sigma_schedule is None:
+        return scene.render.sigma
+    start, end = settings.sigma_schedule
+    progress = min(iteration / max(settings.iterations - 1, 1), 1.0)
+    return start * (end / start) ** progress
+
+
+def lr_at(settings: OptimizeSettings, iteration: int) -> float:
+    """Adam's learning rate at ``iteration``: constant, or cosine from ``lr`` towards 0."""
+    if settings.lr_schedule == "cosine":
+        return settings.lr * 0.5 * (1 + math.cos(math.pi * iteration / settings.iterations))
+    return settings.lr
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+class Parameters(torch.nn.Module):
+    """The free parameters of one optimization, and the scene quantities they give.
+
+    Built from the scene's world-space triangle soup (:func:`~microdr.render.scene_faces`);
+    every quantity that is not free comes from the scene unchanged. All tensors share ``dtype``
+    and ``device``.
+    """
+
+    def __init__(
+        self, scene: Scene, settings: OptimizeSettings, *, dtype=torch.float32, device=None
+    ):
+        super().__init__()
+        self.scene = scene
+        self.names = settings.parameters
+        self.bounded = settings.vertex_parametrization == "bounded"
+        self.start = scene_faces(scene, dtype=dtype, device=device)
+        self.centroid = self.start.vertices.mean(dim=0)
+        like = self.start.vertices
+        if "vertices" in self.names:
+            if self.bounded:
+                _check_inside_box(scene, self.start.vertices)
+                self.center = torch.nn.Parameter(like.new_zeros(3))
+            self.displacement = torch.nn.Parameter(torch.zeros_like(like))
+        if "translation" in self.names:
+            self.translation = torch.nn.Parameter(like.new_zeros(3))
+        if "scale" in self.names:
+            self.log_scale = torch.nn.Parameter(like.new_zeros(3))
+        if "colors" in self.names:
+            self.color_logits = torch.nn.ParameterList(
+                torch.logit(m.colors.to(like).clamp(COLOR_MARGIN, 1 - COLOR_MARGIN))
+                for m in scene.meshes
+            )
+        if "light" in self.names:
+            lights = LightTensors.of(scene.lights, dtype=dtype, device=device)
+            self.ambient = torch.nn.Parameter(_inverse_softplus(lights.ambient))
+            self.directions = torch.nn.Parameter(lights.directions)
+            self.intensities = torch.nn.Parameter(_inverse_softplus(lights.intensities))
+        if "camera" in self.names:
+            self.eye_offsets = torch.nn.Parameter(like.new_zeros(len(scene.cameras), 3))
+
+    def vertices(self) -> torch.Tensor:
+        """World-space vertices of all meshes ``(V, 3)``."""
+        vertices = self.start.vertices
+        if "vertices" in self.names:
+            if self.bounded:
+                vertices = _bounded(vertices, self.displacement, self.center)
+            else:
+                vertices = vertices + self.displacement
+        if "scale" in self.names:
+            vertices = self.centroid + (vertices - self.centroid) * self.log_scale.exp()
+        if "translation" in self.names:
+            vertices = vertices + self.translation
+        return vertices
+
+    def colors(self) -> list[torch.Tensor]:
+        """Each mesh's albedo, ``(V_i, 3)`` or ``(F_i, 3)`` as its ``color_mode`` says."""
+        if "colors" in self.names:
+            return [torch.sigmoid(logits) for logits in self.color_logits]
+        return [m.colors.to(self.start.vertices) for m in self.scene.meshes]
+
+    def albedo(self) -> torch.Tensor:
+        """Per-corner albedo of all faces ``(F, 3, 3)``."""
+        if "colors" not in self.names:
+            return self.start.albedo
+        return torch.cat(
+            [
+                mesh_albedo(replace(scene_mesh, colors=colors))
+                for scene_mesh, colors in zip(self.scene.meshes, self.colors())
+            ]
+        )
+
+    def lights(self) -> Lights | LightTensors | None:
+        if "light" not in self.names:
+            return self.scene.lights
+        softplus = torch.nn.functional.softplus
+        return LightTensors(softplus(self.ambient), self.directions, softplus(self.intensities))
+
+    def poses(self) -> list[CameraTensors] | None:
+        """Per-camera poses, or ``None`` when the cameras are not free."""
+        if "camera" not in self.names:
+            return None
+        like = self.start.vertices
+        poses = []
+        for camera, offset in zip(self.scene.cameras, self.eye_offsets):
+            pose = CameraTensors.of(camera, dtype=like.dtype, device=like.device)
+            poses.append(replace(pose, eye=pose.eye + offset))
+        return poses
+
+    @torch.no_grad()
+    def solved_scene(self, sigma: float) -> Scene:
+        """The scene as the parameters now make it, rendered with ``sigma``: each mesh in world
+        space (identity transform) with its colors, the lights and the cameras' eyes; float32
+        CPU tensors and Python floats, like a loaded scene."""
+        vertices = self.vertices().float().cpu()
+        meshes, first = [], 0
+        for scene_mesh, colors in zip(self.scene.meshes, self.colors()):
+            count = scene_mesh.mesh.num_vertices
+            colors = colors.float().cpu()
+            vertex_colors = colors if scene_mesh.color_mode == "vertex" else None
+            mesh = Mesh(vertices[first : first + count], scene_mesh.mesh.faces, vertex_colors)
+            meshes.append(replace(scene_mesh, mesh=mesh, transform=Transform(), colors=colors))
+            first += count
+        cameras = self.scene.cameras
+        if "camera" in self.names:
+            cameras = tuple(
+                replace(camera, eye=tuple(pose.eye.tolist()))
+                for camera, pose in zip(cameras, self.poses())
+            )
+        lights = self.lights()
+        if isinstance(lights, LightTensors):
+            lights = Lights(
+                ambient=lights.ambient.item(),
+                directional=tuple(
+                    DirectionalLight(
+                        tuple(torch.nn.functional.normalize(d, dim=0).tolist()), i.item()
+                    )
+                    for d, i in zip(lights.directions, lights.intensities)
+                ),
+            )
+        render = replace(self.scene.render, sigma=sigma)
+        return replace(
+            self.scene, render=render, meshes=tuple(meshes), cameras=cameras, lights=lights
+        )
+
+
+def _bounded(start: torch.Tensor, displacement: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """SoftRas's bounded vertices: each coordinate keeps its sign and stays inside ``(-1, 1)``;
+    then ``[0, 1]`` maps to ``[c, 1]`` and ``[-1, 0]`` to ``[-1, c]`` with ``c = tanh(center)``."""
+    moved = torch.sigmoid(torch.logit(start.abs()) + displacement) * torch.sign(start)
+    c = torch.tanh(center)
+    return torch.relu(moved) * (1 - c) - torch.relu(-moved) * (1 + c) + c
+
+
+def _check_inside_box(scene: Scene, vertices: torch.Tensor) -> None:
+    """Raise unless every world-space vertex ``(V, 3)`` of the scene is inside ``(-1, 1)^3``."""
+    outside = (vertices.abs() >= 1).any(dim=1).nonzero()
+    if len(outside) == 0:
+        return
+    first = int(outside[0])
+    ends = torch.tensor([m.mesh.num_vertices for m in scene.meshes]).cumsum(0)
+    mesh_index = int(torch.searchsorted(ends, first, right=True))
+    index = first - (int(ends[mesh_index - 1]) if mesh_index else 0)
+    position = ", ".join(f"{x:g}" for x in vertices[first].tolist())
+    raise InputError(
+        scene.source,
+        f"meshes[{mesh_index}]",
+        f"vertex {index} is at ({position}) in the world, outside the open box (-1, 1)^3 that "
+        'vertex_parametrization "bounded" needs (scale the mesh down with transform.scale)',
+    )
+
+
+def _inverse_softplus(value: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``softplus(x) = value``, for values clamped to >= 1e-4 (0 has no finite one)."""
+    value = value.clamp(min=1e-4)
+    return value + torch.log(-torch.expm1(-value))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished iteration.
+
+    iteration: its 0-based index; it rendered the parameters after ``iteration`` updates and then
+        made one more. views: the cameras it rendered. loss: the weighted total; terms: each
+        term's unweighted value. iou, psnr: means over its views with a silhouette / color (``None``
+        when there is none). lr, sigma: the values it used. seconds: the run's optimization time so
+        far. images: ``(B, 4, H, W)`` its renders, detached.
+    """
+
+    iteration: int
+    views: tuple[int, ...]
+    loss: float
+    terms: dict[str, float]
+    iou: float | None
+    psnr: float | None
+    lr: float
+    sigma: float
+    seconds: float
+    images: torch.Tensor = field(repr=False)
+
+    def row(self) -> dict[str, float | int | None]:
+        """The numbers of one line of ``metrics.csv``."""
+        return {
+            "iteration": self.iteration,
+            "loss": self.loss,
+            **self.terms,
+            "iou": self.iou,
+            "psnr": self.psnr,
+            "lr": self.lr,
+            "sigma": self.sigma,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class History:
+    """What a run has been through: one :meth:`Step.row` per finished iteration, and renders of
+    camera 0 at every ``Optimization.frame_every``-th iteration from 0 (8-bit RGBA ``(H, W, 4)``
+    uint8 CPU tensors)."""
+
+    rows: list[dict[str, float | int | None]] = field(default_factory=list)
+    frames: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of a run.
+
+    scene: the optimized scene (see :meth:`Parameters.solved_scene`); :attr:`meshes` and
+        :attr:`colors` are its meshes' geometry and albedo.
+    images, start_images: ``(N, 4, H, W)`` float32 CPU renders of every camera at the end and at
+        the start, both with the final sigma. metrics, start_metrics: their quality.
+    history: the run's rows and frames. iterations: how many finished. seconds: optimization
+        time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
+        Ctrl-C (KeyboardInterrupt).
+    """
+
+    scene: Scene
+    images: torch.Tensor = field(repr=False)
+    start_images: torch.Tensor = field(repr=False)
+    metrics: Metrics
+    start_metrics: Metrics
+    history: History = field(repr=False)
+    iterations: int
+    seconds: float
+    backend: str
+    interrupted: bool
+
+    @property
+    def meshes(self) -> list[Mesh]:
+        """The optimized meshes, world space, float32 CPU (per-vertex colors included)."""
+        return [scene_mesh.mesh for scene_mesh in self.scene.meshes]
+
+    @property
+    def colors(self) -> list[torch.Tensor]:
+        """Each mesh's albedo, ``(V_i, 3)`` or ``(F_i, 3)`` float32 CPU as its color mode says."""
+        return [scene_mesh.colors for scene_mesh in self.scene.meshes]
+
+
+class Optimization:
+    """Adam on a scene's free parameters against one target per camera, one iteration at a time.
+
+    scene: the start. targets: :class:`~microdr.targets.Targets` of the scene's image size, one
+    per camera. settings: default the scene's ``optimize`` section; what it leaves out is chosen
+    by :func:`resolve_settings`. seed: seeds the random choice of views (``views_per_step``).
+    backend: default the scene's ``render.backend``. loss_fn: replaces the weighted terms of
+    ``settings.loss`` (see the module). dtype, device: of every tensor of the run; the device
+    defaults to the GPU when the backend is ``cuda`` (or ``auto`` and CUDA works), else the CPU.
+
+    All state that changes (parameters, Adam's moments, the random generator, the iteration and
+    the history) changes together at the end of an iteration, with Ctrl-C held off meanwhile, so
+    an interrupted run is always at the end of its last finished iteration.
+    """
+
+    def __init__(
+        self,
+        scene: Scene,
+        targets: Targets,
+        settings: OptimizeSettings | None = None,
+        *,
+        seed: int = 0,
+        backend: str | None = None,
+        loss_fn: LossFunction | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        if len(targets.images) != len(scene.cameras):
+            raise ValueError(f"{len(targets.images)} targets for {len(scene.cameras)} cameras")
+        if targets.size != (scene.render.width, scene.render.height):
+            size = (scene.render.width, scene.render.height)
+            raise ValueError(f"targets are {targets.size}, the scene renders {size}")
+        self.scene = scene
+        self.targets = targets
+        self.settings = resolve_settings(scene, targets, settings)
+        self.seed = seed
+        backend = backend or scene.render.backend
+        self.device = preferred_device(backend) if device is None else torch.device(device)
+        self.dtype = dtype
+        self.backend = resolve_backend(backend, self.device)
+        self.loss_fn = loss_fn
+        self.parameters = Parameters(scene, self.settings, dtype=dtype, device=self.device)
+        self.topology = MeshTopology.of(
+            self.parameters.start.faces, len(self.parameters.start.vertices)
+        )
+        self.target_images = targets.images.to(dtype=dtype, device=self.device)
+        self.has_rgb = targets.has_rgb.to(self.device)
+        self.has_silhouette = targets.has_silhouette.to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.parameters.parameters(), lr=self.settings.lr, betas=self.settings.betas
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.frame_every = max(1, math.ceil(self.settings.iterations / GIF_FRAMES))
+        self.iteration = 0
+        self.seconds = 0.0
+        self.history = History()
+
+    # --- iterating --------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[Step]:
+        """Run the remaining iterations, yielding each when it has finished."""
+        while self.iteration < self.settings.iterations:
+            yield self.step()
+
+    def step(self) -> Step:
+        """Run one iteration: render, loss, backward, Adam update."""
+        if self.iteration >= self.settings.iterations:
+            raise RuntimeError(f"all {self.settings.iterations} iterations are done")
+        started = time.perf_counter()
+        iteration = self.iteration
+        generator_state = self.generator.get_state()
+        try:
+            views = self._draw_views()
+            sigma = sigma_at(self.settings, self.scene, iteration)
+            vertices = self.parameters.vertices()
+            images = self._render(vertices, views, sigma)
+            evaluation = Evaluation(
+                images=images,
+                targets=self.target_images[views],
+                has_rgb=self.has_rgb[views],
+                has_silhouette=self.has_silhouette[views],
+                views=views,
+                vertices=vertices,
+                faces=self.parameters.start.faces,
+                topology=self.topology,
+            )
+            terms, weights = self._loss(evaluation)
+            total = sum(
+                (weights[name] * term for name, term in terms.items()), images.new_zeros(())
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            if total.requires_grad:
+                total.backward()
+            images = images.detach()
+            frame = self._frame(images, views, sigma) if iteration % self.frame_every == 0 else None
+            metrics = Metrics.of(
+                images, evaluation.targets, evaluation.has_rgb, evaluation.has_silhouette
+            )
+        except BaseException:
+            # Nothing of this iteration stays: the next attempt draws the same views.
+            self.generator.set_state(generator_state)
+            raise
+        lr = lr_at(self.settings, iteration)
+        with _interrupts_held():
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.seconds += time.perf_counter() - started
+            step = Step(
+                iteration=iteration,
+                views=tuple(views.tolist()),
+                loss=total.item(),
+                terms={name: term.item() for name, term in terms.items()},
+                iou=metrics.mean_iou,
+                psnr=metrics.mean_psnr,
+                lr=lr,
+                sigma=sigma,
+                seconds=self.seconds,
+                images=images,
+            )
+            self.history.rows.append(step.row())
+            if frame is not None:
+                self.history.frames.append(frame)
+            self.iteration += 1
+        return step
+
+    def _draw_views(self) -> torch.Tensor:
+        """The cameras of this iteration ``(B,)`` int64, increasing, on the run's device."""
+        count = len(self.scene.cameras)
+        chosen = self.settings.views_per_step
+        if chosen is None or chosen >= count:
+            views = torch.arange(count)
+        else:
+            views = torch.randperm(count, generator=self.generator)[:chosen].sort().values
+        return views.to(self.device)
+
+    def _render(self, vertices: torch.Tensor, views: torch.Tensor, sigma: float) -> torch.Tensor:
+        """RGBA ``(B, 4, H, W)`` of cameras ``views`` with the current parameters."""
+        poses = self.parameters.poses()
+        indices = views.tolist()
+        return render_faces(
+            vertices[self.parameters.start.faces],
+            self.parameters.albedo(),
+            [self.scene.cameras[i] for i in indices],
+            replace(self.scene.render, sigma=sigma),
+            self.parameters.lights(),
+            poses=None if poses is None else [poses[i] for i in indices],
+            backend=self.backend,
+        )
+
+    def _loss(self, evaluation: Evaluation) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The terms and their weights."""
+        if self.loss_fn is None:
+            weights = self.settings.loss
+            return loss_terms(evaluation, weights, mask_rgb=self.settings.mask_rgb), weights
+        value = self.loss_fn(evaluation)
+        terms = value if isinstance(value, dict) else {"loss_fn": value}
+        return terms, dict.fromkeys(terms, 1.0)
+
+    @torch.no_grad()
+    def _frame(self, images: torch.Tensor, views: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Camera 0 for the progress animation, from this iteration's ``images`` of ``views``
+        when it is among them: 8-bit RGBA ``(H, W, 4)``, CPU."""
+        if views[0] != 0:
+            images = self._render(self.parameters.vertices(), torch.zeros_like(views[:1]), sigma)
+        # Views are increasing: camera 0, when drawn, comes first.
+        return torch.from_numpy(to_uint8(images[0]))
+
+    # --- the outcome ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def result(self, interrupted: bool = False) -> Result:
+        """The optimized scene, its renders of every camera with the final sigma, how well they
+        match the targets, and the same for the start."""
+        sigma = sigma_at(self.settings, self.scene, self.settings.iterations)
+        render = replace(self.scene.render, sigma=sigma)
+        everything = torch.arange(len(self.scene.cameras), device=self.device)
+        images = self._render(self.parameters.vertices(), everything, sigma).float().cpu()
+        start = self.parameters.start
+        start_images = (
+            render_faces(
+                start.corners,
+                start.albedo,
+                self.scene.cameras,
+                render,
+                self.scene.lights,
+                backend=self.backend,
+            )
+            .float()
+            .cpu()
+        )
+        targets = self.targets
+        return Result(
+            scene=self.parameters.solved_scene(sigma),
+            images=images,
+            start_images=start_images,
+            metrics=Metrics.of(images, targets.images, targets.has_rgb, targets.has_silhouette),
+            start_metrics=Metrics.of(
+                start_images, targets.images, targets.has_rgb, targets.has_silhouette
+            ),
+            history=self.history,
+            iterations=self.iteration,
+            seconds=self.seconds,
+            backend=self.backend,
+            interrupted=interrupted,
+        )
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict[str, str]:
+        """What a checkpoint must have been made with to continue this run: everything that
+        changes the result, each as a string."""
+        settings = {key: json.dumps(value) for key, value in asdict(self.settings).items()}
+        return {
+            "scene": _scene_digest(self.scene),
+            "targets": hashlib.sha256(self.targets.images.numpy().tobytes()).hexdigest(),
+            **settings,
+            "seed": str(self.seed),
+            "backend": self.backend,
+            "dtype": str(self.dtype),
+            "loss_fn": "custom" if self.loss_fn else "none",
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly where this run is (tensors on their device)."""
+        return {
+            "fingerprint": self.fingerprint(),
+            "iteration": self.iteration,
+            "seconds": self.seconds,
+            "parameters": self.parameters.state_dict(),
+            "adam": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": asdict(self.history),
+        }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`); ``source`` names it in the error
+        raised when it was made by a different run."""
+        for key, value in self.fingerprint().items():
+            theirs = state["fingerprint"].get(key)
+            if theirs != value:
+                what = (
+                    f"a different {key}"
+                    if key in ("scene", "targets")
+                    else f"{key} {theirs}, not {value}"
+                )
+                raise InputError(
+                    source,
+                    "",
+                    f"made by another run ({what}); resume with the same scene, targets, options",
+                )
+        self.parameters.load_state_dict(state["parameters"])
+        self.optimizer.load_state_dict(state["adam"])
+        self.generator.set_state(state["generator"])
+        self.iteration = state["iteration"]
+        self.seconds = state["seconds"]
+        self.history = History(**state["history"])
+
+
+def _scene_digest(scene: Scene) -> str:
+    """A hash of everything the start of a run depends on in ``scene``."""
+    digest = hashlib.sha256()
+    digest.update(repr((scene.render, scene.cameras, scene.lights)).encode())
+    for scene_mesh in scene.meshes:
+        digest.update(repr((scene_mesh.transform, scene_mesh.color_mode)).encode())
+        for tensor in (scene_mesh.mesh.vertices, scene_mesh.mesh.faces, scene_mesh.colors):
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block has run, so that what it changes changes whole.
+
+    Only the main thread receives signals, so elsewhere there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, caught[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
+
+
+def optimize(
+    scene: Scene,
+    targets: Targets,
+    settings: OptimizeSettings | None = None,
+    *,
+    seed: int = 0,
+    backend: str | None = None,
+    loss_fn: LossFunction | None = None,
+    callback: Callable[[Step], None] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    outdir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
+) -> Result:
+    """Run an :class:`Optimization` to its end and return its :class:`Result`.
+
+    ``callback(step)`` runs after each iteration. Ctrl-C (a KeyboardInterrupt, also one raised
+    by the callback) stops the run at the end of its last finished iteration: the result then
+    has ``interrupted`` set, instead of the exception propagating.
+
+    With ``outdir``, the run's files (:func:`microdr.outputs.output_files`) are written there at
+    the end, interrupted or not, with a checkpoint; also a checkpoint every ``checkpoint_every``
+    iterations (0: none besides the last). ``resume`` continues from ``outdir``'s checkpoint,
+    which must come from the same scene, targets and options; the result is the same as that of
+    an uninterrupted run.
+    """
+    if resume and outdir is None:
+        raise ValueError("resume needs outdir")
+    run = Optimization(
+        scene, targets, settings, seed=seed, backend=backend, loss_fn=loss_fn, dtype=dtype,
+        device=device,
+    )  # fmt: skip
+    if outdir is not None:
+        outdir = Path(outdir)
+        check_outdir(outdir, scene, targets)
+    if resume:
+        run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
+    interrupted = False
+    try:
+        for step in run.steps():
+            if outdir is not None and checkpoint_every and run.iteration % checkpoint_every == 0:
+                write_files({outdir / CHECKPOINT: encode_checkpoint(run.state_dict())})
+            if callback is not None:
+                callback(step)
+    except KeyboardInterrupt:
+        interrupted = True
+    result = run.result(interrupted)
+    if outdir is not None:
+        write_outputs(outdir, result, targets, {CHECKPOINT: encode_checkpoint(run.state_dict())})
+    return result
