@@ -142,11 +142,11 @@ def timed(fn, device: str, budget_s: float, max_runs: int = 7) -> float:
 
 
 def pairs_visited(case: Case, backend: str, verts, attrs, settings) -> int:
-    """(pixel, face) pairs the forward examines: all of them for the reference; for the kernels,
-    every pixel of a tile with each face listed for that tile."""
+    """(pixel, face) pairs evaluated: all of them for the reference; for the kernels, each face
+    with the pixels of its box (see ForwardResult.pairs_visited)."""
     if backend == "reference":
         return case.batch * case.size * case.size * case.faces
-    return kernel_forward(cpu_target(), verts, attrs, case.size, case.size, settings).bins.pairs_visited()
+    return kernel_forward(cpu_target(), verts, attrs, case.size, case.size, settings).pairs_visited()
 
 
 def run_case(case: Case, backend: str, device: str, budget_s: float) -> dict:

@@ -92,10 +92,6 @@ class TileBins:
     tile_faces: torch.Tensor  # (pairs,) int32
     tile_ends: torch.Tensor  # (B * tiles,) int64
 
-    def rows_visited(self) -> int:
-        """(tile row, face) pairs the forward tests: every row of a tile with each listed face."""
-        return int(self.tile_ends[-1]) * TILE if self.tile_ends.numel() else 0
-
 
 def bin_faces(target: KernelTarget, args: np.ndarray, face_tiles: torch.Tensor, dtype, batch, tiles) -> TileBins:
     """After setup: the pair list of every face (bin kernel), sorted stably by tile."""
@@ -121,6 +117,13 @@ class ForwardResult:
     face_boxes: torch.Tensor  # (B, F, 4) int32
     face_data: torch.Tensor  # (B, F, FACE_RECORD)
     bins: TileBins
+
+    def pairs_visited(self) -> int:
+        """(pixel, face) pairs evaluated, by the forward and again by the backward: each face
+        with every pixel of its box."""
+        rows = (self.face_boxes[..., 1] - self.face_boxes[..., 0] + 1).clamp(min=0)
+        cols = (self.face_boxes[..., 3] - self.face_boxes[..., 2] + 1).clamp(min=0)
+        return int((rows.long() * cols.long()).sum())
 
 
 def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings) -> ForwardResult:

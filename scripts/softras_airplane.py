@@ -1,0 +1,139 @@
+"""SoftRas's airplane demo as a microDR task: a scene and silhouette targets from its data.
+
+    python scripts/softras_airplane.py [--data DIR] [-o OUTDIR] [--views SPEC] [--check]
+
+Reads ``source.npy`` (120 RGBA renders, 64 x 64, made by SoftRas), ``camera.npy`` (distance,
+elevation, azimuth per view) and the template ``sphere_1352.obj`` from ``--data`` (default
+``../shared/data/softras`` beside the repository) and writes into OUTDIR:
+
+- ``template.obj``: the sphere, scaled by 0.5 as in SoftRas's ``demo_deform.py``;
+- ``targets/view_NNN.png``: RGBA targets, the alpha channel being the silhouette;
+- ``scene.json``: the template, one camera per chosen view, and an ``optimize`` section with
+  SoftRas's settings (negative IoU + Laplacian + flatten, Adam lr 0.01, betas 0.5 / 0.99).
+
+Then ``microdr optimize OUTDIR/scene.json OUTDIR/targets`` recovers the airplane.
+
+Camera convention (checked by ``--check``, which renders SoftRas's own result ``plane.obj``
+with these cameras and compares silhouettes): the eye of view ``(d, el, az)`` is at
+``(d cos el sin az, d sin el, -d cos el cos az)`` looking at the origin with up +y, vertical
+field of view 30 degrees. SoftRas's camera x axis is ``cross(up, forward)``, the mirror image of
+a right-handed camera's, so the targets are flipped left-right here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from microdr.files import write_files  # noqa: E402
+from microdr.images import encode_png  # noqa: E402
+from microdr.mesh import Mesh, load_obj, save_obj  # noqa: E402
+from microdr.render import render_faces  # noqa: E402
+from microdr.scene import Camera, RenderSettings  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "softras"
+FOV = 30.0  # SoftRas's viewing_angle = 15 is the half-angle
+SIZE = 64
+SIGMA = 1e-4
+TEMPLATE_SCALE = 0.5
+
+
+def softras_eye(distance: float, elevation: float, azimuth: float) -> tuple[float, float, float]:
+    el, az = math.radians(elevation), math.radians(azimuth)
+    return (distance * math.cos(el) * math.sin(az), distance * math.sin(el),
+            -distance * math.cos(el) * math.cos(az))
+
+
+def cameras(camera_table: np.ndarray) -> list[Camera]:
+    return [Camera("perspective", softras_eye(*row), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), FOV, None, 0.1, 100.0)
+            for row in camera_table.tolist()]
+
+
+def parse_views(spec: str, total: int) -> list[int]:
+    """``all``, a count ``N`` (N views spread evenly), or a comma list of indices."""
+    if spec == "all":
+        return list(range(total))
+    if "," not in spec and spec.isdigit() and not spec.startswith("0"):
+        count = int(spec)
+        if not 1 <= count <= total:
+            raise SystemExit(f"--views: expected 1 to {total} views, got {count}")
+        return sorted({round(i * total / count) % total for i in range(count)})
+    views = [int(v) for v in spec.split(",")]
+    if any(not 0 <= v < total for v in views):
+        raise SystemExit(f"--views: indices must be in [0, {total})")
+    return views
+
+
+def silhouettes(data: Path) -> np.ndarray:
+    """The targets' alpha ``(120, 64, 64)`` in [0, 1], flipped left-right (see the docstring)."""
+    source = np.load(data / "source.npy")
+    return source[:, 3, :, ::-1].astype(np.float32) / 255.0
+
+
+def scene_json(views: list[int], camera_list: list[Camera]) -> dict:
+    return {
+        "image": {"width": SIZE, "height": SIZE},
+        "render": {"sigma": SIGMA, "gamma": 1e-4},
+        "meshes": [{"file": "template.obj", "color": [0.8, 0.8, 0.8]}],
+        "cameras": [{"eye": list(camera_list[v].eye), "fov": FOV} for v in views],
+        "optimize": {
+            "parameters": ["vertices"],
+            "vertex_parametrization": "bounded",
+            "loss": {"silhouette_iou": 1.0, "laplacian": 0.03, "flatten": 0.0003},
+            "lr": 0.01,
+            "betas": [0.5, 0.99],
+            "iterations": 2000,
+        },
+    }
+
+
+def check_convention(data: Path, camera_list: list[Camera], targets: np.ndarray) -> None:
+    """Render SoftRas's result ``plane.obj`` with these cameras; print the silhouette IoU."""
+    plane = load_obj(data / "plane.obj")
+    render = RenderSettings(width=SIZE, height=SIZE, sigma=SIGMA)
+    corners = plane.vertices[plane.faces]
+    albedo = torch.ones_like(corners)
+    alpha = render_faces(corners, albedo, camera_list, render, None)[:, 3].numpy()
+    for name, target in (("flipped (used)", targets), ("as stored", targets[:, :, ::-1])):
+        a, t = alpha > 0.5, target > 0.5
+        iou = (a & t).sum((1, 2)) / np.maximum((a | t).sum((1, 2)), 1)
+        print(f"plane.obj vs targets {name}: mean IoU {iou.mean():.4f}, min {iou.min():.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SoftRas demo data folder")
+    parser.add_argument("-o", "--output", type=Path, default=Path("out/airplane"), help="output folder")
+    parser.add_argument("--views", default="all", help='"all", a count N (evenly spread), or "0,15,30"')
+    parser.add_argument("--check", action="store_true", help="check the camera convention with plane.obj")
+    args = parser.parse_args()
+    if not (args.data / "source.npy").is_file():
+        raise SystemExit(f"{args.data}: no SoftRas demo data here (source.npy); give --data")
+    camera_list = cameras(np.load(args.data / "camera.npy"))
+    targets = silhouettes(args.data)
+    if args.check:
+        check_convention(args.data, camera_list, targets)
+    views = parse_views(args.views, len(camera_list))
+    template = load_obj(args.data / "sphere_1352.obj")
+    files = {}
+    for v in views:
+        rgba = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+        rgba[..., 3] = np.round(targets[v] * 255).astype(np.uint8)
+        files[args.output / "targets" / f"view_{v:03d}.png"] = encode_png(rgba)
+    files[args.output / "scene.json"] = (json.dumps(scene_json(views, camera_list), indent=2) + "\n").encode()
+    write_files(files)
+    save_obj(Mesh(template.vertices * TEMPLATE_SCALE, template.faces), args.output / "template.obj")
+    print(f"wrote {args.output}/scene.json, template.obj and {len(views)} targets")
+    print(f"next: microdr optimize {args.output}/scene.json {args.output}/targets -o {args.output}/result")
+
+
+if __name__ == "__main__":
+    main()
