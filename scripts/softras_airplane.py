@@ -9,7 +9,9 @@ elevation, azimuth per view) and the template ``sphere_1352.obj`` from ``--data`
 - ``template.obj``: the sphere, scaled by 0.5 as in SoftRas's ``demo_deform.py``;
 - ``targets/view_NNN.png``: RGBA targets, the alpha channel being the silhouette;
 - ``scene.json``: the template, one camera per chosen view, and an ``optimize`` section with
-  SoftRas's settings (negative IoU + Laplacian + flatten, Adam lr 0.01, betas 0.5 / 0.99).
+  SoftRas's settings (negative IoU + Laplacian + flatten, Adam lr 0.01, betas 0.5 / 0.99),
+  except that each iteration renders a random subset of the views (``--views-per-step``)
+  rather than all of them, for speed.
 
 Then ``microdr optimize OUTDIR/scene.json OUTDIR/targets`` recovers the airplane.
 
@@ -78,7 +80,7 @@ def silhouettes(data: Path) -> np.ndarray:
     return source[:, 3, :, ::-1].astype(np.float32) / 255.0
 
 
-def scene_json(views: list[int], camera_list: list[Camera]) -> dict:
+def scene_json(views: list[int], camera_list: list[Camera], views_per_step: int, iterations: int) -> dict:
     return {
         "image": {"width": SIZE, "height": SIZE},
         "render": {"sigma": SIGMA, "gamma": 1e-4},
@@ -90,7 +92,8 @@ def scene_json(views: list[int], camera_list: list[Camera]) -> dict:
             "loss": {"silhouette_iou": 1.0, "laplacian": 0.03, "flatten": 0.0003},
             "lr": 0.01,
             "betas": [0.5, 0.99],
-            "iterations": 2000,
+            "iterations": iterations,
+            "views_per_step": min(views_per_step, len(views)),
         },
     }
 
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SoftRas demo data folder")
     parser.add_argument("-o", "--output", type=Path, default=Path("out/airplane"), help="output folder")
     parser.add_argument("--views", default="all", help='"all", a count N (evenly spread), or "0,15,30"')
+    parser.add_argument("--views-per-step", type=int, default=24,
+                        help="views rendered per iteration, drawn at random (SoftRas renders all 120)")
+    parser.add_argument("--iterations", type=int, default=1000, help="optimizer iterations (SoftRas: 2000)")
     parser.add_argument("--check", action="store_true", help="check the camera convention with plane.obj")
     args = parser.parse_args()
     if not (args.data / "source.npy").is_file():
@@ -128,7 +134,7 @@ def main() -> None:
         rgba = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
         rgba[..., 3] = np.round(targets[v] * 255).astype(np.uint8)
         files[args.output / "targets" / f"view_{v:03d}.png"] = encode_png(rgba)
-    files[args.output / "scene.json"] = (json.dumps(scene_json(views, camera_list), indent=2) + "\n").encode()
+    files[args.output / "scene.json"] = (json.dumps(scene_json(views, camera_list, args.views_per_step, args.iterations), indent=2) + "\n").encode()
     write_files(files)
     save_obj(Mesh(template.vertices * TEMPLATE_SCALE, template.faces), args.output / "template.obj")
     print(f"wrote {args.output}/scene.json, template.obj and {len(views)} targets")
