@@ -464,6 +464,8 @@ MDR_KERNEL(softras_backward_f32, backward_item, float)
 MDR_KERNEL(softras_backward_f64, backward_item, double)
 
 #ifndef __CUDACC__
-// Lets the host adapter check that ARGS_DTYPE in microdr/raster/kernels.py matches RasterArgs.
+// Let the host adapter check that microdr/raster/kernels.py agrees with this file: ARGS_DTYPE
+// with RasterArgs, and FACE_RECORD with FACE_RECORD.
 extern "C" long long softras_args_size() { return (long long)sizeof(RasterArgs<float>); }
+extern "C" long long softras_face_record() { return FACE_RECORD; }
 #endif

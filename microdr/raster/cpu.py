@@ -14,7 +14,7 @@ import torch
 
 from ..errors import MicroDRError
 from .cpu_build import load_library
-from .kernels import ARGS_DTYPE
+from .kernels import ARGS_DTYPE, FACE_RECORD
 
 
 class CpuTarget:
@@ -22,12 +22,11 @@ class CpuTarget:
 
     def __init__(self) -> None:
         self._library = load_library("softras")
-        args_size = self._library.softras_args_size
-        args_size.restype = ctypes.c_longlong
-        if args_size() != ARGS_DTYPE.itemsize:
-            raise MicroDRError(
-                f"kernel argument layout mismatch: C {args_size()} bytes, Python {ARGS_DTYPE.itemsize}"
-            )
+        for name, expected in (("softras_args_size", ARGS_DTYPE.itemsize), ("softras_face_record", FACE_RECORD)):
+            function = getattr(self._library, name)
+            function.restype = ctypes.c_longlong
+            if function() != expected:
+                raise MicroDRError(f"kernels.py disagrees with softras.cu: {name} is {function()}, expected {expected}")
         self._launchers: dict[str, ctypes._CFuncPtr] = {}
 
     def _launcher(self, kernel: str):

@@ -1,6 +1,6 @@
 """The kernels behind the seam: one autograd Function and the launch code both targets share.
 
-``cuda_src/softras.cu`` defines three kernels per dtype (``softras_{setup,forward,backward}_
+``cuda_src/softras.cu`` defines four kernels per dtype (``softras_{setup,bin,forward,backward}_
 {f32,f64}``), each a 1-D grid of independent work items taking one argument block,
 :data:`ARGS_DTYPE`. This module fills that block and sizes the grid; a *target* (``cpu.py``:
 the source compiled by the host C++ compiler; ``cuda.py``: the same source through PyCUDA) only
