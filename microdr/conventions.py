@@ -17,11 +17,6 @@ from __future__ import annotations
 import torch
 
 
-def pixel_size(height: int) -> float:
-    """Width (and height) of one pixel in screen units."""
-    return 2.0 / height
-
-
 def pixel_centers(height: int, width: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """Screen-unit centers of all pixels: ``(H, W, 2)`` holding ``(x, y)``, row 0 at the top."""
     cols = torch.arange(width, dtype=dtype, device=device)
@@ -29,11 +24,6 @@ def pixel_centers(height: int, width: int, *, dtype=torch.float32, device=None) 
     x = (2 * cols + 1 - width) / height
     y = (height - 2 * rows - 1) / height
     return torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), dim=-1)
-
-
-def ndc_to_screen(xy_ndc: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """NDC ``(..., 2)`` to screen units: x is scaled by the aspect ``W / H``."""
-    return xy_ndc * xy_ndc.new_tensor([width / height, 1.0])
 
 
 def signed_area2(v: torch.Tensor) -> torch.Tensor:
