@@ -62,19 +62,24 @@ class Mesh:
         return self.faces.shape[0]
 
     def face_normals(self) -> torch.Tensor:
-        """Unit outward normals ``(F, 3)`` in the vertices' dtype; zero-area faces give 0.
+        """Unit outward normals ``(F, 3)``: :func:`triangle_normals` of the faces."""
+        return triangle_normals(self.vertices[self.faces])
 
-        Differentiable with respect to the vertices; the gradient is finite everywhere (zero for
-        zero-area faces).
-        """
-        corners = self.vertices[self.faces]  # (F, 3 corners, 3)
-        normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-        length = torch.linalg.vector_norm(normals, dim=1, keepdim=True)
-        nonzero = length > 0
-        # Dividing by a safe length inside the masked branch keeps both the value and the gradient
-        # of zero-area faces at 0 instead of 0/0 = NaN.
-        safe = torch.where(nonzero, length, torch.ones_like(length))
-        return torch.where(nonzero, normals / safe, torch.zeros_like(normals))
+
+def triangle_normals(corners: torch.Tensor) -> torch.Tensor:
+    """Unit normals ``(..., 3)`` of triangles ``(..., 3 corners, 3)`` by the right-hand rule
+    (outward for counter-clockwise faces), in their dtype; zero-area faces give 0.
+
+    Differentiable with respect to the corners; the gradient is finite everywhere (zero for
+    zero-area faces).
+    """
+    normals = torch.linalg.cross(corners[..., 1, :] - corners[..., 0, :], corners[..., 2, :] - corners[..., 0, :])
+    length = torch.linalg.vector_norm(normals, dim=-1, keepdim=True)
+    nonzero = length > 0
+    # Dividing by a safe length inside the masked branch keeps both the value and the gradient
+    # of zero-area faces at 0 instead of 0/0 = NaN.
+    safe = torch.where(nonzero, length, torch.ones_like(length))
+    return torch.where(nonzero, normals / safe, torch.zeros_like(normals))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .mesh import triangle_normals
 from .scene import Lights
 
 
@@ -40,12 +41,6 @@ class LightTensors:
         )
 
 
-def face_normals(face_vertices: torch.Tensor) -> torch.Tensor:
-    """Unit normals ``(..., F, 3)`` of triangles ``(..., F, 3, 3)``; zero-area faces give 0."""
-    v0, v1, v2 = face_vertices.unbind(-2)
-    return torch.nn.functional.normalize(torch.linalg.cross(v1 - v0, v2 - v0), dim=-1)
-
-
 def shade(
     albedo: torch.Tensor, face_vertices: torch.Tensor, lights: Lights | LightTensors | None
 ) -> torch.Tensor:
@@ -59,7 +54,7 @@ def shade(
         return albedo
     if isinstance(lights, Lights):
         lights = LightTensors.of(lights, dtype=face_vertices.dtype, device=face_vertices.device)
-    normals = face_normals(face_vertices)
+    normals = triangle_normals(face_vertices)
     irradiance = torch.zeros_like(normals[..., 0]) + lights.ambient
     for direction, intensity in zip(lights.directions, lights.intensities):
         towards = torch.nn.functional.normalize(direction, dim=0)
