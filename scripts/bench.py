@@ -20,6 +20,7 @@ import argparse
 import csv
 import itertools
 import math
+import shutil
 import statistics
 import sys
 import threading
@@ -36,13 +37,14 @@ from microdr.mesh import icosphere  # noqa: E402
 from microdr.raster import SoftRasSettings, backend_status, rasterize  # noqa: E402
 from microdr.raster.kernels import kernel_forward  # noqa: E402
 from microdr.raster.cpu import cpu_target  # noqa: E402
+from microdr.raster.cuda import resource_usage  # noqa: E402
 from microdr.scene import Camera  # noqa: E402
 
 COLUMNS = ["case", "backend", "faces", "width", "height", "batch", "channels", "threads",
            "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited"]
 SUBDIVISIONS = {1280: 3, 5120: 4, 20480: 5, 81920: 6}
 #: The reference evaluates every (pixel, face) pair densely; beyond this many it is skipped.
-REFERENCE_MAX_PAIRS = {"quick": 2e7, "full": 4e8}
+REFERENCE_MAX_PAIRS = {"quick": 2e7, "full": 1e8}
 #: Distance and field of view that make a unit sphere cover about half of a square image.
 CAMERA = Camera("perspective", eye=(0.0, 0.0, 3.0), target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0),
                 fov=48.0, half_height=None, near=0.1, far=100.0)
@@ -84,7 +86,9 @@ def inputs(case: Case, device: str):
 
 
 class PeakMemory:
-    """Peak growth of resident memory (CPU, sampled) or of torch's CUDA allocations."""
+    """Peak memory above the level before the block: torch's CUDA allocations, or on the CPU
+    the resident set's high-water mark (Linux resets it through /proc/self/clear_refs; where
+    that is refused, the resident set is sampled every millisecond instead)."""
 
     def __init__(self, device: str):
         self.device = device
@@ -94,33 +98,43 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
-        self.base = self.peak = _rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        self.base = self.peak = _status_bytes("VmRSS")
+        self.thread = None
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current resident set
+        except OSError:
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
         return self
 
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, _status_bytes("VmRSS"))
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             self.peak = torch.cuda.max_memory_allocated()
-        else:
+        elif self.thread is not None:
             self.running = False
             self.thread.join()
-            self.peak = max(self.peak, _rss())
+        else:
+            self.peak = _status_bytes("VmHWM")
 
     @property
     def megabytes(self) -> float:
-        return (self.peak - self.base) / 2**20
+        return max(self.peak - self.base, 0) / 2**20
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def timed(fn, device: str, budget_s: float, max_runs: int = 7) -> float:
@@ -220,6 +234,45 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def print_speedups(rows: list[dict]) -> None:
+    """How many times faster the kernels are than the reference, case by case (same run)."""
+    for row in rows:
+        if row["backend"] == "reference":
+            continue
+        ref = next((r for r in rows if r["case"] == row["case"] and r["backend"] == "reference"), None)
+        if ref:
+            print(f"# {row['case']}: {row['backend']} kernels {ref['forward_backward_ms'] / row['forward_backward_ms']:.0f}x "
+                  f"faster than the reference (forward + backward)")
+
+
+def print_time_per_pair(rows: list[dict]) -> None:
+    """Forward + backward nanoseconds per visited pair, across face counts at a fixed image,
+    batch, channel count and sigma rule: flat means the cost follows the pairs, not the faces."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["backend"] == "cpu":
+            rule = row["case"].rsplit("_", 1)[1]
+            groups.setdefault((row["width"], row["batch"], row["channels"], rule), []).append(row)
+    for (size, batch, channels, rule), members in groups.items():
+        if len(members) < 2:
+            continue
+        per_pair = {r["faces"]: 1e6 * r["forward_backward_ms"] / r["pairs_visited"] for r in members}
+        spread = max(per_pair.values()) / min(per_pair.values())
+        listed = ", ".join(f"{faces} faces {ns:.1f}" for faces, ns in sorted(per_pair.items()))
+        print(f"# ns per pair, {size}px b{batch} c{channels} {rule}: {listed} (max / min {spread:.2f})")
+
+
+def print_gpu_resources(archs=("sm_80", "sm_90")) -> None:
+    """ptxas registers per thread and spill bytes of every kernel, where nvcc exists."""
+    if shutil.which("nvcc") is None:
+        print("# ptxas: nvcc not found, register counts skipped")
+        return
+    for arch in archs:
+        for kernel, use in resource_usage(arch).items():
+            print(f"# ptxas {arch} {kernel}: {use.registers} registers, "
+                  f"{use.spill_stores} bytes spill stores, {use.spill_loads} bytes spill loads")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few cases, under 2 minutes")
@@ -227,10 +280,14 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write a log-log plot (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--reference-max-pairs", type=float,
+                        help="run the reference up to this many (pixel, face) pairs (default 2e7 quick, 1e8 full; "
+                             "256 x 256 with 5,120 faces is 3.4e8 and takes about 10 minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    limit = REFERENCE_MAX_PAIRS["quick" if args.quick else "full"]
+    limit = args.reference_max_pairs or REFERENCE_MAX_PAIRS["quick" if args.quick else "full"]
     budget = 1.0 if args.quick else 3.0
+    print_gpu_resources()
     rows = []
     print(",".join(COLUMNS), flush=True)
     for case in (c for c in cases(args.quick) if args.only in c.name):
@@ -242,12 +299,8 @@ def main() -> None:
             row = run_case(case, backend, device, budget)
             rows.append(row)
             print(",".join(str(row[c]) for c in COLUMNS), flush=True)
-    for row in rows:
-        if row["backend"] == "cpu":
-            ref = next((r for r in rows if r["case"] == row["case"] and r["backend"] == "reference"), None)
-            if ref:
-                print(f"# {row['case']}: cpu kernels {ref['forward_backward_ms'] / row['forward_backward_ms']:.0f}x "
-                      f"faster than the reference (forward + backward)")
+    print_speedups(rows)
+    print_time_per_pair(rows)
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=COLUMNS)

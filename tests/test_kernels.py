@@ -16,18 +16,11 @@ import pytest
 import torch
 
 from microdr.raster import SoftRasSettings, backend_status, rasterize
-from microdr.raster.cpu_build import source_dir
+from microdr.raster.cuda import resource_usage
+
+from helpers import Case, assert_matches, run
 
 F32, F64 = torch.float32, torch.float64
-
-
-@dataclasses.dataclass
-class Case:
-    verts: torch.Tensor  # (B, F, 3, 3) float64
-    attrs: torch.Tensor  # (B, F, 3, C) float64
-    width: int
-    height: int
-    settings: SoftRasSettings
 
 
 def random_faces(generator, batch, count, *, spread=1.2, size=0.5, depth=(1.5, 4.0), channels=3):
@@ -102,29 +95,6 @@ CASES = [
 ]
 
 
-def run(case: Case, backend: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
-    """Image and gradients of a fixed random projection of it."""
-    verts = case.verts.to(dtype=dtype, device=device).requires_grad_()
-    attrs = case.attrs.to(dtype=dtype, device=device).requires_grad_()
-    image = rasterize(verts, attrs, case.width, case.height, case.settings, backend=backend)
-    projection = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    (image * projection.to(dtype=dtype, device=device)).sum().backward()
-    return image.detach().cpu(), verts.grad.cpu(), attrs.grad.cpu()
-
-
-def assert_matches(got, want, forward_atol, grad_rtol):
-    image, grad_verts, grad_attrs = got
-    ref_image, ref_verts, ref_attrs = want
-    assert torch.isfinite(image).all() and torch.isfinite(grad_verts).all() and torch.isfinite(grad_attrs).all()
-    assert (image.double() - ref_image).abs().max().item() <= forward_atol
-    for grad, ref in ((grad_verts, ref_verts), (grad_attrs, ref_attrs)):
-        assert grad.shape == ref.shape
-        if ref.numel() == 0:  # no attribute channels
-            continue
-        scale = ref.abs().max().item()
-        assert (grad.double() - ref).abs().max().item() <= grad_rtol * max(scale, 1e-30)
-
-
 @pytest.fixture(scope="module")
 def reference_results():
     return {name: run(make_case(name), "reference", F64) for name in CASES}
@@ -196,23 +166,15 @@ ARCHITECTURES = ["sm_70", "sm_75", "sm_80", "sm_90"]
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_kernels_compile_with_nvcc_without_spills(arch, tmp_path):
+def test_kernels_compile_with_nvcc_without_spills(arch):
     supported = subprocess.run(["nvcc", "--list-gpu-code"], capture_output=True, text=True).stdout.split()
     if arch not in supported:
         pytest.skip(f"this nvcc cannot target {arch} (CUDA 13 dropped Volta)")
-    result = subprocess.run(
-        ["nvcc", "-cubin", f"-arch={arch}", "--resource-usage", "-std=c++17", "-I", str(source_dir()),
-         "-o", str(tmp_path / "softras.cubin"), str(source_dir() / "softras.cu")],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    report = result.stdout + result.stderr
-    kernels = re.findall(r"Function properties for (\w+)", report)
+    kernels = resource_usage(arch)
     assert sorted(kernels) == sorted(
         f"softras_{stage}_{suffix}" for stage in ("setup", "bin", "forward", "backward") for suffix in ("f32", "f64")
     )
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills), report
+    assert all(k.spill_stores == k.spill_loads == 0 for k in kernels.values()), kernels
 
 
 # ---------------------------------------------------------------------------------------------

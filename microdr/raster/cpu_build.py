@@ -34,13 +34,41 @@ try:
 except ImportError:  # Windows: no advisory locks; the atomic rename alone keeps the cache sound
     fcntl = None
 
-# No -march=native: the cache may be shared between machines (NFS homes, containers), and a
-# library built for one CPU can crash on another. No -ffast-math: the kernels rely on IEEE
-# inf/NaN behaviour. -x c++ because the sources are named .cu.
-FLAGS = (
-    "-x", "c++", "-O3", "-std=c++20", "-fopenmp", "-shared", "-fPIC",
-    "-fno-math-errno", "-Wall", "-Werror=return-type",
+# No -ffast-math: the kernels rely on IEEE inf/NaN behaviour. -x c++ because the sources are
+# named .cu. The lane loops (MDR_SIMD) only vectorize when the compiler may evaluate both sides
+# of a select: -fno-trapping-math lets it compare floats unconditionally (nothing here reads the
+# FP exception flags), and -fallow-store-data-races lets it store to a lane's running sums
+# unconditionally (they are the work item's own). -ffp-contract=fast allows fused multiply-adds.
+BASE_FLAGS = (
+    "-x", "c++", "-O3", "-std=c++20", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
+    "-fno-trapping-math", "-fallow-store-data-races", "-ffp-contract=fast", "-Wall", "-Werror=return-type",
 )
+# x86-64-v3 (AVX2 and FMA) doubles the SIMD width of the baseline (SSE2). Not -march=native:
+# the cache may be shared between machines (NFS homes, containers), and a library built for one
+# CPU can crash on another; the level is part of the flags, hence of the cache key, so a machine
+# without AVX2 builds and loads its own baseline library.
+X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+
+
+@functools.cache
+def flags() -> tuple[str, ...]:
+    """The compiler flags: :data:`BASE_FLAGS`, plus ``-march=x86-64-v3`` where this CPU has it."""
+    if platform.machine() in ("x86_64", "AMD64") and X86_64_V3 <= _cpu_flags():
+        return (*BASE_FLAGS, "-march=x86-64-v3")
+    return BASE_FLAGS
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: baseline build)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
 
 NO_COMPILER = "the CPU kernels need a C++ compiler with OpenMP (g++): set CXX or install g++"
 
@@ -128,7 +156,7 @@ def _cache_key(src_dir: pathlib.Path, command: list[str]) -> str:
     # The command too: words in $CXX (``g++ -m32``) change the binary but not ``--version``.
     add(shlex.join(command).encode())
     add(_compiler_version(tuple(command)).encode())
-    add(" ".join(FLAGS).encode())
+    add(" ".join(flags()).encode())
     add(platform.machine().encode())
     return digest.hexdigest()[:16]
 
@@ -239,7 +267,7 @@ def _compile(source: pathlib.Path, path: pathlib.Path) -> None:
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".so")
     os.close(handle)
     try:
-        argv = [*command, *FLAGS, "-I", str(source.parent), str(source), "-o", temp]
+        argv = [*command, *flags(), "-I", str(source.parent), str(source), "-o", temp]
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode != 0:
             raise MicroDRError(_compile_error(source, argv, result.stderr))
@@ -269,7 +297,7 @@ def build_info(name: str = "softras") -> dict:
     Never raises for a missing compiler; ``compiler`` and ``path`` are then None and
     ``error`` says what to do.
     """
-    info: dict = {"compiler": None, "flags": list(FLAGS), "path": None, "cached": False}
+    info: dict = {"compiler": None, "flags": list(flags()), "path": None, "cached": False}
     try:
         command = compiler()
         info["compiler"] = shlex.join(command)

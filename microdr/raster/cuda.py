@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import MicroDRError
 from .cpu_build import source_dir
+from .kernels import sort_by_tile
 
 INSTALL_HINT = "install the CUDA extra: pip install 'microdr[cuda]'"
 
@@ -36,6 +42,8 @@ def cuda_unavailable_reason() -> str | None:
 
 class CudaTarget:
     name = "cuda"
+    lanes = 1  # MDR_LANES under nvcc: one pixel per thread
+    sort_by_tile = staticmethod(sort_by_tile)  # torch's radix sort on the GPU
 
     def __init__(self, device_index: int) -> None:
         import pycuda.driver as driver
@@ -79,3 +87,34 @@ def cuda_target(device_index: int) -> CudaTarget:
     if reason is not None:
         raise MicroDRError(f'backend "cuda" is unavailable: {reason}')
     return CudaTarget(device_index)
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reports for one kernel: registers per thread and bytes spilled to local memory."""
+
+    registers: int
+    spill_stores: int
+    spill_loads: int
+
+
+def resource_usage(arch: str) -> dict[str, KernelResources]:
+    """Compiles softras.cu with ``nvcc -cubin -arch=<arch> --resource-usage`` and returns each
+    kernel's resources. Needs nvcc (not a GPU); raises MicroDRError with nvcc's complaint."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = ["nvcc", "-cubin", f"-arch={arch}", "--resource-usage", "-std=c++17", "-I", str(source_dir()),
+                   "-o", str(Path(folder) / "softras.cubin"), str(source_dir() / "softras.cu")]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise MicroDRError("nvcc is not installed") from None
+    if result.returncode != 0:
+        raise MicroDRError(f"nvcc failed for {arch}: {result.stderr.strip()}")
+    # Per kernel: "Function properties for NAME", then its spill line, then "Used N registers".
+    entries = re.findall(
+        r"Function properties for (\w+)\s+\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+        r"\s+ptxas info\s+: Used (\d+) registers",
+        result.stdout + result.stderr,
+    )
+    return {name: KernelResources(int(registers), int(stores), int(loads))
+            for name, stores, loads, registers in entries}

@@ -27,7 +27,7 @@ ARGS_DTYPE = np.dtype(
     + [("n_items", np.int64)]
     + [(name, np.int32) for name in (
         "batch", "faces", "channels", "height", "width", "perspective", "cull_backfaces",
-        "tile", "tiles_x", "tiles_y",
+        "pitch", "tiles_x", "tiles_y",
     )]
     + [(name, np.float64) for name in ("sigma", "gamma", "eps", "distance_cutoff", "near", "far")],
     align=True,
@@ -35,7 +35,7 @@ ARGS_DTYPE = np.dtype(
 
 #: Values per face in the face_data buffer (FACE_RECORD in softras.cu).
 FACE_RECORD = 17
-#: Tiles are TILE x TILE pixels, and the forward's work items are their rows.
+#: Tiles are TILE x TILE pixels (MDR_TILE in softras.cu); image rows are padded to whole tiles.
 TILE = 8
 #: Threads per block on the GPU, and work items per scheduling chunk on the CPU.
 BLOCK = 128
@@ -47,6 +47,11 @@ class KernelTarget(Protocol):
     """Compiles ``cuda_src/softras.cu`` for one kind of device and launches its kernels."""
 
     name: str
+    #: Adjacent pixels per work item (MDR_LANES): 1 on the GPU, a SIMD width on the CPU.
+    lanes: int
+
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> "TileBins":
+        """What :func:`sort_by_tile` returns, computed on this target."""
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
         """Runs ``kernel`` over a 1-D grid; ``args`` is a 1-element :data:`ARGS_DTYPE` array.
@@ -68,12 +73,19 @@ def _args(face_verts, face_attrs, width, height, settings: SoftRasSettings, **bu
         args[name] = _pointer(tensor)
     args["batch"], args["faces"], args["channels"] = batch, faces, channels
     args["height"], args["width"] = height, width
-    args["tile"], args["tiles_x"], args["tiles_y"] = TILE, -(-width // TILE), -(-height // TILE)
+    args["tiles_x"], args["tiles_y"] = -(-width // TILE), -(-height // TILE)
+    args["pitch"] = _pitch(width)
     args["perspective"], args["cull_backfaces"] = int(settings.perspective), int(settings.cull_backfaces)
     args["sigma"], args["gamma"], args["eps"] = settings.sigma, settings.gamma, settings.eps
     args["distance_cutoff"] = settings.distance_cutoff
     args["near"], args["far"] = settings.near, settings.far
     return args
+
+
+def _pitch(width: int) -> int:
+    """Row stride of the kernels' image buffers: the width rounded up to whole tiles, so that a
+    work item's lanes never run off a row."""
+    return -(-width // TILE) * TILE
 
 
 def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarray, n_items: int) -> None:
@@ -102,18 +114,25 @@ def bin_faces(target: KernelTarget, args: np.ndarray, face_tiles: torch.Tensor, 
     bin_faces = torch.empty(pairs, dtype=torch.int32, device=face_tiles.device)
     args["bin_starts"], args["bin_keys"], args["bin_faces"] = (_pointer(t) for t in (bin_starts, bin_keys, bin_faces))
     _launch(target, "bin", dtype, args, face_tiles.numel())
-    # Stable: within a tile the faces stay in face order, so the blend order is fixed.
+    return target.sort_by_tile(bin_keys, bin_faces, batch * tiles)
+
+
+def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:
+    """The bin pairs ``(bin_keys, bin_faces)`` sorted by tile key, stably: within a tile the
+    faces stay in face order, so the blend order is fixed. Any target may use this; the CPU
+    target has a faster counting sort of its own (``softras_sort_by_tile``)."""
     order = torch.argsort(bin_keys, stable=True)
-    tile_ends = torch.cumsum(torch.bincount(bin_keys, minlength=batch * tiles), 0)
+    tile_ends = torch.cumsum(torch.bincount(bin_keys, minlength=tiles), 0)
     return TileBins(bin_faces[order], tile_ends)
 
 
 @dataclass(frozen=True)
 class ForwardResult:
-    """What the forward leaves: the image and what the backward needs (layouts in softras.cu)."""
+    """What the forward leaves: the image and what the backward needs (layouts in softras.cu;
+    rows are ``pitch`` wide, see :func:`_pitch`)."""
 
-    image: torch.Tensor  # (B, C + 1, H, W)
-    aux: torch.Tensor  # (B, 3, H, W): m_i, W_i, T_i
+    padded_image: torch.Tensor  # (B, C + 1, H, pitch)
+    aux: torch.Tensor  # (B, 3, H, pitch): m_i, W_i, T_i
     face_boxes: torch.Tensor  # (B, F, 4) int32
     face_data: torch.Tensor  # (B, F, FACE_RECORD)
     bins: TileBins
@@ -134,26 +153,34 @@ def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, 
     face_boxes = torch.empty(batch, faces, 4, dtype=torch.int32, device=device)
     face_data = face_attrs.new_empty(batch, faces, FACE_RECORD)
     face_tiles = torch.empty(batch, faces, dtype=torch.int32, device=device)
-    image = face_attrs.new_empty(batch, channels + 1, height, width)
-    aux = face_attrs.new_empty(batch, 3, height, width)
+    image = face_attrs.new_empty(batch, channels + 1, height, _pitch(width))
+    aux = face_attrs.new_empty(batch, 3, height, _pitch(width))
     args = _args(face_verts, face_attrs, width, height, settings, background=background,
                  face_boxes=face_boxes, face_data=face_data, face_tiles=face_tiles, image=image, aux=aux)
     _launch(target, "setup", face_verts.dtype, args, batch * faces)
     tiles = int(args["tiles_x"][0]) * int(args["tiles_y"][0])
     bins = bin_faces(target, args, face_tiles, face_verts.dtype, batch, tiles)
     args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_faces), _pointer(bins.tile_ends)
-    _launch(target, "forward", face_verts.dtype, args, batch * tiles * TILE)
+    _launch(target, "forward", face_verts.dtype, args, batch * tiles * TILE * (TILE // target.lanes))
     return ForwardResult(image, aux, face_boxes, face_data, bins)
 
 
+def visible(padded: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` columns of a ``(..., pitch)`` buffer, contiguous."""
+    return padded if padded.shape[-1] == width else padded[..., :width].contiguous()
+
+
 def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height, settings,
-                    image, aux, face_boxes, face_data, grad_image):
-    """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs)`` from ``dL/dimage``."""
+                    padded_image, aux, face_boxes, face_data, grad_image):
+    """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs)`` from ``dL/dimage``
+    (``(B, C + 1, H, W)``; the forward's buffers are the padded ones of :class:`ForwardResult`)."""
     batch, faces = face_verts.shape[:2]
     grad_verts = torch.empty_like(face_verts)
     grad_attrs = torch.empty_like(face_attrs)
+    if _pitch(width) != width:
+        grad_image = torch.nn.functional.pad(grad_image, (0, _pitch(width) - width))
     args = _args(face_verts, face_attrs, width, height, settings, face_boxes=face_boxes, face_data=face_data,
-                 image=image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs)
+                 image=padded_image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs)
     _launch(target, "backward", face_verts.dtype, args, batch * faces)
     return grad_verts, grad_attrs
 
@@ -165,9 +192,9 @@ class SoftRasterize(torch.autograd.Function):
     def forward(ctx, face_verts, face_attrs, width, height, settings, target):
         face_verts, face_attrs = face_verts.contiguous(), face_attrs.contiguous()
         result = kernel_forward(target, face_verts, face_attrs, width, height, settings)
-        ctx.save_for_backward(face_verts, face_attrs, result.image, result.aux, result.face_boxes, result.face_data)
+        ctx.save_for_backward(face_verts, face_attrs, result.padded_image, result.aux, result.face_boxes, result.face_data)
         ctx.config = (width, height, settings, target)
-        return result.image
+        return visible(result.padded_image, width)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
