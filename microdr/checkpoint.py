@@ -3,8 +3,12 @@
 Layout: the line ``microdr-checkpoint <format>``, the SHA-256 of the payload in hex and a
 newline, then the payload: ``torch.save`` of a dict of tensors, numbers, strings, ``None`` and
 lists, tuples and dicts of them. A file with another first line, another format, or a payload
-whose hash differs (truncated or corrupted) is an :class:`InputError`; the payload is read with
-``torch.load(weights_only=True)``, which runs no code from the file.
+whose hash differs (truncated or corrupted), or whose payload ``torch.load`` cannot read, is an
+:class:`InputError`; the payload is read with ``torch.load(weights_only=True)``, which runs no
+code from the file.
+
+Files are written by :func:`microdr.files.write_files`: a temporary file, flushed to disk, then
+renamed over the old checkpoint, so a killed run or a full disk leaves the old one whole.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -51,4 +56,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(
             source, "", "corrupt checkpoint (truncated or changed: its checksum does not match)"
         )
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        # torch warns about some pickles it then refuses: the refusal is the one line to show.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever the bytes are, they are no checkpoint of ours
+        raise InputError(
+            source, "", f"not a readable checkpoint ({type(error).__name__} in its payload)"
+        ) from None

@@ -17,19 +17,24 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import numpy as np
 import torch
 import typer
 from typer.core import TyperGroup
 
+try:  # typer 0.2x carries its own copy of click; earlier versions use click itself
+    from typer._click.exceptions import MissingParameter, NoSuchOption, UsageError
+except ImportError:
+    from click.exceptions import MissingParameter, NoSuchOption, UsageError
+
 from . import __version__
 from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import write_files
 from .images import encode_gif, encode_png, grid, to_uint8
-from .optimize import Step
+from .optimize import NonFiniteError, Step
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
 from .raster import backend_status, resolve_backend
@@ -53,6 +58,9 @@ TURNTABLE_SECONDS = 3.0
 
 #: The exit code of a run stopped by Ctrl-C, as shells report a process ended by SIGINT.
 INTERRUPTED_EXIT_CODE = 130
+#: The exit code of a run stopped by a NaN or an infinity in its loss, a gradient or an update
+#: (distinct from 2, bad input: the input was valid, the run went wrong).
+NON_FINITE_EXIT_CODE = 1
 
 SceneArgument = Annotated[
     str, typer.Argument(help="The scene file (JSON).", metavar="SCENE", show_default=False)
@@ -67,8 +75,18 @@ BackendOption = Annotated[
 
 
 class _Commands(TyperGroup):
-    """The command group: turns a :class:`MicroDRError` into one line on stderr and exit
-    code 2, unless ``--debug`` was given."""
+    """The command group: turns a :class:`MicroDRError`, or a usage error (a flag value of the
+    wrong type, an unknown flag, a missing argument), into one line on stderr and exit code 2;
+    ``--debug`` shows its traceback instead."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The group's own flags are parsed here, before --debug is known.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # a bare "microdr": the help
+                raise
+            _exit_with(_usage_problem(error))
 
     def invoke(self, ctx):
         try:
@@ -76,8 +94,49 @@ class _Commands(TyperGroup):
         except MicroDRError as error:
             if ctx.params.get("debug"):
                 raise
-            typer.echo(str(error), err=True)
-            raise typer.Exit(2) from None
+            _exit_with(error)
+        except UsageError as error:
+            if ctx.params.get("debug"):
+                raise _usage_problem(error) from error
+            _exit_with(_usage_problem(error))
+
+
+def _exit_with(problem: MicroDRError) -> NoReturn:
+    typer.echo(str(problem), err=True)
+    raise typer.Exit(2) from None
+
+
+def _usage_problem(error: UsageError) -> InputError:
+    """A usage error as one line that starts with the flag, argument or command it is about
+    (click would print the usage, a hint and a box)."""
+    param = getattr(error, "param", None)
+    if param is not None:
+        name = param.opts[0] if param.param_type_name == "option" else param.metavar or param.name
+        if isinstance(error, MissingParameter):
+            return InputError(name, "", f"missing {param.param_type_name}")
+        return InputError(name, "", _lowercase_first(error.message))
+    if isinstance(error, NoSuchOption):
+        close = sorted(error.possibilities or ())
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return InputError(error.option_name, "", "no such option" + hint)
+    # A flag without its value names the flag; an unknown command or extra argument, the command.
+    option = getattr(error, "option_name", None)
+    message = error.format_message().removeprefix(f"Option '{option}' ")
+    return InputError(option or _command_path(error.ctx), "", _lowercase_first(message))
+
+
+def _command_path(ctx) -> str:
+    """``microdr`` and the subcommand of ``ctx`` (the program's name as run varies)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["microdr", *reversed(names)])
+
+
+def _lowercase_first(text: str) -> str:
+    """Click's sentences as the clauses of microDR's messages (lowercase, no final period)."""
+    return text[:1].lower() + text[1:].rstrip(".")
 
 
 # Plain tracebacks (no rich boxes) for bugs: they are meant to be pasted into bug reports.
@@ -314,17 +373,28 @@ def optimize(
     log_every: Annotated[
         int, typer.Option(metavar="N", help="Without a terminal, log a line every N iterations.")
     ] = 50,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Write into OUTDIR even if another run holds its lock (OUTDIR/.microdr.lock).",
+        ),
+    ] = False,
 ) -> None:
     """Change SCENE's free parameters until its renders match the TARGET images.
 
     Writes into OUTDIR: the optimized mesh and scene, renders, sheets, a GIF, loss curves, metrics.
 
     Ctrl-C stops cleanly, writing all that and a checkpoint (exit code 130); --resume continues.
+    A NaN or an infinity in the loss, a gradient or an update stops the run, writing all that as
+    of the last good iteration (exit code 1). A second run into an OUTDIR in use is refused
+    (exit code 2) unless --force.
     """
     if backend is not None:
         _check_choice("--backend", backend, BACKENDS)
     _check_at_least("--checkpoint-every", checkpoint_every, 0)
     _check_at_least("--log-every", log_every, 1)
+    _check_seed(seed)
     if (
         resume is not None
         and output is not None
@@ -337,10 +407,15 @@ def optimize(
     images = read_targets(targets, len(loaded.cameras), size, resize=resize)
     outdir = Path(resume or output or default_outdir(scene))
     with _progress(settings.iterations, log_every) as report:
-        result = optimize_scene(
-            loaded, images, settings, seed=seed, backend=backend, callback=report,
-            outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
-        )  # fmt: skip
+        try:
+            result = optimize_scene(
+                loaded, images, settings, seed=seed, backend=backend, callback=report,
+                outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
+                force=force,
+            )  # fmt: skip
+            stopped = None
+        except NonFiniteError as error:  # an outcome of a valid run, reported like Ctrl-C
+            result, stopped = error.result, error
     typer.echo(f"wrote {outdir}")
     quality = [
         f"{name} {_number(final, unit)} (start {_number(start, unit)})"
@@ -359,11 +434,24 @@ def optimize(
             err=True,
         )
         raise typer.Exit(INTERRUPTED_EXIT_CODE)
+    if stopped is not None:
+        typer.echo(
+            f"stopped at {stopped}; {outdir} holds the last good state, after "
+            f"{_plural(result.iterations, 'iteration')}",
+            err=True,
+        )
+        raise typer.Exit(NON_FINITE_EXIT_CODE)
 
 
 def _check_at_least(flag: str, value: int, least: int) -> None:
     if value < least:
         raise InputError(flag, "", f"expected an integer >= {least}, got {value}")
+
+
+def _check_seed(seed: int) -> None:
+    # torch's random generators take 64-bit seeds and fail deep inside on others.
+    if not 0 <= seed < 2**64:
+        raise InputError("--seed", "", f"expected an integer in [0, 2**64), got {seed}")
 
 
 def _optimize_settings(
@@ -504,6 +592,7 @@ def gradcheck(
     _check_choice("--dtype", dtype, DTYPES)
     if max_side < 1:
         raise InputError("--max-side", "", f"expected an integer >= 1, got {max_side}")
+    _check_seed(seed)
     small = shrink(load_scene(scene), max_side)
     size = f"{small.render.width} x {small.render.height}"
     # The header comes first: the reference takes a while.

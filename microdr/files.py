@@ -7,8 +7,10 @@ file or the new one, never a part.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from .errors import InputError
@@ -28,6 +30,21 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise InputError(source, "", f"cannot read: {error.strerror}") from None
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` names no file that could be read (``"no such file: PATH"``, a folder, a name
+    the system refuses), or ``None``; for callers that report the problem where the path was
+    written, such as a scene's mesh entry."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return f"no such file: {path}"
+    except OSError as error:  # a name too long, a file used as a folder, a loop of links...
+        return f"cannot read {path}: {error.strerror}"
+    except ValueError:  # a NUL character, which no file name can hold
+        return f"no such file: {path}"
+    return f"{path} is a directory, not a file" if stat.S_ISDIR(status.st_mode) else None
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
     raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
@@ -45,6 +62,21 @@ def read_text(path: str | os.PathLike) -> str:
             f"not UTF-8 text (byte 0x{data[error.start]:02x} at byte {error.start - line_start + 1}"
             " of the line)",
         ) from None
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raise :class:`InputError` now if files could not be written into ``folder`` (created if
+    missing): it, or the nearest part of its path that exists, is a file, or is not writable.
+
+    Creates nothing; for runs that write only at their end, so that they fail at once instead.
+    The words are those the write itself would fail with.
+    """
+    existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), Path("."))
+    if not os.path.isdir(existing):
+        reason = errno.EEXIST if existing == folder else errno.ENOTDIR
+        raise InputError(str(folder), "", f"cannot create folder: {os.strerror(reason)}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(str(folder), "", f"cannot write: {os.strerror(errno.EACCES)}")
 
 
 def write_files(files: dict[Path, bytes]) -> None:

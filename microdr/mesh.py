@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,11 @@ import torch
 
 from .errors import InputError, show_value
 from .files import read_text, write_files
+
+#: The largest float32: vertices are float32, so coordinates beyond it would become infinite.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: How errors say that a number, or what is made of numbers, does not fit in float32.
+BEYOND_FLOAT32 = "beyond float32's range (magnitude at most 3.4e38)"
 
 
 @dataclass
@@ -93,6 +99,12 @@ _IGNORED_STATEMENTS = frozenset(
     "call csh".split()
 )
 
+# OBJ numbers as C writes them. Python's float() and int() would also take "1_0" and non-ASCII
+# digits, which no OBJ writer produces, so a typo there would pass silently.
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
+_INT = re.compile(r"[+-]?[0-9]+")
+
 
 def load_obj(path: str | os.PathLike) -> Mesh:
     """Read a Wavefront OBJ file into a :class:`Mesh`.
@@ -160,12 +172,13 @@ class _ObjParser:
             self.colors.append(values[3:])
 
     def parse_float(self, token: str, number: int) -> float:
-        try:
-            value = float(token)
-        except ValueError:
-            raise self.fail(number, f"{show_value(token)} is not a number") from None
-        if not math.isfinite(value):
+        if _NON_FINITE.fullmatch(token):
             raise self.fail(number, f"{show_value(token)} is not a finite number")
+        if not _FLOAT.fullmatch(token):
+            raise self.fail(number, f"{show_value(token)} is not a number")
+        value = float(token)
+        if abs(value) > FLOAT32_MAX:
+            raise self.fail(number, f"{token} is {BEYOND_FLOAT32}")
         return value
 
     def parse_face(self, args: list[str], number: int) -> None:
@@ -221,11 +234,7 @@ def _vertices(count: int) -> str:
 
 
 def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+    return _INT.fullmatch(text) is not None
 
 
 # ---------------------------------------------------------------------------------------------

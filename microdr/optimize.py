@@ -22,6 +22,10 @@ A custom ``loss_fn(evaluation) -> Tensor | dict[str, Tensor]`` replaces the weig
 targets and vertices) and may call the terms of :mod:`microdr.losses` itself; a dict's values are
 summed and logged by name.
 
+A NaN or an infinity ends a run: at the first iteration whose loss or gradients hold one, or
+whose update would put one into a parameter or the mesh, :class:`NonFiniteError` is raised and
+the run stays at the end of the iteration before, its last good state.
+
 Free parameters (each starts where the scene is):
 
 - ``vertices``: world-space offsets ``(V, 3)`` added to the start mesh; or, with
@@ -41,13 +45,14 @@ Free parameters (each starts where the scene is):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -55,12 +60,12 @@ import torch
 
 from .camera import CameraTensors
 from .checkpoint import encode_checkpoint, read_checkpoint
-from .errors import InputError
+from .errors import InputError, MicroDRError
 from .files import write_files
 from .images import to_uint8
 from .losses import Evaluation, MeshTopology, Metrics, loss_terms
 from .mesh import Mesh
-from .outputs import check_outdir, write_outputs
+from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .render import mesh_albedo, render_faces, scene_faces
 from .scene import (
@@ -87,6 +92,22 @@ COLOR_MARGIN = 1e-4
 CHECKPOINT = "checkpoint.pt"
 
 LossFunction = Callable[[Evaluation], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+class NonFiniteError(MicroDRError):
+    """An iteration met a NaN or an infinity, and the run stopped before it.
+
+    iteration: its 0-based index (the message counts from 1, as the command's progress does); the
+    run is left at its start. quantity: what held it, e.g. ``"the loss"``, ``"the gradient of
+    vertices (displacement)"``, ``"the mesh after its update"``. result: set by :func:`optimize`
+    to the result of the run's last good state.
+    """
+
+    def __init__(self, iteration: int, quantity: str, detail: str):
+        super().__init__(f"iteration {iteration + 1}: {quantity} is not finite ({detail})")
+        self.iteration = iteration
+        self.quantity = quantity
+        self.result: Result | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +188,13 @@ class Parameters(torch.nn.Module):
     and ``device``.
     """
 
+    #: The entry of ``optimize.parameters`` that each attribute serves, to name it in messages.
+    FREE = {
+        "displacement": "vertices", "center": "vertices", "translation": "translation",
+        "log_scale": "scale", "color_logits": "colors", "ambient": "light", "directions": "light",
+        "intensities": "light", "eye_offsets": "camera",
+    }  # fmt: skip
+
     def __init__(
         self, scene: Scene, settings: OptimizeSettings, *, dtype=torch.float32, device=None
     ):
@@ -198,6 +226,18 @@ class Parameters(torch.nn.Module):
             self.intensities = torch.nn.Parameter(_inverse_softplus(lights.intensities))
         if "camera" in self.names:
             self.eye_offsets = torch.nn.Parameter(like.new_zeros(len(scene.cameras), 3))
+
+    def label(self, name: str) -> str:
+        """A name from ``named_parameters()`` as messages show it, e.g. ``scale (log_scale)``."""
+        return f"{self.FREE[name.split('.')[0]]} ({name})"
+
+    @torch.no_grad()
+    def non_finite(self) -> tuple[str, str] | None:
+        """The first parameter, else the mesh, that holds a NaN or an infinity, as
+        :func:`_first_non_finite` names it; ``None`` when all are finite. The mesh is checked too:
+        a finite log scale can still overflow its ``exp``."""
+        named = [(self.label(name), value) for name, value in self.named_parameters()]
+        return _first_non_finite([*named, ("the mesh", self.vertices())])
 
     def vertices(self) -> torch.Tensor:
         """World-space vertices of all meshes ``(V, 3)``."""
@@ -310,6 +350,16 @@ def _check_inside_box(scene: Scene, vertices: torch.Tensor) -> None:
     )
 
 
+def _first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """The first ``(name, tensor)`` that holds a NaN or an infinity: its name and how many of its
+    values do (``"3 of 126 values"``); ``None`` when all are finite."""
+    for name, tensor in named:
+        count = int((~torch.isfinite(tensor)).sum())
+        if count:
+            return name, f"{count} of {tensor.numel()} values"
+    return None
+
+
 def _inverse_softplus(value: torch.Tensor) -> torch.Tensor:
     """``x`` with ``softplus(x) = value``, for values clamped to >= 1e-4 (0 has no finite one)."""
     value = value.clamp(min=1e-4)
@@ -376,7 +426,8 @@ class Result:
         the start, both with the final sigma. metrics, start_metrics: their quality.
     history: the run's rows and frames. iterations: how many finished. seconds: optimization
         time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
-        Ctrl-C (KeyboardInterrupt).
+        Ctrl-C (KeyboardInterrupt). stopped: the message of the :class:`NonFiniteError` that
+        ended the run early, else ``None``.
     """
 
     scene: Scene
@@ -389,6 +440,7 @@ class Result:
     seconds: float
     backend: str
     interrupted: bool
+    stopped: str | None = None
 
     @property
     def meshes(self) -> list[Mesh]:
@@ -466,7 +518,12 @@ class Optimization:
             yield self.step()
 
     def step(self) -> Step:
-        """Run one iteration: render, loss, backward, Adam update."""
+        """Run one iteration: render, loss, backward, Adam update.
+
+        Raises :class:`NonFiniteError`, leaving the run as it was before the iteration, when the
+        loss or a gradient holds a NaN or an infinity, or the update would put one into a
+        parameter or the mesh.
+        """
         if self.iteration >= self.settings.iterations:
             raise RuntimeError(f"all {self.settings.iterations} iterations are done")
         started = time.perf_counter()
@@ -494,6 +551,7 @@ class Optimization:
             self.optimizer.zero_grad(set_to_none=True)
             if total.requires_grad:
                 total.backward()
+            self._check_loss_and_gradients(iteration, total, terms)
             images = images.detach()
             frame = self._frame(images, views, sigma) if iteration % self.frame_every == 0 else None
             metrics = Metrics.of(
@@ -507,7 +565,7 @@ class Optimization:
         with _interrupts_held():
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
+            self._update(iteration, generator_state)
             self.seconds += time.perf_counter() - started
             step = Step(
                 iteration=iteration,
@@ -526,6 +584,42 @@ class Optimization:
                 self.history.frames.append(frame)
             self.iteration += 1
         return step
+
+    def _check_loss_and_gradients(
+        self, iteration: int, total: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> None:
+        """Raise :class:`NonFiniteError` if the loss or a parameter's gradient is not finite.
+
+        The gradients are checked even when the loss is finite: a finite loss can have a NaN
+        gradient (``sqrt`` at 0; the IoU loss of an all-NaN silhouette, which is 0).
+        """
+        if not torch.isfinite(total):
+            bad = [f"{name} {term.item():g}" for name, term in terms.items() if not term.isfinite()]
+            # With one term, it is the loss: naming it again says nothing.
+            listed = f"; {', '.join(bad)}" if bad and len(terms) > 1 else ""
+            raise NonFiniteError(iteration, "the loss", f"{total.item():g}{listed}")
+        found = _first_non_finite(
+            (f"the gradient of {self.parameters.label(name)}", value.grad)
+            for name, value in self.parameters.named_parameters()
+            if value.grad is not None
+        )
+        if found is not None:
+            raise NonFiniteError(iteration, *found)
+
+    def _update(self, iteration: int, generator_state: torch.Tensor) -> None:
+        """Adam's step; undone, with the iteration's draw of views, and :class:`NonFiniteError`
+        raised, if it puts a NaN or an infinity into a parameter or the mesh (a huge learning
+        rate does that with finite gradients)."""
+        before = copy.deepcopy((self.parameters.state_dict(), self.optimizer.state_dict()))
+        self.optimizer.step()
+        found = self.parameters.non_finite()
+        if found is None:
+            return
+        self.parameters.load_state_dict(before[0])
+        self.optimizer.load_state_dict(before[1])
+        self.generator.set_state(generator_state)
+        name, detail = found
+        raise NonFiniteError(iteration, f"{name} after its update", detail)
 
     def _draw_views(self) -> torch.Tensor:
         """The cameras of this iteration ``(B,)`` int64, increasing, on the run's device."""
@@ -572,9 +666,10 @@ class Optimization:
     # --- the outcome ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def result(self, interrupted: bool = False) -> Result:
+    def result(self, interrupted: bool = False, stopped: str | None = None) -> Result:
         """The optimized scene, its renders of every camera with the final sigma, how well they
-        match the targets, and the same for the start."""
+        match the targets, and the same for the start; ``interrupted`` and ``stopped`` say how
+        the run ended (see :class:`Result`)."""
         sigma = sigma_at(self.settings, self.scene, self.settings.iterations)
         render = replace(self.scene.render, sigma=sigma)
         everything = torch.arange(len(self.scene.cameras), device=self.device)
@@ -606,6 +701,7 @@ class Optimization:
             seconds=self.seconds,
             backend=self.backend,
             interrupted=interrupted,
+            stopped=stopped,
         )
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -638,7 +734,13 @@ class Optimization:
 
     def load_state_dict(self, state: dict, source: str) -> None:
         """Continue from ``state`` (from :meth:`state_dict`); ``source`` names it in the error
-        raised when it was made by a different run."""
+        raised when it was made by a different run, or is no state of a run at all."""
+        # A checkpoint with a good checksum but other contents was not written by microDR.
+        keys = self.state_dict().keys()
+        if not (isinstance(state, dict) and keys <= state.keys()) or not isinstance(
+            state["fingerprint"], dict
+        ):
+            raise InputError(source, "", "holds no state of a microdr optimize run")
         for key, value in self.fingerprint().items():
             theirs = state["fingerprint"].get(key)
             if theirs != value:
@@ -708,6 +810,7 @@ def optimize(
     outdir: str | Path | None = None,
     resume: bool = False,
     checkpoint_every: int = 0,
+    force: bool = False,
 ) -> Result:
     """Run an :class:`Optimization` to its end and return its :class:`Result`.
 
@@ -720,6 +823,13 @@ def optimize(
     iterations (0: none besides the last). ``resume`` continues from ``outdir``'s checkpoint,
     which must come from the same scene, targets and options; the result is the same as that of
     an uninterrupted run.
+
+    A NaN or an infinity (:class:`NonFiniteError`) ends the run at its last good state: the files
+    and the checkpoint are written as of then, and the error is raised with ``result`` set.
+
+    The run holds ``outdir``'s lock (:func:`microdr.outputs.outdir_lock`) from before it reads
+    the checkpoint until it has written its files, so a second run into the same folder is
+    refused meanwhile; ``force`` takes the lock anyway.
     """
     if resume and outdir is None:
         raise ValueError("resume needs outdir")
@@ -730,18 +840,26 @@ def optimize(
     if outdir is not None:
         outdir = Path(outdir)
         check_outdir(outdir, scene, targets)
-    if resume:
-        run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
-    interrupted = False
-    try:
-        for step in run.steps():
-            if outdir is not None and checkpoint_every and run.iteration % checkpoint_every == 0:
-                write_files({outdir / CHECKPOINT: encode_checkpoint(run.state_dict())})
-            if callback is not None:
-                callback(step)
-    except KeyboardInterrupt:
-        interrupted = True
-    result = run.result(interrupted)
-    if outdir is not None:
-        write_outputs(outdir, result, targets, {CHECKPOINT: encode_checkpoint(run.state_dict())})
+    with contextlib.nullcontext() if outdir is None else outdir_lock(outdir, force=force):
+        if resume:
+            run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
+        interrupted, stopped = False, None
+        try:
+            for step in run.steps():
+                due = checkpoint_every and run.iteration % checkpoint_every == 0
+                if outdir is not None and due:
+                    write_files({outdir / CHECKPOINT: encode_checkpoint(run.state_dict())})
+                if callback is not None:
+                    callback(step)
+        except KeyboardInterrupt:
+            interrupted = True
+        except NonFiniteError as error:
+            stopped = error
+        result = run.result(interrupted, None if stopped is None else str(stopped))
+        if outdir is not None:
+            checkpoint = {CHECKPOINT: encode_checkpoint(run.state_dict())}
+            write_outputs(outdir, result, targets, checkpoint)
+    if stopped is not None:
+        stopped.result = result
+        raise stopped
     return result

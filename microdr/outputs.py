@@ -10,14 +10,24 @@
 - ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR over the iterations.
 - ``metrics.csv``: one row per iteration (:meth:`microdr.optimize.Step.row`).
 - ``metrics.json``: ``start`` and ``final`` quality, each the mean and per-view ``iou`` and
-  ``psnr``; ``final`` also has ``iterations``, ``seconds``, ``backend`` and ``interrupted``.
+  ``psnr``; ``final`` also has ``iterations``, ``seconds``, ``backend``, ``interrupted`` and
+  ``stopped`` (why a NaN or an infinity ended the run early, else ``null``).
+
+While a run writes into the folder it holds the lock file ``.microdr.lock`` there
+(:func:`outdir_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .files import write_files
+from .files import check_writable_folder, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .losses import Metrics
 from .mesh import save_obj
@@ -37,6 +47,11 @@ if TYPE_CHECKING:  # optimize.py imports this module
 
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1
+#: The lock file of an output folder that a run is using.
+LOCK = ".microdr.lock"
+
+# Notes for the user (a lock taken over); with no logging set up, Python prints them on stderr.
+logger = logging.getLogger(__name__)
 
 
 def default_outdir(scene_path: str | Path) -> Path:
@@ -45,7 +60,8 @@ def default_outdir(scene_path: str | Path) -> Path:
 
 
 def check_outdir(outdir: Path, scene: Scene, targets: Targets) -> None:
-    """Raise if ``outdir`` is, or holds, a file the run reads (scene, meshes, target files)."""
+    """Raise if ``outdir`` is, or holds, a file the run reads (scene, meshes, target files), or
+    if it cannot be written into (found now, not after the run)."""
     inputs = input_files(scene)
     for name in targets.names:
         if Path(name).is_file():
@@ -54,6 +70,103 @@ def check_outdir(outdir: Path, scene: Scene, targets: Targets) -> None:
     for path, role in inputs.items():
         if path == folder or folder in path.parents:
             raise InputError(str(outdir), "", f"refusing to write into it: it holds {path}, {role}")
+    check_writable_folder(outdir)
+
+
+@contextlib.contextmanager
+def outdir_lock(outdir: Path, *, force: bool = False) -> Iterator[None]:
+    """Hold ``outdir``'s lock while the block runs, so that two runs never write into one folder.
+
+    The lock is the file ``outdir/.microdr.lock``, created (with the folder if missing) only if
+    it does not exist (``O_EXCL``), holding the JSON ``{"pid", "host", "since"}`` of its run.
+    A lock whose process no longer exists on this host is stale: it is taken over, with a note
+    logged. Another lock raises :class:`InputError`, unless ``force``, which takes it over with a
+    note. However the block ends, the lock is removed, unless another run has taken it over
+    meanwhile; a folder that this created and nothing was written into is removed too.
+    """
+    path = outdir / LOCK
+    created = not outdir.exists()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+    _acquire(path, mine.encode("utf-8"), force)
+    try:
+        yield
+    finally:
+        # Compared first: a run that took the lock over with force holds it now.
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == mine.encode("utf-8"):
+                path.unlink()
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something
+                outdir.rmdir()
+
+
+def _acquire(path: Path, mine: bytes, force: bool) -> None:
+    """Create lock file ``path`` holding ``mine``, or replace a stale one, or with ``force`` any
+    other one; else raise :class:`InputError` naming the folder and the run that holds it."""
+    outdir = path.parent
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            held = path.read_bytes()
+        except FileNotFoundError:  # its run ended just now
+            return _acquire(path, mine, force)
+        except OSError:
+            held = b""
+        holder = _lock_holder(held)
+        if not force and not _is_gone(holder):
+            raise InputError(
+                str(outdir),
+                "",
+                f"in use by {_describe(holder)} ({LOCK}); wait for it to end, or give --force to "
+                "write into the folder anyway",
+            ) from None
+        why = "--force" if force else "that run no longer exists"
+        logger.warning("%s: taking over the lock of %s: %s", outdir, _describe(holder), why)
+        # Replaced whole (write_files renames): a reader never sees a half-written lock. Two runs
+        # taking over one stale lock at the same instant could both succeed; a lock cannot
+        # prevent that without the kernel's help, and crashed runs are rare enough.
+        write_files({path: mine})
+        return
+    except OSError as error:
+        raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(mine)
+
+
+def _lock_holder(data: bytes) -> dict | None:
+    """The ``pid``, ``host`` and ``since`` of a lock file's bytes; ``None`` if they are not a
+    lock's (say, a run was killed between creating the file and writing it)."""
+    with contextlib.suppress(ValueError):  # not JSON, or not UTF-8
+        holder = json.loads(data)
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        # pid 0 and negative pids would name process groups in os.kill.
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            return holder
+    return None
+
+
+def _is_gone(holder: dict | None) -> bool:
+    """Whether the run that holds a lock has surely ended: it ran on this host, and no process
+    has its pid. (A pid reused since by another process keeps the lock: --force takes it.)"""
+    if holder is None or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # none has it, or none could
+        return True
+    except OSError:  # it exists, but is another user's
+        return False
+    return False
+
+
+def _describe(holder: dict | None) -> str:
+    """``process 123 on host h since 2024-05-01 12:00:00``, or what is known of it."""
+    if holder is None:
+        return "another run (its lock file is unreadable)"
+    return f"process {holder['pid']} on host {holder.get('host')} since {holder.get('since')}"
 
 
 def mesh_files(count: int) -> list[str]:
@@ -88,6 +201,7 @@ def output_files(result: Result, targets: Targets, meshes: list[str]) -> dict[st
                 "seconds": result.seconds,
                 "backend": result.backend,
                 "interrupted": result.interrupted,
+                "stopped": result.stopped,
             },
         }
     )

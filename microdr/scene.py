@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,8 +23,8 @@ import torch
 
 from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA
 from .errors import InputError, show_value
-from .files import read_text
-from .mesh import Mesh, cube, icosphere, load_obj, plane
+from .files import file_problem, read_text
+from .mesh import BEYOND_FLOAT32, FLOAT32_MAX, Mesh, cube, icosphere, load_obj, plane
 
 Vec3 = tuple[float, float, float]
 
@@ -281,15 +282,19 @@ def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
 def _render_settings(image_node: _Node, render_node: _Node) -> RenderSettings:
     default = RenderSettings()
     image = image_node.object(("width", "height"), required=False)
+    # The pixel count first, from the values as given: an absurd size is refused with the
+    # memory it would need, before a side is reported out of range.
+    asked = [
+        node.value if node.given else fallback
+        for node, fallback in ((image["width"], default.width), (image["height"], default.height))
+    ]
+    if all(_countable_side(side) for side in asked):
+        problem = too_many_pixels(*asked)
+        if problem:
+            image_node.fail(problem)
     side = _Interval(1, MAX_IMAGE_SIDE)
     width = image["width"].integer(side, default=default.width)
     height = image["height"].integer(side, default=default.height)
-    if width * height > MAX_IMAGE_PIXELS:
-        gib = width * height * 4 * 4 / 2**30
-        image_node.fail(
-            f"{width} x {height} is {width * height} pixels, more than the limit of 2**26 = "
-            f"{MAX_IMAGE_PIXELS}; one RGBA float32 image that size needs {gib:.1f} GiB"
-        )
     render = render_node.object(
         ("sigma", "gamma", "eps", "eps_d", "background", "cull_backfaces", "backend"),
         required=False,
@@ -307,6 +312,24 @@ def _render_settings(image_node: _Node, render_node: _Node) -> RenderSettings:
     )
 
 
+def too_many_pixels(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused before anything that size is
+    allocated (with the memory one RGBA float32 image would take), or ``None`` if it is not."""
+    if width * height <= MAX_IMAGE_PIXELS:
+        return None
+    gib = width * height * 4 * 4 / 2**30
+    return (
+        f"{width} x {height} is {width * height} pixels, more than the limit of 2**26 = "
+        f"{MAX_IMAGE_PIXELS}; one RGBA float32 image that size needs {gib:.1f} GiB"
+    )
+
+
+def _countable_side(value: object) -> bool:
+    """Whether ``value`` is an integer side whose memory :func:`too_many_pixels` can state (one
+    of 400 digits overflows float division; the range check reports it)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**63
+
+
 def _scene_mesh(node: _Node, base_dir: Path) -> SceneMesh:
     entry = node.object(("file", "primitive", "subdivisions", "transform", "color"))
     if entry.either("file", "primitive") == "file":
@@ -316,16 +339,20 @@ def _scene_mesh(node: _Node, base_dir: Path) -> SceneMesh:
         name = entry["primitive"].choice(PRIMITIVES)
         mesh = _primitive(name, entry["subdivisions"])
     transform = _transform(entry["transform"])
+    # Renders are float32: a transform that overflows it would turn the mesh into inf and NaN.
+    if not torch.isfinite(transform.apply(mesh.vertices)).all():
+        entry["transform"].fail(f"moves vertices {BEYOND_FLOAT32}")
     colors, color_mode = _colors(entry["color"], mesh)
     return SceneMesh(name, mesh, transform, colors, color_mode)
 
 
 def _mesh_file(node: _Node, base_dir: Path) -> Mesh:
     path = base_dir / node.string()
-    # A missing file is the scene's mistake, so it is reported at the scene entry; problems
-    # inside the file are reported by load_obj with the OBJ file's own name and line.
-    if not path.exists():
-        node.fail(f"no such file: {path}")
+    # A path that leads to no file is the scene's mistake, so it is reported at the scene entry;
+    # problems inside the file are reported by load_obj with the OBJ file's own name and line.
+    problem = file_problem(path)
+    if problem:
+        node.fail(problem)
     return load_obj(path)
 
 
@@ -407,7 +434,10 @@ def _orbit_eye(node: _Node, target: Vec3) -> Vec3:
         math.sin(elevation),
         math.cos(elevation) * math.cos(azimuth),
     )
-    return tuple(t + distance * o for t, o in zip(target, offset))
+    eye = tuple(t + distance * o for t, o in zip(target, offset))
+    if not all(abs(e) <= FLOAT32_MAX for e in eye):
+        node.fail(f"puts the eye {BEYOND_FLOAT32}")
+    return eye
 
 
 def _parallel(a: Vec3, b: Vec3) -> bool:
@@ -696,7 +726,7 @@ class _Node:
         return default
 
     def number(self, allowed: _Interval = _ANY, *, default: Any = _REQUIRED) -> float:
-        """A JSON number (not a boolean) that is finite and ``in allowed``."""
+        """A JSON number (not a boolean) that is finite, fits float32 and is ``in allowed``."""
         if not self.given:
             return self._default(default)
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
@@ -707,6 +737,8 @@ class _Node:
             value = math.inf
         if not math.isfinite(value):
             self.expected("a finite number")
+        if abs(value) > FLOAT32_MAX:
+            self.fail(f"{show_value(self.value)} is {BEYOND_FLOAT32}")
         if value not in allowed:
             self.expected(allowed.describe("a number"))
         return value
@@ -810,7 +842,15 @@ class _Object:
 
 
 def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else str(key)
+    """The JSON path of ``key`` in the object at ``path``: ``cameras[0].fov``. A key that is not
+    a plain name (empty, with spaces, dots or line breaks) is quoted: ``cameras[0]."fo\\nv"``."""
+    name = str(key)
+    if not _PLAIN_KEY.fullmatch(name):
+        name = json.dumps(name)
+    return f"{path}.{name}" if path else name
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _unknown_key(key: str, known: tuple[str, ...]) -> str:

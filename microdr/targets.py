@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 
 from .errors import InputError
 from .files import read_bytes
+from .scene import too_many_pixels
 
 #: The files a folder given as a target contributes (by suffix, any case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -152,6 +154,11 @@ def read_image(path: Path) -> torch.Tensor:
     if not is_png and path.suffix.lower() == ".png":
         # The usual unreadable "image": say so rather than what imageio's probing found.
         raise InputError(source, "", "not a PNG file (it does not start with the PNG signature)")
+    # From the header, before any pixel is decoded: a small file can claim a huge image.
+    size = _png_size(data) if is_png else None
+    problem = too_many_pixels(*size) if size else None
+    if problem:
+        raise InputError(source, "", problem)
     try:
         # Pillow (imageio's PNG reader) cuts 16-bit color to 8 bits; pypng reads any PNG exactly.
         pixels = _decode_png(data) if is_png else iio.imread(data, index=0)
@@ -168,6 +175,14 @@ def read_image(path: Path) -> torch.Tensor:
             source, "", f"expected one image of 1 to 4 channels, got an array {pixels.shape}"
         )
     return torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's header chunk (IHDR, first after the signature), or
+    ``None`` if it has none; the decoder then says what is wrong."""
+    if data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    return struct.unpack(">II", data[16:24])
 
 
 def _decode_png(data: bytes) -> np.ndarray:

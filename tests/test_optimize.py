@@ -4,6 +4,7 @@ targets. Scenes are small (32 x 32, icosphere levels 0-3, a few views) to keep t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from microdr import cli
-from microdr.checkpoint import read_checkpoint
+from microdr.checkpoint import encode_checkpoint, read_checkpoint
 from microdr.losses import (
     MeshTopology,
     edge_length_loss,
@@ -616,9 +617,16 @@ def checkpointed_run(tmp_path: Path) -> tuple[list[str], Path]:
     return [*args, "--resume", str(out)], out / CHECKPOINT
 
 
+def resealed(payload: bytes) -> bytes:
+    """A checkpoint file of ``payload`` under a checksum that matches it."""
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    return b"microdr-checkpoint 1\n" + digest + b"\n" + payload
+
+
 CHECKSUM = "corrupt checkpoint (truncated or changed: its checksum does not match)"
 CORRUPTIONS = {
     "truncated": (lambda data: data[:-100], CHECKSUM),
+    "only the header": (lambda data: data[: data.index(b"\n") + 1], CHECKSUM),
     "flipped byte": (lambda data: data[:-50] + bytes([data[-50] ^ 1]) + data[-49:], CHECKSUM),
     "not a checkpoint": (lambda data: b"PK\x03\x04" + data, "not a microDR checkpoint"),
     "newer format": (
@@ -626,6 +634,14 @@ CORRUPTIONS = {
         "checkpoint format 7, this microDR reads format 1",
     ),
     "empty": (lambda data: b"", "not a microDR checkpoint"),
+    "unreadable payload": (
+        lambda data: resealed(b"not a pickle"),
+        "not a readable checkpoint (UnpicklingError in its payload)",
+    ),
+    "other contents": (
+        lambda data: encode_checkpoint({"weights": torch.zeros(3)}),
+        "holds no state of a microdr optimize run",
+    ),
 }
 
 
