@@ -6,7 +6,7 @@
 //   - MDR_ENTRY(name, item_fn, Args) defines, instead of the `__global__ void name(const Args)`
 //     kernel that runs item_fn(args, item) for item = blockIdx.x * blockDim.x + threadIdx.x
 //     < args.n_items, `extern "C" void launch_<name>(const Args*, unsigned grid, unsigned block,
-//     int threads)`, which runs the same items of the 1-D launch grid on `threads` OpenMP threads
+//     int threads)`, which runs the same items of the 1-D launch grid on `threads` threads
 //     (blocks are handed out dynamically, the items of a block run in order);
 //   - work items take MDR_LANES adjacent pixels instead of one, and loops over them (MDR_SIMD)
 //     become SIMD instructions.
@@ -29,9 +29,12 @@
 
 #else  // host C++
 
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <thread>
+#include <vector>
 
 #define __device__
 #define __restrict__ __restrict
@@ -41,10 +44,10 @@
 // SIMD instructions: 8 floats fill one AVX register, 8 doubles two (cpu_build.py picks AVX2
 // where the CPU has it).
 #define MDR_LANES 8
-#define MDR_SIMD _Pragma("omp simd")
+#define MDR_SIMD _Pragma("omp simd")  // needs -fopenmp-simd (the pragma alone, no runtime)
 
 // Denormal floats (below ~1e-38 in float32, as exp((zhat - m) / gamma) of hidden faces often is)
-// cost x86 cores ~100 cycles per operation. GPUs flush them in fast paths; here each OpenMP
+// cost x86 cores ~100 cycles per operation. GPUs flush them in fast paths; here each launch
 // thread sets flush-to-zero and denormals-are-zero for the kernels it runs.
 // The caller's own setting is restored afterwards (the calling thread is one of the team).
 #if defined(__SSE2__)
@@ -58,15 +61,24 @@ struct mdr_flush_denormals {
 struct mdr_flush_denormals {};
 #endif
 
+// Plain threads rather than an OpenMP team: torch's OpenMP runtime is the process's, and its
+// idle workers spin for milliseconds after every parallel region, which on a 2-core machine
+// took a core from the kernels and made 2 threads slower than 1. Starting a thread costs tens of
+// microseconds, far less than a launch's work. Blocks go to whichever thread asks next.
+inline int mdr_min_threads(int threads, long long blocks) { return blocks < threads ? (int)blocks : threads; }
+
 template <typename Body>
 inline void mdr_run_grid(unsigned grid, unsigned block, int threads, const Body& body) {
-#pragma omp parallel num_threads(threads)
-    {
+    std::atomic<long long> next_block{0};
+    const auto work = [&] {
         const mdr_flush_denormals flush;
-#pragma omp for schedule(dynamic, 1)
-        for (long long b = 0; b < (long long)grid; ++b)
+        for (long long b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < (long long)grid;)
             for (unsigned t = 0; t < block; ++t) body(b * block + t);
-    }
+    };
+    std::vector<std::thread> helpers;
+    for (int i = 1; i < mdr_min_threads(threads, (long long)grid); ++i) helpers.emplace_back(work);
+    work();  // the calling thread is one of them
+    for (std::thread& helper : helpers) helper.join();
 }
 
 #define MDR_ENTRY(name, item_fn, Args)                                                                \

@@ -131,7 +131,7 @@ def test_compile_error_names_the_file(cache, src):
 
 def test_missing_compiler_is_explained(cache, src, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    with pytest.raises(MicroDRError, match="need a C\\+\\+ compiler with OpenMP"):
+    with pytest.raises(MicroDRError, match="need a C\\+\\+20 compiler"):
         cpu_build.load_library("probe", src_dir=src)
     assert cpu_build.build_info()["compiler"] is None
 

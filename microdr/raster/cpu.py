@@ -1,6 +1,6 @@
 """CPU target: cuda_src/softras.cu compiled by the host C++ compiler, launched through ctypes.
 
-The launch grid runs on ``torch.get_num_threads()`` OpenMP threads (cuda_src/portability.h).
+The launch grid runs on ``torch.get_num_threads()`` threads (cuda_src/portability.h).
 Every work item owns its outputs, so results are bitwise identical for any thread count.
 """
 
@@ -54,7 +54,7 @@ class CpuTarget:
         return TileBins(tile_faces, tile_ends)
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
-        # ctypes releases the GIL for the call; the OpenMP threads do the work.
+        # ctypes releases the GIL for the call; the launch's threads do the work.
         self._launcher(kernel)(args.ctypes.data, grid, block, torch.get_num_threads())
 
 
