@@ -14,6 +14,8 @@
 // which is also what makes both targets deterministic whatever the number of threads.
 #pragma once
 
+#include <cfloat>
+
 #ifdef __CUDACC__
 
 #define MDR_DEVICE __device__ __forceinline__
@@ -97,6 +99,13 @@ MDR_DEVICE float mdr_floor(float x) { return floorf(x); }
 MDR_DEVICE double mdr_floor(double x) { return floor(x); }
 MDR_DEVICE float mdr_ceil(float x) { return ceilf(x); }
 MDR_DEVICE double mdr_ceil(double x) { return ceil(x); }
+MDR_DEVICE float mdr_abs(float x) { return fabsf(x); }
+MDR_DEVICE double mdr_abs(double x) { return fabs(x); }
+// The smallest normal and the largest finite number of a type.
+template <typename T>
+MDR_DEVICE T mdr_tiny() { return sizeof(T) == 4 ? T(FLT_MIN) : T(DBL_MIN); }
+template <typename T>
+MDR_DEVICE T mdr_largest() { return sizeof(T) == 4 ? T(FLT_MAX) : T(DBL_MAX); }
 template <typename T>
 MDR_DEVICE T mdr_min(T a, T b) { return b < a ? b : a; }
 template <typename T>

@@ -14,8 +14,8 @@
 //             aggregates per pixel for the backward.
 //   backward  one item per face (b, j): loops over the pixels of its box, MDR_LANES at a time,
 //             recomputes the pairs and accumulates the face's gradients in registers.
-// Forward and backward evaluate a (pixel, face) pair with the same function, eval_pair, so
-// they agree exactly on which pairs count. Memory is O(pixels + faces + listed pairs).
+// Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
+// eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed pairs).
 // MDR_LANES (portability.h) is 1 on the GPU, where every thread takes one pixel, and a SIMD
 // vector's width on the CPU, where the lane loops (MDR_SIMD) compile to vector instructions.
 //
@@ -66,8 +66,9 @@ struct Face {
     T x[3], y[3], z[3];
     T inv_z[3];
     T area2;        // twice the signed screen area; > 0 for counter-clockwise faces
-    T inv_area2;
-    T inv_len2[3];  // 1 / |edge k|^2 (0 for a zero-length edge); edge k runs from corner k to k+1
+    T orientation;  // sign(area2): +1 or -1
+    T inv_len2[3];  // 1 / |edge k|^2, 0 for an edge too short for that to be a normal number
+                    // (it counts as a point); edge k runs from corner k to k + 1
 };
 #define FACE_RECORD 17
 
@@ -85,12 +86,12 @@ MDR_DEVICE Face<T> make_face(const T* __restrict__ corners) {
         f.inv_z[k] = T(1) / f.z[k];
     }
     f.area2 = (f.x[1] - f.x[0]) * (f.y[2] - f.y[0]) - (f.y[1] - f.y[0]) * (f.x[2] - f.x[0]);
-    f.inv_area2 = T(1) / f.area2;
+    f.orientation = f.area2 > T(0) ? T(1) : T(-1);
     for (int k = 0; k < 3; ++k) {
         const int n = k == 2 ? 0 : k + 1;
         const T ex = f.x[n] - f.x[k], ey = f.y[n] - f.y[k];
         const T len2 = ex * ex + ey * ey;
-        f.inv_len2[k] = len2 > T(0) ? T(1) / len2 : T(0);
+        f.inv_len2[k] = len2 >= mdr_tiny<T>() ? T(1) / len2 : T(0);
     }
     return f;
 }
@@ -101,7 +102,7 @@ MDR_DEVICE void store_face(const Face<T>& f, T* __restrict__ record) {
         record[k] = f.x[k], record[3 + k] = f.y[k], record[6 + k] = f.z[k];
         record[9 + k] = f.inv_z[k], record[14 + k] = f.inv_len2[k];
     }
-    record[12] = f.area2, record[13] = f.inv_area2;
+    record[12] = f.area2, record[13] = f.orientation;
 }
 
 template <typename T>
@@ -111,15 +112,23 @@ MDR_DEVICE Face<T> load_face(const T* __restrict__ record) {
         f.x[k] = record[k], f.y[k] = record[3 + k], f.z[k] = record[6 + k];
         f.inv_z[k] = record[9 + k], f.inv_len2[k] = record[14 + k];
     }
-    f.area2 = record[12], f.inv_area2 = record[13];
+    f.area2 = record[12], f.orientation = record[13];
     return f;
 }
 
-// Faces skipped whole: zero screen area, a corner nearer than `near`, culled back faces.
+// Faces skipped whole: zero screen area (below the smallest normal number counts as zero), a
+// corner nearer than `near`, culled back faces, and faces with a coordinate or depth beyond
+// sqrt(max) / 8 (or NaN), for which no squared distance or area can overflow
+// (microdr/raster/reference.py, coordinate_limit).
 template <typename T>
 MDR_DEVICE bool face_is_drawn(const Face<T>& f, const RasterArgs<T>& a) {
+    const T limit = mdr_sqrt(mdr_largest<T>()) / T(8);
+    bool within_limit = true;
+    for (int k = 0; k < 3; ++k)
+        within_limit = within_limit && mdr_abs(f.x[k]) <= limit && mdr_abs(f.y[k]) <= limit && mdr_abs(f.z[k]) <= limit;
     const T z_min = mdr_min(f.z[0], mdr_min(f.z[1], f.z[2]));
-    return f.area2 != T(0) && z_min >= T(a.near) && (!a.cull_backfaces || f.area2 > T(0));
+    return within_limit && mdr_abs(f.area2) >= mdr_tiny<T>() && z_min >= T(a.near) &&
+           (!a.cull_backfaces || f.area2 > T(0));
 }
 
 // Everything about the (pixel, face) pairs of one face and MDR_LANES adjacent pixels that the
@@ -128,9 +137,9 @@ MDR_DEVICE bool face_is_drawn(const Face<T>& f, const RasterArgs<T>& a) {
 template <typename T>
 struct Pairs {
     static constexpr int L = MDR_LANES;
-    T b[3][L];          // barycentrics b_k
-    T b_clip[3][L];     // clipped barycentrics b~_k
-    T clip_sum[L];      // sum_l max(b_l, 0)
+    T e[3][L];          // e_k = sign(area2) E_k = |area2| b_k (b_k the barycentrics)
+    T b_clip[3][L];     // clipped barycentrics b~_k = max(e_k, 0) / S
+    T clip_sum[L];      // S = sum_l max(e_l, 0)
     T w_hat[3][L];      // interpolation weights w^_k
     T z_ij[L], zhat[L];  // depth and normalized inverse depth
     T d[L];             // squared distance to the boundary
@@ -147,18 +156,26 @@ struct Pairs {
 // instruction stream on the CPU; and `&` and `|` stand for `&&` and `||`, so that every operand
 // is evaluated and the compiler has no branch to keep.
 
-// b, delta, d and the nearest point; whether p is inside or within the cut-off distance.
+// e, delta, d and the nearest point; whether p is inside or within the cut-off distance.
+// The barycentrics b_k = E_k / area2 are used only through their signs and the ratios of their
+// positive parts, so they are kept as e_k = sign(area2) E_k = |area2| b_k: dividing by area2
+// would make the backward's terms grow like 1 / area2 and cancel as a face turns edge-on.
 template <typename T>
 MDR_DEVICE bool eval_boundary(const Face<T>& f, T px, T py, const RasterArgs<T>& a, Pairs<T>& q, int lane) {
-    // b_k: signed area of (p, v_k+1, v_k+2) over the face's.
-    T b[3];
+    // E_k: twice the signed area of (p, v_k+1, v_k+2).
+    T e[3];
     for (int k = 0; k < 3; ++k) {
         const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
         const T ux = f.x[n] - px, uy = f.y[n] - py;
         const T wx = f.x[nn] - px, wy = f.y[nn] - py;
-        b[k] = q.b[k][lane] = (ux * wy - uy * wx) * f.inv_area2;
+        e[k] = q.e[k][lane] = f.orientation * (ux * wy - uy * wx);
     }
-    const bool inside = (b[0] >= T(0)) & (b[1] >= T(0)) & (b[2] >= T(0));
+    // Inside: every b_k >= 0, which puts p in the face's bounding box. The box test is not
+    // redundant in floating point: for a sliver far from p whose edge lines pass near p, the
+    // signs of E_k are rounding noise.
+    const bool in_box = (px >= mdr_min(f.x[0], mdr_min(f.x[1], f.x[2]))) & (px <= mdr_max(f.x[0], mdr_max(f.x[1], f.x[2]))) &
+                        (py >= mdr_min(f.y[0], mdr_min(f.y[1], f.y[2]))) & (py <= mdr_max(f.y[0], mdr_max(f.y[1], f.y[2])));
+    const bool inside = (e[0] >= T(0)) & (e[1] >= T(0)) & (e[2] >= T(0)) & in_box;
     q.delta[lane] = inside ? T(1) : T(-1);
 
     // d: squared distance to the nearest of the three edge segments; edge k runs from v_k to
@@ -180,24 +197,35 @@ MDR_DEVICE bool eval_boundary(const Face<T>& f, T px, T py, const RasterArgs<T>&
     return inside | (d <= T(a.distance_cutoff));
 }
 
-// The clipped barycentrics, depth, weights and D (after eval_boundary); whether the depth is in
-// [near, far] (written so that a NaN depth is not).
-template <typename T>
+// The clipped barycentrics, depth, weights and D (after eval_boundary); whether the pair
+// counts as far as they go: some b_k > 0, and z_ij <= far.
+template <bool PERSPECTIVE, typename T>
 MDR_DEVICE bool eval_depth(const Face<T>& f, const RasterArgs<T>& a, Pairs<T>& q, int lane) {
-    T b[3];
-    for (int k = 0; k < 3; ++k) b[k] = q.b[k][lane];
     T clip_sum = T(0);
-    for (int k = 0; k < 3; ++k) clip_sum += mdr_max(b[k], T(0));
+    for (int k = 0; k < 3; ++k) clip_sum += mdr_max(q.e[k][lane], T(0));
     q.clip_sum[lane] = clip_sum;
+    // The b_k sum to 1, so some b_k > 0; only rounding in E_k (a face tiny or thin next to its
+    // distance from p) can leave none. Such a pair does not count, and gets stand-in weights of
+    // 1/3 so that the values the lane loops compute (and then drop) stay finite.
+    const bool clip_ok = clip_sum > T(0);
+    const T inv_clip_sum = T(1) / (clip_ok ? clip_sum : T(1));
     T b_clip[3];
-    for (int k = 0; k < 3; ++k) b_clip[k] = q.b_clip[k][lane] = mdr_max(b[k], T(0)) * (T(1) / clip_sum);
+    for (int k = 0; k < 3; ++k)
+        b_clip[k] = q.b_clip[k][lane] = clip_ok ? mdr_max(q.e[k][lane], T(0)) * inv_clip_sum : T(1) / T(3);
     // Perspective: z_ij = 1 / sum_l b~_l / z_l, w^_k = (b~_k / z_k) z_ij; orthographic:
-    // z_ij = sum_l b~_l z_l, w^ = b~. Both are computed and one is selected (no branch).
-    T inv_z_sum = T(0), z_sum = T(0);
-    for (int k = 0; k < 3; ++k) inv_z_sum += b_clip[k] * f.inv_z[k], z_sum += b_clip[k] * f.z[k];
-    const bool perspective = a.perspective;
-    const T z_ij = q.z_ij[lane] = perspective ? T(1) / inv_z_sum : z_sum;
-    for (int k = 0; k < 3; ++k) q.w_hat[k][lane] = perspective ? b_clip[k] * f.inv_z[k] * z_ij : b_clip[k];
+    // z_ij = sum_l b~_l z_l, w^ = b~.
+    T z_ij;
+    if constexpr (PERSPECTIVE) {
+        T inv_z_sum = T(0);
+        for (int k = 0; k < 3; ++k) inv_z_sum += b_clip[k] * f.inv_z[k];
+        z_ij = T(1) / inv_z_sum;
+        for (int k = 0; k < 3; ++k) q.w_hat[k][lane] = b_clip[k] * f.inv_z[k] * z_ij;
+    } else {
+        z_ij = T(0);
+        for (int k = 0; k < 3; ++k) z_ij += b_clip[k] * f.z[k];
+        for (int k = 0; k < 3; ++k) q.w_hat[k][lane] = b_clip[k];
+    }
+    q.z_ij[lane] = z_ij;
     q.zhat[lane] = (T(a.far) - z_ij) * T(1 / (a.far - a.near));
 
     // D = sigmoid(x) and 1 - D = sigmoid(-x) from one exp of -|x| = -d / sigma, so neither
@@ -207,12 +235,11 @@ MDR_DEVICE bool eval_depth(const Face<T>& f, const RasterArgs<T>& a, Pairs<T>& q
     const bool inside = q.delta[lane] > T(0);
     q.D[lane] = inside ? larger : e * larger;
     q.one_minus_D[lane] = inside ? e * larger : larger;
-    return (z_ij >= T(a.near)) & (z_ij <= T(a.far));
-}
-
-template <typename T>
-MDR_DEVICE bool eval_pair(const Face<T>& f, T px, T py, const RasterArgs<T>& a, Pairs<T>& q, int lane) {
-    return eval_boundary(f, px, py, a, q, lane) & eval_depth(f, a, q, lane);
+    // z_ij is a mean of the corner depths, all >= near for a drawn face, so z_ij >= near holds.
+    // The far bound is tested on z_ij clamped to the corners' range, which changes nothing but
+    // rounding: without it a face lying on the far plane would lose pixels at random.
+    const T z_in_range = mdr_min(mdr_max(z_ij, mdr_min(f.z[0], mdr_min(f.z[1], f.z[2]))), mdr_max(f.z[0], mdr_max(f.z[1], f.z[2])));
+    return clip_ok & (z_in_range <= T(a.far));
 }
 
 // The lanes' values added up, always in the same order.
@@ -293,12 +320,13 @@ __device__ void bin_item(const RasterArgs<T>& a, long long item) {
 //   T_i = prod_j (1 - D_ij),                 A_i = 1 - T_i
 //   W_i = sum_j w_ij + w_b,                  w_ij = D_ij exp((zhat_ij - m_i) / gamma),
 //   I_i = (sum_j w_ij C_ij + w_b C_bg) / W_i,   w_b = exp((eps - m_i) / gamma).
-// The color sums of CHANNEL_CHUNK channels are held per lane; more channels take more passes
-// over the faces, each recomputing the same m_i, W_i and T_i. A face whose box misses the
-// pixels costs one test; a pair outside the box or the image does not count.
-#define CHANNEL_CHUNK 4
-template <typename T>
-__device__ void forward_item(const RasterArgs<T>& a, long long item) {
+// The color sums of CH = CHANNEL_CHUNK channels (3: RGB) are held per lane; more channels take more
+// passes over the faces, each recomputing the same m_i, W_i and T_i. Silhouettes alone (CH = 0)
+// skip the blend (m_i and W_i stay the background's). A face whose box misses the pixels costs
+// one test; a pair outside the box or the image does not count.
+#define CHANNEL_CHUNK 3
+template <typename T, int CH, bool PERSPECTIVE>
+__device__ void forward_lanes(const RasterArgs<T>& a, long long item) {
     constexpr int L = MDR_LANES, GROUPS = MDR_TILE / MDR_LANES;  // lane groups per tile row
     const int C = a.channels, HW = a.height * a.pitch, tiles = a.tiles_x * a.tiles_y;
     const long long tile_key = item / (MDR_TILE * GROUPS);  // b * tiles + tile
@@ -320,7 +348,7 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
         T m[L], weight_sum[L], transmittance[L], color[CHANNEL_CHUNK][L];
         MDR_SIMD for (int lane = 0; lane < L; ++lane) {
             m[lane] = T(a.eps), weight_sum[lane] = T(1), transmittance[lane] = T(1);
-            for (int c = 0; c < CHANNEL_CHUNK; ++c) color[c][lane] = T(0);
+            for (int c = 0; c < CH; ++c) color[c][lane] = T(0);
             for (int c = 0; c < chunk_channels; ++c) color[c][lane] = a.background[chunk + c];
         }
         for (long long entry = begin; entry < end; ++entry) {
@@ -336,31 +364,33 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
                 near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= box[2]) & (col <= box[3]) ? T(1) : T(0);
             }
             if (!any_lane(near)) continue;
+            T counts[L];
+            MDR_SIMD for (int lane = 0; lane < L; ++lane) {
+                counts[lane] = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane) ? T(1) : T(0);
+                transmittance[lane] *= counts[lane] != T(0) ? q.one_minus_D[lane] : T(1);
+            }
+            if constexpr (CH == 0) continue;
             T corner_color[3][CHANNEL_CHUNK];  // c_k of this chunk's channels, 0 past the last
             for (int k = 0; k < 3; ++k)
-                for (int c = 0; c < CHANNEL_CHUNK; ++c)
+                for (int c = 0; c < CH; ++c)
                     corner_color[k][c] = c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
-            // Silhouettes too find m_i and W_i (unused), so that the loops have no branch.
-            T counts[L], m_new[L];
+            T m_new[L];
             bool raised = false;
-            MDR_SIMD for (int lane = 0; lane < L; ++lane) {
-                counts[lane] = (near[lane] != T(0)) & eval_depth(f, a, q, lane) ? T(1) : T(0);
-                transmittance[lane] *= counts[lane] != T(0) ? q.one_minus_D[lane] : T(1);
+            MDR_SIMD for (int lane = 0; lane < L; ++lane)
                 m_new[lane] = (counts[lane] != T(0)) & (q.zhat[lane] > m[lane]) ? q.zhat[lane] : m[lane];
-            }
             for (int lane = 0; lane < L; ++lane) raised |= m_new[lane] != m[lane];
             if (raised) {  // rare once the nearest faces have been seen: most faces lie behind
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                     const T rescale = mdr_exp((m[lane] - m_new[lane]) * inv_gamma);
                     weight_sum[lane] *= rescale;
-                    for (int c = 0; c < CHANNEL_CHUNK; ++c) color[c][lane] *= rescale;
+                    for (int c = 0; c < CH; ++c) color[c][lane] *= rescale;
                     m[lane] = m_new[lane];
                 }
             }
             MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                 const T w = counts[lane] != T(0) ? q.D[lane] * mdr_exp((q.zhat[lane] - m[lane]) * inv_gamma) : T(0);
                 weight_sum[lane] += w;
-                for (int c = 0; c < CHANNEL_CHUNK; ++c) {
+                for (int c = 0; c < CH; ++c) {
                     T c_ij = T(0);
                     for (int k = 0; k < 3; ++k) c_ij += q.w_hat[k][lane] * corner_color[k][c];
                     color[c][lane] += w * c_ij;
@@ -377,6 +407,15 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
             aux[lane] = m[lane], aux[HW + lane] = weight_sum[lane], aux[2 * HW + lane] = transmittance[lane];
         }
     }
+}
+
+template <typename T>
+__device__ void forward_item(const RasterArgs<T>& a, long long item) {
+    // One instance per case, so that the lane loops carry no code of the others.
+    if (a.channels == 0)
+        a.perspective ? forward_lanes<T, 0, true>(a, item) : forward_lanes<T, 0, false>(a, item);
+    else
+        a.perspective ? forward_lanes<T, CHANNEL_CHUNK, true>(a, item) : forward_lanes<T, CHANNEL_CHUNK, false>(a, item);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,13 +437,13 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
 //   dL/db~_k = dL/du_k / z_k,   dL/dz_k += -dL/du_k u_k / z_k.
 // Orthographic (w^ = b~, z_ij = sum b~_l z_l):  dL/db~_k = dL/dw^_k + dL/dz_ij z_k,
 //   dL/dz_k += dL/dz_ij b~_k.
-// Clipping (b~_k = max(b_k, 0) / S, S = sum_l max(b_l, 0)):
-//   dL/db_k = [b_k > 0] (dL/db~_k - sum_l dL/db~_l b~_l) / S.
-// Barycentrics b_k = E_k / A2 with E_k = cross(v_k+1 - p, v_k+2 - p), A2 = cross(v1 - v0, v2 - v0):
-//   dL/dE_k = dL/db_k / A2,  dL/dA2 = -sum_k dL/db_k b_k / A2,
+// Clipping, on e_k = o E_k (o = sign(area2), a constant; see eval_boundary), with
+// E_k = cross(v_k+1 - p, v_k+2 - p): b~_k = max(b_k, 0) / sum_l max(b_l, 0) equals
+// max(e_k, 0) / S with S = sum_l max(e_l, 0), and no area2 is left to differentiate:
+//   dL/de_k = [e_k > 0] (dL/db~_k - sum_l dL/db~_l b~_l) / S,   dL/dE_k = o dL/de_k,
 //   and d cross(u, w) / du = (w_y, -w_x), d cross(u, w) / dw = (-u_y, u_x).
-template <typename T>
-__device__ void backward_item(const RasterArgs<T>& a, long long item) {
+template <typename T, int CH, bool PERSPECTIVE>
+__device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
     constexpr int L = MDR_LANES;
     const int C = a.channels, HW = a.height * a.pitch;
     const int b = (int)(item / a.faces);
@@ -423,13 +462,13 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
         const T silhouette = chunk == 0 ? T(1) : T(0);
         T corner_color[3][CHANNEL_CHUNK];  // c_k of this chunk's channels, 0 past the last
         int plane[CHANNEL_CHUNK];  // where channel chunk + c is in image and grad_image (any plane past the last)
-        for (int c = 0; c < CHANNEL_CHUNK; ++c) {
+        for (int c = 0; c < CH; ++c) {
             plane[c] = mdr_min(chunk + c, C);
             for (int k = 0; k < 3; ++k) corner_color[k][c] = c < chunk_channels ? a.face_attrs[(item * 3 + k) * C + chunk + c] : T(0);
         }
         T g_attr[3][CHANNEL_CHUNK][L];  // dL/dc_k per lane
         for (int k = 0; k < 3; ++k)
-            for (int c = 0; c < CHANNEL_CHUNK; ++c)
+            for (int c = 0; c < CH; ++c)
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) g_attr[k][c][lane] = T(0);
 
         for (int row = box[0]; row <= box[1]; ++row) {
@@ -448,73 +487,70 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
                 }
                 if (!any_lane(near)) continue;  // as in the forward
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
-                    const bool counts = (near[lane] != T(0)) & eval_depth(f, a, q, lane);
-                    const T m = aux[lane], inv_weight_sum = T(1) / aux[HW + lane], transmittance = aux[2 * HW + lane];
-                    const T w = q.D[lane] * mdr_exp((q.zhat[lane] - m) * inv_gamma);
-                    const T g_color = w * inv_weight_sum;  // dL/dC_ij / gI
+                    const bool counts = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane);
+                    T g_x = silhouette * grad[C * HW + lane] * q.D[lane] * aux[2 * HW + lane];  // the silhouette's part
+                    T gx[3] = {0, 0, 0}, gy[3] = {0, 0, 0}, gz[3] = {0, 0, 0};
 
-                    // Color: dL/dc_k, dL/dw_ij and dL/dw^_k.
-                    T g_w = T(0), g_w_hat[3] = {0, 0, 0};
-                    for (int c = 0; c < CHANNEL_CHUNK; ++c) {
-                        const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
-                        const T gI = c < chunk_channels ? grad_c : T(0);
-                        T color = T(0);
-                        for (int k = 0; k < 3; ++k) color += q.w_hat[k][lane] * corner_color[k][c];
-                        g_w += gI * (color - image_c);
-                        for (int k = 0; k < 3; ++k) {
-                            g_w_hat[k] += gI * g_color * corner_color[k][c];
-                            g_attr[k][c][lane] += counts ? q.w_hat[k][lane] * g_color * gI : T(0);
+                    // Color: dL/dc_k, dL/dw_ij and dL/dw^_k (none without channels).
+                    T g_zhat = T(0), g_w_hat[3] = {0, 0, 0};
+                    if constexpr (CH > 0) {
+                        const T m = aux[lane], inv_weight_sum = T(1) / aux[HW + lane];
+                        const T w = q.D[lane] * mdr_exp((q.zhat[lane] - m) * inv_gamma);
+                        const T g_color = w * inv_weight_sum;  // dL/dC_ij / gI
+                        T g_w = T(0);
+                        for (int c = 0; c < CH; ++c) {
+                            const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
+                            const T gI = c < chunk_channels ? grad_c : T(0);
+                            T color = T(0);
+                            for (int k = 0; k < 3; ++k) color += q.w_hat[k][lane] * corner_color[k][c];
+                            g_w += gI * (color - image_c);
+                            for (int k = 0; k < 3; ++k) {
+                                g_w_hat[k] += gI * g_color * corner_color[k][c];
+                                g_attr[k][c][lane] += counts ? q.w_hat[k][lane] * g_color * gI : T(0);
+                            }
                         }
+                        g_w *= inv_weight_sum;
+                        g_zhat = g_w * w * inv_gamma;
+                        g_x += g_w * w * q.one_minus_D[lane];
                     }
-                    g_w *= inv_weight_sum;
-                    const T g_zhat = g_w * w * inv_gamma;
-                    const T g_x = silhouette * grad[C * HW + lane] * q.D[lane] * transmittance + g_w * w * q.one_minus_D[lane];
 
                     // Distance: through the nearest edge.
                     const T g_d = q.delta[lane] * g_x * T(1 / a.sigma);
-                    T gx[3], gy[3], gz[3];
                     for (int k = 0; k < 3; ++k) {
                         gx[k] = T(-2) * q.share[k][lane] * q.rx[lane] * g_d;
                         gy[k] = T(-2) * q.share[k][lane] * q.ry[lane] * g_d;
                     }
 
-                    // Depth and interpolation weights -> clipped barycentrics (perspective and
-                    // orthographic both computed, one selected).
-                    const T g_z_ij = -g_zhat * T(1 / (a.far - a.near));
-                    const T z_ij = q.z_ij[lane];
-                    T g_w_hat_mean = T(0);
-                    for (int k = 0; k < 3; ++k) g_w_hat_mean += g_w_hat[k] * q.w_hat[k][lane];
-                    const T g_s = -g_z_ij * z_ij * z_ij;
-                    const bool perspective = a.perspective;
-                    T g_b_clip[3];
-                    for (int k = 0; k < 3; ++k) {
-                        const T u = q.b_clip[k][lane] * f.inv_z[k];
-                        const T g_u = (g_w_hat[k] - g_w_hat_mean) * z_ij + g_s;
-                        g_b_clip[k] = perspective ? g_u * f.inv_z[k] : g_w_hat[k] + g_z_ij * f.z[k];
-                        gz[k] = perspective ? -g_u * u * f.inv_z[k] : g_z_ij * q.b_clip[k][lane];
-                    }
+                    // Depth and interpolation weights -> clipped barycentrics -> E_k -> corners.
+                    // A silhouette depends on neither.
+                    if constexpr (CH > 0) {
+                        const T g_z_ij = -g_zhat * T(1 / (a.far - a.near));
+                        const T z_ij = q.z_ij[lane];
+                        T g_w_hat_mean = T(0);
+                        for (int k = 0; k < 3; ++k) g_w_hat_mean += g_w_hat[k] * q.w_hat[k][lane];
+                        const T g_s = -g_z_ij * z_ij * z_ij;
+                        T g_b_clip[3];
+                        for (int k = 0; k < 3; ++k) {
+                            const T u = q.b_clip[k][lane] * f.inv_z[k];
+                            const T g_u = (g_w_hat[k] - g_w_hat_mean) * z_ij + g_s;
+                            g_b_clip[k] = PERSPECTIVE ? g_u * f.inv_z[k] : g_w_hat[k] + g_z_ij * f.z[k];
+                            gz[k] = PERSPECTIVE ? -g_u * u * f.inv_z[k] : g_z_ij * q.b_clip[k][lane];
+                        }
 
-                    // Clipping -> barycentrics -> corners.
-                    T g_clip_mean = T(0);
-                    for (int k = 0; k < 3; ++k) g_clip_mean += g_b_clip[k] * q.b_clip[k][lane];
-                    T g_area2 = T(0);
-                    const T inv_clip_sum = T(1) / q.clip_sum[lane];
-                    for (int k = 0; k < 3; ++k) {
-                        const T b_k = q.b[k][lane];
-                        const T g_b = b_k > T(0) ? (g_b_clip[k] - g_clip_mean) * inv_clip_sum : T(0);
-                        const T g_E = g_b * f.inv_area2;
-                        g_area2 -= g_b * b_k * f.inv_area2;
-                        const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
-                        const T ux = f.x[n] - px[lane], uy = f.y[n] - py;
-                        const T wx = f.x[nn] - px[lane], wy = f.y[nn] - py;
-                        gx[n] += g_E * wy, gy[n] -= g_E * wx;
-                        gx[nn] -= g_E * uy, gy[nn] += g_E * ux;
+                        // Clipping -> E_k -> corners.
+                        T g_clip_mean = T(0);
+                        for (int k = 0; k < 3; ++k) g_clip_mean += g_b_clip[k] * q.b_clip[k][lane];
+                        const T inv_clip_sum = T(1) / q.clip_sum[lane];
+                        for (int k = 0; k < 3; ++k) {
+                            const T g_e = q.e[k][lane] > T(0) ? (g_b_clip[k] - g_clip_mean) * inv_clip_sum : T(0);
+                            const T g_E = f.orientation * g_e;
+                            const int n = k == 2 ? 0 : k + 1, nn = k == 0 ? 2 : k - 1;
+                            const T ux = f.x[n] - px[lane], uy = f.y[n] - py;
+                            const T wx = f.x[nn] - px[lane], wy = f.y[nn] - py;
+                            gx[n] += g_E * wy, gy[n] -= g_E * wx;
+                            gx[nn] -= g_E * uy, gy[nn] += g_E * ux;
+                        }
                     }
-                    const T ux = f.x[1] - f.x[0], uy = f.y[1] - f.y[0];
-                    const T wx = f.x[2] - f.x[0], wy = f.y[2] - f.y[0];
-                    gx[1] += g_area2 * wy, gy[1] -= g_area2 * wx;
-                    gx[2] -= g_area2 * uy, gy[2] += g_area2 * ux;
-                    gx[0] -= g_area2 * (wy - uy), gy[0] -= g_area2 * (ux - wx);
                     for (int k = 0; k < 3; ++k) {
                         g_corner[k][lane] += counts ? gx[k] : T(0);
                         g_corner[3 + k][lane] += counts ? gy[k] : T(0);
@@ -524,11 +560,19 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
             }
         }
         for (int k = 0; k < 3; ++k)
-            for (int c = 0; c < chunk_channels; ++c)
+            for (int c = 0; c < mdr_min(chunk_channels, CH); ++c)  // (chunk_channels <= CH: a hint for the compiler)
                 a.grad_attrs[(item * 3 + k) * C + chunk + c] = lane_sum(g_attr[k][c]);
     }
     T* grad_verts = a.grad_verts + 9 * item;  // (corner, axis)
     for (int v = 0; v < 9; ++v) grad_verts[3 * (v % 3) + v / 3] = lane_sum(g_corner[v]);
+}
+
+template <typename T>
+__device__ void backward_item(const RasterArgs<T>& a, long long item) {
+    if (a.channels == 0)
+        a.perspective ? backward_lanes<T, 0, true>(a, item) : backward_lanes<T, 0, false>(a, item);
+    else
+        a.perspective ? backward_lanes<T, CHANNEL_CHUNK, true>(a, item) : backward_lanes<T, CHANNEL_CHUNK, false>(a, item);
 }
 
 // ---------------------------------------------------------------------------------------------

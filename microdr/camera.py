@@ -10,6 +10,7 @@ orthographic camera of half-height ``s`` to ``(x_cam, y_cam) / s``. Both equal M
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,43 +38,57 @@ class CameraTensors:
 
 
 def look_at_rotation(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """World-to-camera rotation ``(3, 3)``: its rows are the camera's x, y, z axes in world space.
-
-    The camera's z axis points from the target to the eye (the camera looks along -z).
-    """
-    z_axis = torch.nn.functional.normalize(eye - target, dim=0)
-    x_axis = torch.nn.functional.normalize(torch.linalg.cross(up, z_axis), dim=0)
-    y_axis = torch.linalg.cross(z_axis, x_axis)
-    return torch.stack([x_axis, y_axis, z_axis])
-
-
-def world_to_camera(points: torch.Tensor, pose: CameraTensors) -> torch.Tensor:
-    """Camera-space coordinates of world points ``(..., 3)``."""
-    rotation = look_at_rotation(pose.eye, pose.target, pose.up)
-    return (points - pose.eye) @ rotation.T
+    """World-to-camera rotations ``(..., 3, 3)`` of poses ``(..., 3)``: the rows are the camera's
+    x, y, z axes in world space. The camera's z axis points from the target to the eye (the
+    camera looks along -z)."""
+    z_axis = torch.nn.functional.normalize(eye - target, dim=-1)
+    x_axis = torch.nn.functional.normalize(torch.linalg.cross(up, z_axis, dim=-1), dim=-1)
+    y_axis = torch.linalg.cross(z_axis, x_axis, dim=-1)
+    return torch.stack([x_axis, y_axis, z_axis], dim=-2)
 
 
-def camera_to_screen(points_cam: torch.Tensor, camera: Camera) -> torch.Tensor:
-    """Screen position and view depth ``(..., 3)`` = ``(x, y, z)`` of camera-space points.
+def project_views(
+    points: torch.Tensor, cameras: Sequence[Camera], poses: Sequence[CameraTensors] | None = None
+) -> torch.Tensor:
+    """World points ``(..., 3)`` seen by ``N`` cameras, in one batch: screen ``(x, y)`` and view
+    depth ``z``, ``(N, ..., 3)``.
 
+    ``poses`` override the cameras' eye/target/up (e.g. with tensors that require grad).
     Perspective division uses ``max(z, near)``: a point nearer than ``near`` makes its faces
     skipped by the rasterizer anyway, and the clamp keeps its (unused) screen position finite so
     that no NaN can reach a gradient.
     """
+    if poses is None:
+        poses = [CameraTensors.of(camera, dtype=points.dtype, device=points.device) for camera in cameras]
+    eye, target, up = (torch.stack([getattr(pose, name) for pose in poses]) for name in ("eye", "target", "up"))
+    rotation = look_at_rotation(eye, target, up)  # (N, 3, 3)
+    flat = points.reshape(1, -1, 3)
+    points_cam = (flat - eye[:, None]) @ rotation.transpose(-1, -2)  # (N, P, 3)
     depth = -points_cam[..., 2]
-    if camera.projection == "perspective":
-        focal = 1.0 / math.tan(math.radians(camera.fov) / 2)
-        xy = focal * points_cam[..., :2] / depth.clamp(min=camera.near)[..., None]
-    else:
-        xy = points_cam[..., :2] / camera.half_height
-    return torch.cat([xy, depth[..., None]], dim=-1)
+
+    def per_camera(values):  # (N, 1) on the points' dtype and device
+        return torch.tensor(values, dtype=points.dtype, device=points.device)[:, None]
+
+    # Perspective: f * (x, y) / max(z, near), f = 1 / tan(fov / 2); orthographic: (x, y) / s.
+    perspective = per_camera([c.projection == "perspective" for c in cameras]).bool()
+    focal = per_camera([_focal(c) for c in cameras])
+    near = per_camera([c.near for c in cameras])
+    scale = torch.where(perspective, focal / depth.clamp(min=near), 1.0 / per_camera([_half_height(c) for c in cameras]))
+    screen = torch.cat([points_cam[..., :2] * scale[..., None], depth[..., None]], dim=-1)
+    return screen.reshape(len(cameras), *points.shape)
+
+
+def _focal(camera: Camera) -> float:
+    """``1 / tan(fov / 2)`` of a perspective camera (1 for others: a value never used)."""
+    return 1.0 / math.tan(math.radians(camera.fov) / 2) if camera.projection == "perspective" else 1.0
+
+
+def _half_height(camera: Camera) -> float:
+    """An orthographic camera's half-height (1 for others: a value never used)."""
+    return camera.half_height if camera.projection == "orthographic" else 1.0
 
 
 def project(points: torch.Tensor, camera: Camera, pose: CameraTensors | None = None) -> torch.Tensor:
-    """World points ``(..., 3)`` to screen ``(x, y)`` and view depth ``z``: ``(..., 3)``.
-
-    ``pose`` overrides the camera's eye/target/up (e.g. with tensors that require grad).
-    """
-    if pose is None:
-        pose = CameraTensors.of(camera, dtype=points.dtype, device=points.device)
-    return camera_to_screen(world_to_camera(points, pose), camera)
+    """World points ``(..., 3)`` to screen ``(x, y)`` and view depth ``z``: ``(..., 3)``; one
+    camera of :func:`project_views`."""
+    return project_views(points, [camera], None if pose is None else [pose])[0]

@@ -533,7 +533,7 @@ class Optimization:
             views = self._draw_views()
             sigma = sigma_at(self.settings, self.scene, iteration)
             vertices = self.parameters.vertices()
-            images = self._render(vertices, views, sigma)
+            images = self._render(vertices, views, sigma, colors=self._loss_sees_colors)
             evaluation = Evaluation(
                 images=images,
                 targets=self.target_images[views],
@@ -553,7 +553,8 @@ class Optimization:
                 total.backward()
             self._check_loss_and_gradients(iteration, total, terms)
             images = images.detach()
-            frame = self._frame(images, views, sigma) if iteration % self.frame_every == 0 else None
+            frame = self._frame(images if self._loss_sees_colors else None, views, sigma) \
+                if iteration % self.frame_every == 0 else None
             metrics = Metrics.of(
                 images, evaluation.targets, evaluation.has_rgb, evaluation.has_silhouette
             )
@@ -631,8 +632,15 @@ class Optimization:
             views = torch.randperm(count, generator=self.generator)[:chosen].sort().values
         return views.to(self.device)
 
-    def _render(self, vertices: torch.Tensor, views: torch.Tensor, sigma: float) -> torch.Tensor:
-        """RGBA ``(B, 4, H, W)`` of cameras ``views`` with the current parameters."""
+    @property
+    def _loss_sees_colors(self) -> bool:
+        """Whether the iterations must render colors: a target has color, or a custom loss may
+        look at them. Silhouettes alone cost the kernels about half as much."""
+        return self.loss_fn is not None or bool(self.has_rgb.any())
+
+    def _render(self, vertices: torch.Tensor, views: torch.Tensor, sigma: float, colors: bool = True) -> torch.Tensor:
+        """RGBA ``(B, 4, H, W)`` of cameras ``views`` with the current parameters (RGB 0 unless
+        ``colors``)."""
         poses = self.parameters.poses()
         indices = views.tolist()
         return render_faces(
@@ -643,6 +651,7 @@ class Optimization:
             self.parameters.lights(),
             poses=None if poses is None else [poses[i] for i in indices],
             backend=self.backend,
+            colors=colors,
         )
 
     def _loss(self, evaluation: Evaluation) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -655,10 +664,10 @@ class Optimization:
         return terms, dict.fromkeys(terms, 1.0)
 
     @torch.no_grad()
-    def _frame(self, images: torch.Tensor, views: torch.Tensor, sigma: float) -> torch.Tensor:
+    def _frame(self, images: torch.Tensor | None, views: torch.Tensor, sigma: float) -> torch.Tensor:
         """Camera 0 for the progress animation, from this iteration's ``images`` of ``views``
-        when it is among them: 8-bit RGBA ``(H, W, 4)``, CPU."""
-        if views[0] != 0:
+        when it is among them (and they have colors: not None): 8-bit RGBA ``(H, W, 4)``, CPU."""
+        if images is None or views[0] != 0:
             images = self._render(self.parameters.vertices(), torch.zeros_like(views[:1]), sigma)
         # Views are increasing: camera 0, when drawn, comes first.
         return torch.from_numpy(to_uint8(images[0]))

@@ -8,11 +8,11 @@ world-space geometry and albedo (:func:`scene_faces`), the camera poses and the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .camera import CameraTensors, project
+from .camera import CameraTensors, project_views
 from .raster import SoftRasSettings, preferred_device, rasterize
 from .scene import Camera, Lights, RenderSettings, Scene, SceneMesh
 from .shading import LightTensors, shade
@@ -87,31 +87,35 @@ def render_faces(
     *,
     poses: Sequence[CameraTensors] | None = None,
     backend: str | None = None,
+    colors: bool = True,
 ) -> torch.Tensor:
     """RGBA ``(N, 4, H, W)`` of world-space triangles seen by each of ``N`` cameras.
 
     corners: ``(F, 3, 3)`` world-space face corners; albedo: ``(F, 3, 3)`` per-corner RGB.
     poses: optional per-camera pose tensors (for gradients w.r.t. cameras); lights may be
     :class:`LightTensors` (for gradients w.r.t. lights).
+    colors: False rasterizes the silhouettes alone (RGB is 0), which is cheaper.
     Cameras that share projection, near and far are rasterized as one batch.
     """
-    colors = shade(albedo, corners, lights)
+    shaded = shade(albedo, corners, lights) if colors else albedo[..., :0]
     images: list[torch.Tensor | None] = [None] * len(cameras)
     groups: dict[SoftRasSettings, list[int]] = {}
     for index, camera in enumerate(cameras):
         groups.setdefault(raster_settings(render, camera), []).append(index)
     for settings, indices in groups.items():
-        screen = torch.stack(
-            [project(corners, cameras[i], None if poses is None else poses[i]) for i in indices]
+        screen = project_views(
+            corners, [cameras[i] for i in indices], None if poses is None else [poses[i] for i in indices]
         )
         batch = rasterize(
             screen,
-            colors.expand(len(indices), -1, -1, -1),
+            shaded.expand(len(indices), -1, -1, -1),
             render.width,
             render.height,
-            settings,
+            settings if colors else replace(settings, background=()),
             backend=backend or render.backend,
         )
+        if not colors:
+            batch = torch.cat([batch.new_zeros(batch.shape[0], 3, *batch.shape[2:]), batch], dim=1)
         for i, image in zip(indices, batch):
             images[i] = image
     return torch.stack(images)

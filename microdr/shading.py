@@ -54,9 +54,19 @@ def shade(
         return albedo
     if isinstance(lights, Lights):
         lights = LightTensors.of(lights, dtype=face_vertices.dtype, device=face_vertices.device)
-    normals = triangle_normals(face_vertices)
+    normals = triangle_normals(_scaled_down(face_vertices))
     irradiance = torch.zeros_like(normals[..., 0]) + lights.ambient
     for direction, intensity in zip(lights.directions, lights.intensities):
         towards = torch.nn.functional.normalize(direction, dim=0)
         irradiance = irradiance + intensity * (normals @ towards).clamp(min=0)
     return albedo * irradiance[..., None, None]
+
+
+def _scaled_down(face_vertices: torch.Tensor) -> torch.Tensor:
+    """Each face's corners relative to its first corner, divided by their largest coordinate:
+    the same unit normal, but a cross product of edges that cannot overflow (float32 edges of
+    1e20 would give infinite normals, and NaN colors after normalization). Zero-size faces stay
+    zero."""
+    relative = face_vertices - face_vertices[..., :1, :]
+    scale = relative.abs().amax(dim=(-2, -1), keepdim=True)
+    return relative / torch.where(scale > 0, scale, 1.0)

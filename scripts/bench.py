@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import itertools
 import math
 import shutil
@@ -28,9 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import microdr  # noqa: E402, F401  (before torch: it sets torch's OpenMP wait policy)
+import torch  # noqa: E402
 
 from microdr.camera import CameraTensors, project  # noqa: E402
 from microdr.mesh import icosphere  # noqa: E402
@@ -98,6 +100,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        _release_free_memory()
         self.base = self.peak = _status_bytes("VmRSS")
         self.thread = None
         try:
@@ -126,6 +129,15 @@ class PeakMemory:
     @property
     def megabytes(self) -> float:
         return max(self.peak - self.base, 0) / 2**20
+
+
+def _release_free_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc's malloc_trim), so that a case's
+    allocations show as growth instead of reusing pages an earlier case left resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: growth may then read low
+        pass
 
 
 def _status_bytes(field: str) -> int:

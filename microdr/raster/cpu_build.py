@@ -41,7 +41,7 @@ except ImportError:  # Windows: no advisory locks; the atomic rename alone keeps
 # unconditionally (they are the work item's own). -ffp-contract=fast allows fused multiply-adds.
 BASE_FLAGS = (
     "-x", "c++", "-O3", "-std=c++20", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-fno-math-errno",
-    "-fno-trapping-math", "-fallow-store-data-races", "-ffp-contract=fast", "-Wall", "-Werror=return-type",
+    "-fno-trapping-math", "-fallow-store-data-races", "-Wall", "-Werror=return-type",
 )
 # x86-64-v3 (AVX2 and FMA) doubles the SIMD width of the baseline (SSE2). Not -march=native:
 # the cache may be shared between machines (NFS homes, containers), and a library built for one

@@ -46,6 +46,17 @@ def rasterize_reference(
     return image.transpose(1, 2).reshape(batch, channels + 1, height, width)
 
 
+def coordinate_limit(dtype: torch.dtype) -> float:
+    """Faces with a screen coordinate or depth beyond +-this are skipped: ``sqrt(max) / 8``.
+
+    Below it no squared distance, signed area or squared depth can overflow (each is at most
+    ~18 limit^2 < max / 3), and twice a face's area stays below ``1 / tiny``, so its reciprocal
+    is a normal number (float32: 2.3e18, float64: 1.7e153). Such faces are far outside any
+    view unless they are astronomically large.
+    """
+    return torch.finfo(dtype).max ** 0.5 / 8
+
+
 def _shade_pixels(
     p: torch.Tensor, face_verts: torch.Tensor, face_attrs: torch.Tensor, c_bg: torch.Tensor, s: SoftRasSettings
 ) -> torch.Tensor:
@@ -54,13 +65,20 @@ def _shade_pixels(
     v = face_verts[:, None, :, :, :2]
     z = face_verts[:, None, :, :, 2]
 
-    # Faces skipped whole: zero screen area, a corner nearer than `near`, culled back faces.
+    # Faces skipped whole: zero screen area, a corner nearer than `near`, culled back faces, and
+    # faces beyond the coordinate limit (see `coordinate_limit`). An area below the smallest
+    # normal number counts as zero, as in the kernels, which flush subnormals to zero.
     area2 = signed_area2(v)  # (B, 1, F)
-    face_ok = (area2 != 0) & (z.min(dim=-1).values >= s.near)
+    finfo = torch.finfo(face_verts.dtype)
+    within_limit = (face_verts.abs() <= coordinate_limit(face_verts.dtype)).all(dim=-1).all(dim=-1)[:, None]
+    face_ok = (area2.abs() >= finfo.tiny) & (z.min(dim=-1).values >= s.near) & within_limit
     if s.cull_backfaces:
         face_ok = face_ok & (area2 > 0)
-    area2 = torch.where(face_ok, area2, 1.0)
+    # Skipped faces get a harmless stand-in before any arithmetic: their values are masked out
+    # later, but an overflow in them would still reach the gradient as 0 * inf = NaN.
+    v = torch.where(face_ok[..., None, None], v, v.new_tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
     z = torch.where(face_ok[..., None], z, 1.0)
+    orientation = torch.where(area2 > 0, 1.0, -1.0).to(v.dtype)  # sign(area2); no gradient flows through it
 
     p = p[None, :, None, :]  # (1, P, 1, 2)
 
@@ -70,24 +88,42 @@ def _shade_pixels(
     edge = v.roll(-1, dims=-2) - v  # (B, 1, F, 3, 2)
     edge_len2 = (edge * edge).sum(-1)
     to_p = p[..., None, :] - edge_start  # (B, P, F, 3, 2)
-    t = ((to_p * edge).sum(-1) / torch.where(edge_len2 > 0, edge_len2, 1.0)).clamp(0.0, 1.0)
+    # An edge too short for its squared length to be a normal number is treated as a point
+    # (t = 0), as the kernels do once that length is flushed to zero; dividing by it would
+    # overflow the gradient.
+    long_edge = edge_len2 >= finfo.tiny
+    t = torch.where(long_edge, (to_p * edge).sum(-1) / torch.where(long_edge, edge_len2, 1.0), 0.0).clamp(0.0, 1.0)
     r = to_p - t[..., None] * edge
     d = (r * r).sum(-1).min(dim=-1).values  # (B, P, F)
 
-    # Barycentrics b_k: the signed area of the triangle (p, v_k+1, v_k+2) over the face's.
+    # Barycentrics b_k = E_k / area2, E_k the signed area of the triangle (p, v_k+1, v_k+2).
+    # Only the signs of b and the ratios of its positive parts are used, so they are taken from
+    # sign(area2) * E_k, never dividing by area2: as a face turns edge-on, area2 -> 0 and the
+    # terms of dL/darea2 grow like 1 / area2 and cancel catastrophically, while the clipped
+    # barycentrics themselves stay well conditioned.
     u = v.roll(-1, dims=-2) - p[..., None, :]
     w = v.roll(-2, dims=-2) - p[..., None, :]
-    b = (u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]) / area2[..., None]  # (B, P, F, 3)
-    b = torch.where(face_ok[..., None], b, 1.0 / 3.0)  # skipped faces: any finite, summing to 1
+    e = orientation[..., None] * (u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0])  # |area2| b, (B, P, F, 3)
+    # Inside: all b_k >= 0, which implies that p is in the face's bounding box. The box test is
+    # not redundant in floating point: for a sliver far from p whose edge lines pass near p, the
+    # signs of E_k are rounding noise, and could make p "inside" a face nowhere near it.
+    in_box = ((p >= v.amin(dim=-2)) & (p <= v.amax(dim=-2))).all(dim=-1)  # (B, P, F)
+    inside = (e >= 0).all(dim=-1) & in_box
+
+    # Clipped barycentrics b~_k = max(b_k, 0) / sum_l max(b_l, 0). The b_k sum to 1, so some
+    # b_k > 0; only rounding in E_k (a face tiny or thin next to its distance from p) can leave
+    # none, and such a pair is skipped (with stand-in weights of 1/3, so that its masked values
+    # stay finite).
+    e_clip = e.clamp(min=0.0)
+    clip_ok = e_clip.sum(dim=-1) > 0
+    e_clip = torch.where(clip_ok[..., None], e_clip, 1.0)
+    b_clip = e_clip / e_clip.sum(dim=-1, keepdim=True)
 
     # delta_ij = +1 inside, -1 outside; D_ij = sigmoid(delta_ij d_ij / sigma).
-    inside = (b >= 0).all(dim=-1)
     x = torch.where(inside, d, -d) / s.sigma
     D = torch.sigmoid(x)
 
-    # Clipped barycentrics, then perspective-correct weights w^ and depth z_ij.
-    b_clip = b.clamp(min=0.0)
-    b_clip = b_clip / b_clip.sum(dim=-1, keepdim=True)
+    # Perspective-correct weights w^ and depth z_ij.
     if s.perspective:
         b_over_z = b_clip / z
         w_hat = b_over_z / b_over_z.sum(dim=-1, keepdim=True)
@@ -97,8 +133,13 @@ def _shade_pixels(
         z_ij = (b_clip * z).sum(dim=-1)
 
     # Pairs that count: the face is kept, the pixel is inside or within the cut-off, and the
-    # interpolated depth is inside [near, far].
-    keep = face_ok & (inside | (d <= s.distance_cutoff)) & (z_ij >= s.near) & (z_ij <= s.far)
+    # interpolated depth is inside [near, far]. z_ij is a mean of the corner depths, so it lies
+    # in [min_k z_k, max_k z_k], and min_k z_k >= near for a drawn face: the near bound always
+    # holds. The far bound is tested on z_ij clamped to the corners' range, which changes
+    # nothing but rounding: without the clamp a face lying on the far plane (or, through the
+    # near bound, on the near plane) would lose pixels at random.
+    z_ij_in_range = torch.minimum(torch.maximum(z_ij, z.amin(dim=-1)), z.amax(dim=-1))
+    keep = face_ok & clip_ok & (inside | (d <= s.distance_cutoff)) & (z_ij_in_range <= s.far)
 
     C = torch.einsum("bpfk,bfkc->bpfc", w_hat, face_attrs)
     zhat = (s.far - z_ij) / (s.far - s.near)
