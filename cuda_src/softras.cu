@@ -267,7 +267,7 @@ MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * 
 // setup: one item per face. A pair can count only if the pixel is inside the face or within
 // sqrt(distance_cutoff) of it, so the face's box is its screen bounding box grown by that much,
 // converted to the pixels whose centers it holds. A thousandth of a pixel of slack keeps
-// rounding from ever dropping a pixel; eval_pair decides exactly.
+// rounding from ever dropping a pixel; eval_boundary decides exactly.
 #define BOX_SLACK 1e-3
 template <typename T>
 __device__ void setup_item(const RasterArgs<T>& a, long long item) {
