@@ -1,0 +1,39 @@
+"""scripts/bench.py runs end to end on its smallest case: the CSV has the documented columns and
+consistent values, and the plot is drawn. (Speed is the script's to measure, not a test's.)"""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["case", "backend", "faces", "width", "height", "batch", "channels", "threads",
+           "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited"]
+CASE = "f1280_64px_b1_rgb_sigma-softras"
+
+
+def test_bench_writes_its_table_and_plot(tmp_path):
+    table, figure = tmp_path / "bench.csv", tmp_path / "bench.png"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", CASE, "--threads", "1",
+         "--csv", str(table), "--plot", str(figure)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    with open(table, newline="") as stream:
+        reader = csv.DictReader(stream)
+        assert reader.fieldnames == COLUMNS
+        rows = {row["backend"]: row for row in reader}
+    assert set(rows) == {"cpu", "reference"}
+    for row in rows.values():
+        assert row["case"] == CASE
+        assert (row["faces"], row["width"], row["height"], row["batch"], row["channels"], row["threads"]) == (
+            "1280", "64", "64", "1", "3", "1")
+        assert 0 < float(row["forward_ms"]) and 0 < float(row["forward_backward_ms"])
+        assert float(row["peak_mb"]) >= 0
+    dense = 64 * 64 * 1280
+    assert int(rows["reference"]["pairs_visited"]) == dense
+    # SoftRas's sigma reaches about a third of a pixel: the tiles cull all but a few percent.
+    assert 0 < int(rows["cpu"]["pairs_visited"]) < 0.05 * dense
+    assert f"# {CASE}: cpu kernels" in run.stdout
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
