@@ -58,12 +58,9 @@ def project_views(
     skipped by the rasterizer anyway, and the clamp keeps its (unused) screen position finite so
     that no NaN can reach a gradient.
     """
-    names = ("eye", "target", "up")
-    if poses is None:  # one tensor per field, not three per camera: this runs every iteration
-        eye, target, up = (torch.tensor([getattr(c, name) for c in cameras], dtype=points.dtype, device=points.device)
-                           for name in names)
-    else:
-        eye, target, up = (torch.stack([getattr(pose, name) for pose in poses]) for name in names)
+    if poses is None:
+        poses = [CameraTensors.of(camera, dtype=points.dtype, device=points.device) for camera in cameras]
+    eye, target, up = (torch.stack([getattr(pose, name) for pose in poses]) for name in ("eye", "target", "up"))
     rotation = look_at_rotation(eye, target, up)  # (N, 3, 3)
     flat = points.reshape(1, -1, 3)
     points_cam = (flat - eye[:, None]) @ rotation.transpose(-1, -2)  # (N, P, 3)
