@@ -27,6 +27,7 @@
 // One pixel per thread: the warp is the vector.
 #define MDR_LANES 1
 #define MDR_SIMD
+#define MDR_SIMD_SUM(var)
 
 
 #else  // host C++
@@ -47,6 +48,9 @@
 // where the CPU has it).
 #define MDR_LANES 8
 #define MDR_SIMD _Pragma("omp simd")  // needs -fopenmp-simd (the pragma alone, no runtime)
+// A lane loop that adds up into var.
+#define MDR_PRAGMA(text) _Pragma(#text)
+#define MDR_SIMD_SUM(var) MDR_PRAGMA(omp simd reduction(+ : var))
 
 // Denormal floats (below ~1e-38 in float32, as exp((zhat - m) / gamma) of hidden faces often is)
 // cost x86 cores ~100 cycles per operation. GPUs flush them in fast paths; here each launch

@@ -253,9 +253,9 @@ MDR_DEVICE T lane_sum(const T* values) {
 // Whether any lane's mask (1 or 0, as wide as T so that lane loops can select with it) is set.
 template <typename T>
 MDR_DEVICE bool any_lane(const T* mask) {
-    bool any = false;
-    for (int lane = 0; lane < MDR_LANES; ++lane) any |= mask[lane] != T(0);
-    return any;
+    T count = T(0);  // exact: a sum of at most MDR_LANES ones
+    MDR_SIMD_SUM(count) for (int lane = 0; lane < MDR_LANES; ++lane) count += mask[lane];
+    return count != T(0);
 }
 
 template <typename T>
