@@ -420,7 +420,9 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
 
 // ---------------------------------------------------------------------------------------------
 // backward: one item per face j; sums over the pixels i of its box, MDR_LANES adjacent pixels
-// at a time (lane sums are added up in a fixed order at the end, so results stay reproducible).
+// at a time from the box's left edge, not from tile columns as in the forward (a 5-pixel-wide
+// box then takes one lane group per row, not one or two). Lane sums are added up in a fixed
+// order at the end, so results stay reproducible.
 // With gI = dL/dI_i (C values) and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
 //   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
 //   dL/dw_ij    = gI . (C_ij - I_i) / W_i             =: gw
@@ -473,7 +475,11 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
 
         for (int row = box[0]; row <= box[1]; ++row) {
             const T py = pixel_y(row, a);
-            for (int col0 = box[2] - box[2] % L; col0 <= box[3]; col0 += L) {
+            for (int start = box[2]; start <= box[3]; start += L) {
+                // Lanes col0 .. col0 + L - 1 take the pixels start .. start + L - 1 of the row; at the
+                // right edge col0 moves left to stay inside the padded row (the lanes before start
+                // are masked: the previous group had them).
+                const int col0 = mdr_min(start, a.pitch - L);
                 const long long pixel0 = (long long)b * (C + 1) * HW + row * a.pitch + col0;  // channel c at + c * HW
                 const T* image = a.image + pixel0;
                 const T* grad = a.grad_image + pixel0;
@@ -483,7 +489,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                     const int col = col0 + lane;
                     px[lane] = pixel_x(col, a);
-                    near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= box[2]) & (col <= box[3]) ? T(1) : T(0);
+                    near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= start) & (col <= box[3]) ? T(1) : T(0);
                 }
                 if (!any_lane(near)) continue;  // as in the forward
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
