@@ -149,8 +149,9 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def timed(fn, device: str, budget_s: float, max_runs: int = 7) -> float:
-    """Median milliseconds of ``fn`` after one warm-up; fewer runs when each is slow."""
+def timed(fn, device: str, budget_s: float, max_runs: int = 21) -> float:
+    """Median milliseconds of ``fn`` after one warm-up; fewer runs when each is slow (up to 21:
+    cases of a few milliseconds vary by about 10 % from run to run on a shared VM)."""
     def once():
         if device == "cuda":
             torch.cuda.synchronize()
