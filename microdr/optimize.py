@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from .adam import Adam
 from .camera import CameraTensors
 from .checkpoint import encode_checkpoint, read_checkpoint
 from .errors import InputError, MicroDRError
@@ -67,6 +68,7 @@ from .losses import Evaluation, MeshTopology, Metrics, loss_terms
 from .mesh import Mesh
 from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
+from .raster.cpu import kernels_own_the_cores
 from .render import mesh_albedo, render_faces, scene_faces
 from .scene import (
     LOSS_TERMS,
@@ -501,7 +503,7 @@ class Optimization:
         self.target_images = targets.images.to(dtype=dtype, device=self.device)
         self.has_rgb = targets.has_rgb.to(self.device)
         self.has_silhouette = targets.has_silhouette.to(self.device)
-        self.optimizer = torch.optim.Adam(
+        self.optimizer = Adam(
             self.parameters.parameters(), lr=self.settings.lr, betas=self.settings.betas
         )
         self.generator = torch.Generator().manual_seed(seed)
@@ -526,6 +528,17 @@ class Optimization:
         """
         if self.iteration >= self.settings.iterations:
             raise RuntimeError(f"all {self.settings.iterations} iterations are done")
+        with self._cores():
+            return self._iterate()
+
+    def _cores(self) -> contextlib.AbstractContextManager:
+        """For the CPU kernels, the cores without torch's spinning workers (see
+        :func:`microdr.raster.cpu.kernels_own_the_cores`): that holds whichever of torch and
+        microdr was imported first. Other backends run as they are."""
+        return kernels_own_the_cores() if self.backend == "cpu" else contextlib.nullcontext()
+
+    def _iterate(self) -> Step:
+        """The body of :meth:`step`."""
         started = time.perf_counter()
         iteration = self.iteration
         generator_state = self.generator.get_state()
@@ -548,7 +561,7 @@ class Optimization:
             total = sum(
                 (weights[name] * term for name, term in terms.items()), images.new_zeros(())
             )
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             if total.requires_grad:
                 total.backward()
             self._check_loss_and_gradients(iteration, total, terms)
@@ -564,8 +577,7 @@ class Optimization:
             raise
         lr = lr_at(self.settings, iteration)
         with _interrupts_held():
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self.optimizer.lr = lr
             self._update(iteration, generator_state)
             self.seconds += time.perf_counter() - started
             step = Step(
@@ -679,6 +691,11 @@ class Optimization:
         """The optimized scene, its renders of every camera with the final sigma, how well they
         match the targets, and the same for the start; ``interrupted`` and ``stopped`` say how
         the run ended (see :class:`Result`)."""
+        with self._cores():
+            return self._result(interrupted, stopped)
+
+    def _result(self, interrupted: bool, stopped: str | None) -> Result:
+        """The body of :meth:`result`."""
         sigma = sigma_at(self.settings, self.scene, self.settings.iterations)
         render = replace(self.scene.render, sigma=sigma)
         everything = torch.arange(len(self.scene.cameras), device=self.device)

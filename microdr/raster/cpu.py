@@ -1,13 +1,25 @@
 """CPU target: cuda_src/softras.cu compiled by the host C++ compiler, launched through ctypes.
 
-The launch grid runs on ``torch.get_num_threads()`` threads (cuda_src/portability.h).
-Every work item owns its outputs, so results are bitwise identical for any thread count.
+The launch grid runs on ``torch.get_num_threads()`` threads (cuda_src/portability.h), or on
+the count :func:`kernels_own_the_cores` saved. Every work item owns its outputs, so results are
+bitwise identical for any thread count.
+
+torch's OpenMP workers (libgomp) spin for a while after each of torch's parallel operations
+unless ``OMP_WAIT_POLICY=PASSIVE`` was set when torch loaded. ``import microdr`` sets it when it
+comes first; when torch came first, the spinning workers take cores from the kernels' threads,
+which start right after torch's ops (an optimization of a bundled task took 109 s instead of 7 s
+on 2 cores). :func:`kernels_own_the_cores` avoids that for a whole run, and a kernel launched
+outside it, while workers spin, logs one warning that says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import logging
+import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -15,6 +27,52 @@ import torch
 from ..errors import MicroDRError
 from .cpu_build import load_library
 from .kernels import ARGS_DTYPE, FACE_RECORD, TILE, TileBins
+
+logger = logging.getLogger(__name__)
+
+#: The kernels' thread count while :func:`kernels_own_the_cores` runs, else ``None``.
+_kernel_threads: int | None = None
+_warned_of_spinning = False
+
+
+def torch_workers_spin() -> bool:
+    """Whether torch's OpenMP workers spin between torch's operations: libgomp reads
+    ``OMP_WAIT_POLICY`` once, when torch loads, and anything but ``PASSIVE`` spins for a while."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+@contextlib.contextmanager
+def kernels_own_the_cores() -> Iterator[None]:
+    """While the block runs, the CPU kernels use torch's thread count from before it, and, if
+    torch's workers would spin (:func:`torch_workers_spin`), torch's own operations run on one
+    thread, so that no worker wakes to spin (an optimizer loop's torch operations are small next
+    to the kernels). The caller's thread count is restored after."""
+    global _kernel_threads
+    threads, saved = torch.get_num_threads(), _kernel_threads
+    _kernel_threads = threads if saved is None else saved
+    if torch_workers_spin():
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _kernel_threads = saved
+
+
+def _launch_threads() -> int:
+    """The kernels' thread count; warns once when torch's workers spin and take cores."""
+    global _warned_of_spinning
+    if _kernel_threads is not None:
+        return _kernel_threads
+    threads = torch.get_num_threads()
+    if threads > 1 and torch_workers_spin() and not _warned_of_spinning:
+        _warned_of_spinning = True
+        logger.warning(
+            "torch was imported before microdr without OMP_WAIT_POLICY=PASSIVE: its OpenMP "
+            "workers spin between operations and can slow the CPU kernels many times over; "
+            "import microdr before torch, or set OMP_WAIT_POLICY=PASSIVE in the environment"
+        )
+    return threads
 
 
 class CpuTarget:
@@ -55,7 +113,7 @@ class CpuTarget:
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
         # ctypes releases the GIL for the call; the launch's threads do the work.
-        self._launcher(kernel)(args.ctypes.data, grid, block, torch.get_num_threads())
+        self._launcher(kernel)(args.ctypes.data, grid, block, _launch_threads())
 
 
 @functools.cache
