@@ -12,6 +12,7 @@ import contextlib
 import importlib.metadata
 import math
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -41,13 +42,16 @@ from .raster import backend_status, resolve_backend
 from .raster.cpu_build import build_info
 from .render import render_scene
 from .scene import (
+    MAX_IMAGE_SIDE,
     OPTIMIZABLE,
     Camera,
     OptimizeSettings,
     Scene,
     input_files,
     load_scene,
+    mesh_preview_scene,
     override_optimize,
+    too_many_pixels,
 )
 from .targets import read_targets
 from .verify import compare_backends, shrink
@@ -141,7 +145,8 @@ def _lowercase_first(text: str) -> str:
 
 # Plain tracebacks (no rich boxes) for bugs: they are meant to be pasted into bug reports.
 app = typer.Typer(
-    cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 
@@ -155,12 +160,24 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the full traceback of errors, not one line.")
     ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print microDR's version and exit.", is_eager=True,
+            callback=lambda given: _print_version() if given else None,
+        ),
+    ] = False,
 ) -> None:
     """microDR: a differentiable soft rasterizer.
 
     Errors in what you give (scene files, meshes, flags) print one line and exit with code 2.
     """
     # ``debug`` is read by _Commands.invoke, which handles the errors of every command.
+
+
+def _print_version() -> NoReturn:
+    typer.echo(f"microdr {__version__}")
+    raise typer.Exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,15 +214,31 @@ def render(
     alpha: Annotated[
         bool, typer.Option("--alpha", help="Write RGBA PNGs (the silhouette as alpha).")
     ] = False,
+    size: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="WxH|N",
+            help="Render at WIDTHxHEIGHT pixels, or with the longer side N pixels (aspect kept), "
+            "instead of the scene's image size. sigma is in screen units, so the soft edges keep "
+            "their width relative to the image.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Render every camera of SCENE to 8-bit PNG images, or a turntable GIF.
 
+    SCENE may also be an OBJ mesh: it is shown whole by one camera, with default lights.
     Nothing is written unless every image renders; existing files are replaced atomically.
     """
     _check_render_flags(grid, turntable, alpha)
     if backend is not None:
         _check_choice("--backend", backend, BACKENDS)
-    loaded = load_scene(scene)
+    if Path(scene).suffix.lower() == ".obj":
+        loaded = mesh_preview_scene(scene)
+    else:
+        loaded = load_scene(scene)
+    if size is not None:
+        loaded = replace(loaded, render=replace(loaded.render, **_image_size(size, loaded)))
     used = resolve_backend(backend or loaded.render.backend)
     jobs = _render_jobs(loaded, Path(output), grid, turntable)
     _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs)])
@@ -231,6 +264,27 @@ def _check_render_flags(grid: bool, turntable: int | None, alpha: bool) -> None:
         raise InputError("--grid", "", "cannot be combined with --turntable (it shows one camera)")
     if alpha:
         raise InputError("--alpha", "", "cannot be combined with --turntable (GIF has no alpha)")
+
+
+def _image_size(text: str, scene: Scene) -> dict[str, int]:
+    """``width`` and ``height`` from ``--size``: ``WxH``, or ``N`` for the longer side of the
+    scene's aspect."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*(?:[xX]\s*(\d{1,9})\s*)?", text)
+    if match is None:
+        raise InputError("--size", "", f"expected WIDTHxHEIGHT or one number, got {show_value(text)}")
+    if match[2] is not None:
+        width, height = int(match[1]), int(match[2])
+    else:
+        longest, render = int(match[1]), scene.render
+        factor = longest / max(render.width, render.height)
+        width, height = max(1, round(render.width * factor)), max(1, round(render.height * factor))
+    for name, side in (("width", width), ("height", height)):
+        if not 1 <= side <= MAX_IMAGE_SIDE:
+            raise InputError("--size", "", f"{name} {side} is outside [1, {MAX_IMAGE_SIDE}]")
+    problem = too_many_pixels(width, height)
+    if problem:
+        raise InputError("--size", "", problem)
+    return {"width": width, "height": height}
 
 
 def _check_choice(flag: str, value: str, options: Collection[str]) -> None:
@@ -328,7 +382,7 @@ def optimize(
             "-o",
             "--output",
             metavar="OUTDIR",
-            help="The folder to write into. Default: <scene stem>_optimized.",
+            help="The folder to write into. Default: the scene file's name without .json, then \"_optimized\".",
             show_default=False,
         ),
     ] = None,

@@ -330,6 +330,57 @@ def _countable_side(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**63
 
 
+#: How :func:`mesh_preview_scene` looks at a mesh: vertical field of view and orbit angles (deg).
+PREVIEW_FOV, PREVIEW_ELEVATION, PREVIEW_AZIMUTH = 40.0, 20.0, 30.0
+
+
+def mesh_preview_scene(path: str | os.PathLike, width: int = 256, height: int = 256) -> Scene:
+    """A scene that shows the OBJ file ``path`` whole, for ``microdr render mesh.obj``.
+
+    The mesh keeps its coordinates and its vertex colors (else the default gray). One
+    perspective camera (:data:`PREVIEW_FOV`) looks at the center of the mesh's bounding box from
+    :data:`PREVIEW_ELEVATION` and :data:`PREVIEW_AZIMUTH`, far enough that the box's bounding
+    sphere fits the view; near and far planes enclose that sphere. Lights: ambient 0.4 and one
+    directional light of 0.7 from above the camera's right shoulder.
+    """
+    source = str(path)
+    mesh = load_obj(path)
+    if mesh.num_vertices == 0:
+        raise InputError(source, "", "the mesh has no vertices: nothing to frame")
+    low, high = mesh.vertices.double().min(dim=0).values, mesh.vertices.double().max(dim=0).values
+    center = (low + high) / 2
+    radius = max(float((high - low).norm()) / 2, 1e-6 * max(1.0, float(center.abs().max())))
+    # The sphere fits the vertical field of view, and the narrower horizontal one if W < H.
+    half_fov = math.radians(PREVIEW_FOV / 2)
+    half_fov = min(half_fov, math.atan(math.tan(half_fov) * width / height))
+    distance = radius / math.sin(half_fov) * 1.05
+    elevation, azimuth = math.radians(PREVIEW_ELEVATION), math.radians(PREVIEW_AZIMUTH)
+    direction = torch.tensor(
+        [math.cos(elevation) * math.sin(azimuth), math.sin(elevation),
+         math.cos(elevation) * math.cos(azimuth)],
+        dtype=torch.float64,
+    )  # fmt: skip
+    camera = Camera(
+        projection="perspective",
+        eye=tuple((center + distance * direction).tolist()),
+        target=tuple(center.tolist()),
+        up=(0.0, 1.0, 0.0),
+        fov=PREVIEW_FOV,
+        half_height=None,
+        near=max(distance - 1.5 * radius, distance * 1e-3),
+        far=distance + 1.5 * radius,
+    )
+    colors, color_mode = _colors(_Node(_MISSING, source), mesh)
+    scene_mesh = SceneMesh(Path(path).name, mesh, Transform(), colors, color_mode)
+    lights = Lights(0.4, (DirectionalLight(_unit((0.5, 1.0, 0.8)), 0.7),))
+    return Scene(source, RenderSettings(width, height), (scene_mesh,), (camera,), lights, None)
+
+
+def _unit(vector: Vec3) -> Vec3:
+    length = math.hypot(*vector)
+    return tuple(x / length for x in vector)
+
+
 def _scene_mesh(node: _Node, base_dir: Path) -> SceneMesh:
     entry = node.object(("file", "primitive", "subdivisions", "transform", "color"))
     if entry.either("file", "primitive") == "file":

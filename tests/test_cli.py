@@ -309,3 +309,65 @@ def test_gradcheck_passes_on_the_cube():
             line.startswith(quantity) and line.endswith("ok") for line in result.stdout.splitlines()
         )
     assert "FAIL" not in result.stdout
+
+
+def test_version_prints_the_installed_version():
+    import microdr
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"microdr {microdr.__version__}\n"
+
+
+@pytest.mark.parametrize("mesh, shift", [("scenes/meshes/torus.obj", (0, 0, 0)), ("far.obj", (40, -7, 300))])
+def test_render_an_obj_shows_it_whole_and_centered(tmp_path, mesh, shift):
+    """An OBJ is framed wherever its vertices are: the silhouette is inside the image, touching
+    no border, and its box is near the image's center."""
+    path = REPO / mesh
+    if shift != (0, 0, 0):  # the torus moved far from the origin and scaled up
+        lines = (REPO / "scenes/meshes/torus.obj").read_text().splitlines()
+        moved = []
+        for line in lines:
+            if line.startswith("v "):
+                x, y, z, *rest = line.split()[1:]
+                xyz = [50 * float(c) + s for c, s in zip((x, y, z), shift)]
+                line = "v " + " ".join(map(str, xyz + [float(r) for r in rest]))
+            moved.append(line)
+        path = tmp_path / mesh
+        path.write_text("\n".join(moved) + "\n")
+    out = tmp_path / "mesh.png"
+    result = invoke("render", path, "-o", out, "--alpha", "--size", "96")
+    assert result.exit_code == 0, result.output
+    alpha = iio.imread(out)[..., 3] > 127
+    assert alpha.shape == (96, 96)
+    assert alpha.sum() > 0.1 * alpha.size
+    assert not (alpha[0].any() or alpha[-1].any() or alpha[:, 0].any() or alpha[:, -1].any())
+    rows, columns = np.nonzero(alpha)
+    assert abs((rows.min() + rows.max()) / 2 - 47.5) < 8
+    assert abs((columns.min() + columns.max()) / 2 - 47.5) < 8
+
+
+def test_render_size_sets_the_image_size(tmp_path):
+    scene = small_scene(tmp_path)  # 32 x 24
+    out = tmp_path / "a.png"
+    assert invoke("render", scene, "-o", out, "--size", "50x20").exit_code == 0
+    assert iio.imread(out).shape[:2] == (20, 50)
+    assert invoke("render", scene, "-o", out, "--size", "64").exit_code == 0
+    assert iio.imread(out).shape[:2] == (48, 64)
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ("big", 'expected WIDTHxHEIGHT or one number, got "big"'),
+        ("0x10", "width 0 is outside [1, 16384]"),
+        ("16000x16000", "16000 x 16000 is 256000000 pixels, more than the limit"),
+    ],
+)
+def test_render_size_refuses_bad_values_in_one_line(tmp_path, size, message):
+    scene = small_scene(tmp_path)
+    result = invoke("render", scene, "-o", tmp_path / "a.png", "--size", size)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"--size: {message}")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "a.png").exists()
