@@ -3,13 +3,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# PyTorch's CPU-only wheels (Linux, Windows; on macOS the same wheels as PyPI).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: its CPU wheel. An unpinned torch would pull ~3 GB of CUDA wheels.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned, from PyTorch's CPU wheel index (its `2.13.0+cpu` outranks PyPI's
+	# `2.13.0`, which on Linux is the ~3 GB CUDA build). Offline, pip's own configuration
+	# (find-links, a local index) still supplies it.
+	$(PY) -m pip install -q torch==2.13.0 --extra-index-url $(TORCH_INDEX) --retries 1
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -1,4 +1,4 @@
-// The soft rasterizer (../shared/MODEL.md): forward and hand-written backward.
+// The soft rasterizer (docs/MODEL.md): forward and hand-written backward.
 //
 // Four kernels, each a 1-D grid of independent work items that own their outputs (no atomics,
 // so results are bitwise reproducible on the CPU whatever the thread count):

@@ -1,4 +1,4 @@
-"""Coordinate conventions, defined once (see ``../shared/MODEL.md``); everything else imports them.
+"""Coordinate conventions, defined once (see ``docs/MODEL.md``); everything else imports them.
 
 - World space is right-handed with +y up. A camera looks along its -z axis; x is right, y is up.
 - View depth ``z = -z_cam`` is positive in front of the camera.

@@ -2,7 +2,7 @@
 
 Everything above this seam (cameras, shading, losses) is plain PyTorch and gets its gradients
 from autograd *through* :func:`rasterize`; everything below it is a backend that implements
-``../shared/MODEL.md`` exactly: the PyTorch reference (autograd) or the hand-written kernels.
+``docs/MODEL.md`` exactly: the PyTorch reference (autograd) or the hand-written kernels.
 """
 
 from __future__ import annotations
