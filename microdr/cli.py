@@ -186,7 +186,12 @@ def _print_version() -> NoReturn:
 
 @app.command()
 def render(
-    scene: SceneArgument,
+    scene: Annotated[
+        str,
+        typer.Argument(
+            help="The scene file (JSON), or an OBJ mesh to preview.", metavar="SCENE", show_default=False
+        ),
+    ],
     output: Annotated[
         str,
         typer.Option(
