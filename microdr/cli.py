@@ -35,9 +35,10 @@ from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import write_files
 from .images import encode_gif, encode_png, grid, to_uint8
-from .optimize import NonFiniteError, Step
+from .optimize import NonFiniteError
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
+from .result import Step
 from .raster import backend_status, resolve_backend
 from .raster.cpu_build import build_info
 from .render import render_scene

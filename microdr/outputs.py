@@ -8,7 +8,7 @@
   the silhouette in gray where the target has no color.
 - ``progress.gif``: target | render of camera 0, every few iterations, then the result.
 - ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR over the iterations.
-- ``metrics.csv``: one row per iteration (:meth:`microdr.optimize.Step.row`).
+- ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
 - ``metrics.json``: ``start`` and ``final`` quality, each the mean and per-view ``iou`` and
   ``psnr``; ``final`` also has ``iterations``, ``seconds``, ``backend``, ``interrupted`` and
   ``stopped`` (why a NaN or an infinity ended the run early, else ``null``).
@@ -29,7 +29,6 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,11 +38,9 @@ from .files import check_writable_folder, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .losses import Metrics
 from .mesh import save_obj
+from .result import History, Result
 from .scene import Scene, SceneMesh, input_files, scene_to_json
 from .targets import Targets
-
-if TYPE_CHECKING:  # optimize.py imports this module
-    from .optimize import History, Result
 
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1
