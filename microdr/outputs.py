@@ -7,7 +7,8 @@
 - ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``: color, or
   the silhouette in gray where the target has no color.
 - ``progress.gif``: target | render of camera 0, every few iterations, then the result.
-- ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR over the iterations.
+- ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has) over the
+  iterations.
 - ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
 - ``metrics.json``: ``start`` and ``final`` quality, each the mean and per-view ``iou`` and
   ``psnr``; ``final`` also has ``iterations``, ``seconds``, ``backend``, ``interrupted`` and
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .drawing import Panel, Series, line_charts
 from .errors import InputError
 from .files import check_writable_folder, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
@@ -243,31 +245,22 @@ def _animation(result: Result, targets: Targets) -> bytes:
 
 
 def _loss_plot(history: History) -> bytes:
-    """PNG of the loss and its terms (log scale), and of IoU and PSNR, over the iterations."""
-    # Imported here: matplotlib takes a moment to load, and only this picture needs it. The
-    # Figure API draws with Agg without touching pyplot's global backend.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-    losses, quality = figure.subplots(1, 2)
+    """PNG of the loss and its (unweighted) terms, then IoU and PSNR where the run has them, over
+    the iterations; a y axis is logarithmic when its values span more than a decade."""
     iterations = [row["iteration"] for row in history.rows]
     fixed = {"iteration", "iou", "psnr", "lr", "sigma", "seconds"}
-    for name in history.rows[0] if history.rows else {}:
-        if name not in fixed:
-            label = "loss (weighted sum)" if name == "loss" else name
-            losses.plot(iterations, [row[name] for row in history.rows], label=label)
-    losses.set(xlabel="iteration", yscale="log", title="loss")
-    panels = ((quality, "iou", "IoU", "C0"), (quality.twinx(), "psnr", "PSNR (dB)", "C1"))
-    for axis, name, label, color in panels:
-        values = [np.nan if row[name] is None else row[name] for row in history.rows]
-        axis.plot(iterations, values, color=color)
-        axis.set_ylabel(label, color=color)
-    quality.set(xlabel="iteration", title="views of each iteration")
-    if history.rows:
-        losses.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    names = [name for name in (history.rows[0] if history.rows else {"loss": 0}) if name not in fixed]
+    losses = [
+        Series("loss (weighted sum)" if name == "loss" else name, iterations,
+               [row[name] for row in history.rows])
+        for name in names
+    ]  # fmt: skip
+    panels = [Panel("loss", "iteration", losses)]
+    for name, title in (("iou", "IoU"), ("psnr", "PSNR (dB)")):
+        values = [row[name] for row in history.rows]
+        if any(value is not None for value in values):
+            panels.append(Panel(title, "iteration", [Series(title, iterations, values)]))
+    return encode_png(line_charts(panels))
 
 
 def _csv(history: History) -> bytes:

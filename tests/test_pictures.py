@@ -6,6 +6,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
+
+from microdr.drawing import MARGINS, PLOT_SIZE, SERIES_COLORS, nice_ticks
+from microdr.outputs import _loss_plot
+from microdr.result import History
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +31,80 @@ def test_outputs_and_result_import_only_lower_layers():
     assert "optimize" in _imported_modules("cli")
     for module in ("outputs", "result"):
         assert not _imported_modules(module) & {"optimize", "cli"}, module
+
+
+# --- loss.png ----------------------------------------------------------------------------------
+
+
+def _rows(count: int, *, iou: bool, terms: bool = True) -> list[dict]:
+    """``count`` rows of metrics.csv: the loss falls from 1 to 1e-3 (three decades)."""
+    rows = []
+    for i in range(count):
+        loss = 10 ** (-3 * i / max(count - 1, 1))
+        row = {"iteration": i, "loss": loss, **({"rgb_l2": loss / 2} if terms else {})}
+        row.update(iou=0.5 + i / (2 * count) if iou else None, psnr=10 + i / 10)
+        row.update(lr=0.01, sigma=1e-4, seconds=0.01 * i)
+        rows.append(row)
+    return rows
+
+
+def _plot(rows: list[dict]) -> np.ndarray:
+    return iio.imread(_loss_plot(History(rows=rows)))[..., :3]
+
+
+def _has_color(image: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    return (image == np.array(color, dtype=np.uint8)).all(axis=-1)
+
+
+def _panel_width() -> int:
+    return MARGINS[0] + PLOT_SIZE[0] + MARGINS[2]
+
+
+def test_loss_plot_has_a_panel_per_quantity_the_run_has():
+    """An RGB-only run has no IoU: no empty IoU axis, only loss and PSNR."""
+    rgb_only = _plot(_rows(50, iou=False))
+    both = _plot(_rows(50, iou=True))
+    assert rgb_only.shape[1] == 2 * _panel_width()
+    assert both.shape[1] == 3 * _panel_width()
+    assert rgb_only.shape[0] == both.shape[0] > MARGINS[1] + PLOT_SIZE[1] + MARGINS[3]
+
+
+def test_loss_plot_draws_each_series_in_its_color_with_a_legend():
+    with_term, without = _plot(_rows(50, iou=False)), _plot(_rows(50, iou=False, terms=False))
+    loss_color, term_color = SERIES_COLORS[:2]
+    plot_area = np.s_[MARGINS[1] : MARGINS[1] + PLOT_SIZE[1], MARGINS[0] : MARGINS[0] + PLOT_SIZE[0]]
+    # Each curve crosses the plot area: its color in most columns.
+    columns = _has_color(with_term[plot_area], term_color).any(axis=0)
+    assert columns.mean() > 0.9
+    assert _has_color(with_term[plot_area], loss_color).any(axis=0).mean() > 0.9
+    assert not _has_color(without, term_color).any()
+    # A legend below the plot (two series), with the term's color in it; none for one series.
+    below = np.s_[MARGINS[1] + PLOT_SIZE[1] + MARGINS[3] :, : _panel_width()]
+    assert _has_color(with_term[below], term_color).any()
+    assert without.shape[0] < with_term.shape[0]
+
+
+def test_loss_plot_has_tick_labels_on_a_log_axis_when_the_loss_spans_decades():
+    image = _plot(_rows(50, iou=False))
+    # Dark text left of the plot area (the tick labels) at five heights: 1 down to 1e-4 (the
+    # term, half the loss, ends at 5e-4).
+    labels = (image[MARGINS[1] - 8 : MARGINS[1] + PLOT_SIZE[1] + 8, : MARGINS[0] - 4] < 100).all(-1)
+    rows = np.flatnonzero(labels.any(axis=1))
+    groups = np.split(rows, np.flatnonzero(np.diff(rows) > 2) + 1)
+    assert len(groups) == 5
+    # Evenly spaced: a log scale (the loss falls geometrically).
+    centers = [group.mean() for group in groups]
+    assert np.ptp(np.diff(centers)) <= 2
+    assert nice_ticks(1e-3, 1.0, log=True) == [1e-3, 1e-2, 1e-1, 1.0]
+
+
+def test_nice_ticks():
+    assert nice_ticks(0.0, 0.93, log=False) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(3.0, 197.0, log=False) == [0.0, 50.0, 100.0, 150.0, 200.0]
+    assert nice_ticks(0.03, 0.4, log=True) == [0.02, 0.05, 0.1, 0.2, 0.5]
+
+
+def test_loss_plot_of_one_iteration_and_of_none():
+    one = _plot(_rows(1, iou=True))
+    assert _has_color(one, SERIES_COLORS[0]).sum() >= 9  # a dot, not an invisible line
+    assert _plot([]).shape[1] == _panel_width()
