@@ -8,10 +8,14 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
+import torch
+
+from microdr import cli
 
 from microdr.drawing import MARGINS, PLOT_SIZE, SERIES_COLORS, nice_ticks
 from microdr.outputs import _loss_plot
-from microdr.result import History
+from microdr.result import History, Step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +112,27 @@ def test_loss_plot_of_one_iteration_and_of_none():
     one = _plot(_rows(1, iou=True))
     assert _has_color(one, SERIES_COLORS[0]).sum() >= 9  # a dot, not an invisible line
     assert _plot([]).shape[1] == _panel_width()
+
+
+# --- the progress of microdr optimize ----------------------------------------------------------
+
+
+def test_speed_and_time_left_leave_out_the_first_iteration():
+    pace = cli._Pace(total=100)
+    pace.add(1, 30.0)  # the first iteration compiled kernels for 30 s
+    for done, now in ((2, 30.1), (3, 30.2)):
+        pace.add(done, now)
+        assert pace.speed() is None and pace.seconds_left() is None
+    pace.add(4, 30.3)
+    assert pace.speed() == pytest.approx(10.0)
+    assert pace.seconds_left() == pytest.approx(9.6)
+    step = Step(
+        iteration=3, views=(0,), loss=0.5, terms={}, iou=None, psnr=20.0, lr=0.01, sigma=1e-4,
+        seconds=30.3, images=torch.zeros(0),
+    )  # fmt: skip
+    assert cli._status(step, pace) == "loss 0.5  PSNR 20.0 dB  10.0 it/s  ETA 0:10"
+    # Later, only the last WINDOW iterations count: the speed follows a change.
+    for done in range(5, 5 + cli._Pace.WINDOW):
+        pace.add(done, 30.3 + (done - 4) * 1.0)
+    assert pace.speed() == pytest.approx(1.0)
+    assert cli._status(step, pace).endswith("1.0 it/s  ETA 1:16")  # 76 left
