@@ -42,7 +42,7 @@ from .outputs import default_outdir
 from .result import Step
 from .raster import backend_status, resolve_backend
 from .raster.cpu_build import build_info
-from .render import render_scene
+from .render import opaque_inside, render_scene
 from .scene import (
     MAX_IMAGE_SIDE,
     OPTIMIZABLE,
@@ -214,7 +214,12 @@ def render(
     ] = None,
     backend: BackendOption = None,
     alpha: Annotated[
-        bool, typer.Option("--alpha", help="Write RGBA PNGs (the silhouette as alpha).")
+        bool,
+        typer.Option(
+            "--alpha",
+            help="Write RGBA PNGs: alpha is the silhouette, opaque inside the outline (soft "
+            "silhouette >= 1/2), the soft silhouette outside it.",
+        ),
     ] = False,
     size: Annotated[
         Optional[str],
@@ -319,7 +324,8 @@ def _render_file(scene: Scene, backend: str, alpha: bool, animate: bool) -> tupl
     """One file's bytes, a PNG grid of the scene's views or a GIF with one frame per view, and
     the summary of the file for its "wrote" line."""
     start = time.perf_counter()
-    images = to_uint8(render_scene(scene, backend=backend)[:, : 4 if alpha else 3])
+    rendered = render_scene(scene, backend=backend)
+    images = to_uint8(opaque_inside(rendered) if alpha else rendered[:, :3])
     picture = images if animate else grid(images)
     data = encode_gif(picture, TURNTABLE_SECONDS) if animate else encode_png(picture)
     height, width = picture.shape[-3:-1]

@@ -10,12 +10,15 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from microdr import cli
 
 from microdr.drawing import MARGINS, PLOT_SIZE, SERIES_COLORS, nice_ticks
 from microdr.outputs import _loss_plot
+from microdr.render import render_scene
 from microdr.result import History, Step
+from microdr.scene import load_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,3 +139,38 @@ def test_speed_and_time_left_leave_out_the_first_iteration():
         pace.add(done, 30.3 + (done - 4) * 1.0)
     assert pace.speed() == pytest.approx(1.0)
     assert cli._status(step, pace).endswith("1.0 it/s  ETA 1:16")  # 76 left
+
+
+# --- render --alpha ----------------------------------------------------------------------------
+
+
+def _inside(mask: np.ndarray, margin: int) -> np.ndarray:
+    """The pixels of ``mask`` (H, W) that are ``margin`` pixels or more from its outside."""
+    inside = mask.copy()
+    for _ in range(margin):
+        inside[1:] &= inside[:-1].copy()
+        inside[:-1] &= inside[1:].copy()
+        inside[:, 1:] &= inside[:, :-1].copy()
+        inside[:, :-1] &= inside[:, 1:].copy()
+    return inside
+
+
+def test_render_alpha_is_opaque_inside_the_icosphere(tmp_path):
+    """The soft silhouette is 0.94-1 inside (the faces' edges show); the picture's alpha is 1,
+    and outside the outline it is the soft silhouette."""
+    scene = REPO / "scenes" / "icosphere.json"
+    result = CliRunner().invoke(
+        cli.app, ["render", str(scene), "-o", str(tmp_path / "a.png"), "--alpha", "--backend", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    soft = render_scene(load_scene(scene), backend="cpu")[:, 3].numpy()
+    for view in range(2):
+        alpha = iio.imread(tmp_path / f"a_{view}.png")[..., 3]
+        inside = _inside(soft[view] >= 0.5, margin=3)
+        assert inside.sum() > 20_000
+        assert (soft[view][inside] < 0.99).sum() > 1000  # what the picture showed before
+        assert (alpha[inside] == 255).all()
+        outside = soft[view] < 0.5
+        expected = np.round(soft[view][outside] * 255)
+        assert np.abs(alpha[outside] - expected).max() <= 1
+        assert ((alpha > 0) & (alpha < 128)).sum() > 200  # a soft edge
