@@ -190,3 +190,49 @@ def _runs(series: Series, log: bool) -> list[list[tuple[float, float]]]:
         else:
             runs[-1].append((x, y))
     return [run for run in runs if run]
+
+
+#: The frame around and between the panels of a sheet: mid gray, seen against black and white.
+FRAME_COLOR = (150, 150, 150)
+#: Pixels of frame around and between panels.
+FRAME = 4
+#: Small images are enlarged (nearest neighbour, an integer factor) to at least this many pixels
+#: on their longer side, so that single pixels can be seen.
+PANEL_SIDE = 256
+
+
+def labeled_grid(
+    images: np.ndarray,
+    labels: Sequence[str],
+    columns: int,
+    title: str | None = None,
+    side: int = PANEL_SIDE,
+) -> np.ndarray:
+    """Images ``(N, H, W, 3)`` uint8 in a grid ``columns`` wide, each enlarged by the integer
+    factor that makes its longer side at least ``side`` pixels (nearest neighbour: each pixel a
+    square), under its label, with a :data:`FRAME_COLOR` frame; ``title`` on a line above.
+    Returns ``(H', W', 3)`` uint8."""
+    count, height, width, _ = images.shape
+    factor = max(1, math.ceil(side / max(height, width)))
+    panels = images.repeat(factor, axis=1).repeat(factor, axis=2)
+    line = text_size("Ag")[1] + 2 * FRAME
+    cell_width = max(width * factor, *(text_size(label)[0] + 2 * FRAME for label in labels))
+    cell_height = line + height * factor
+    rows = math.ceil(count / columns)
+    top = line if title else 0
+    canvas = Image.new(
+        "RGB",
+        (columns * (cell_width + FRAME) + FRAME, top + rows * (cell_height + FRAME) + FRAME),
+        FRAME_COLOR,
+    )
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw_text(draw, (FRAME, FRAME + line / 2), title, anchor="lm")
+    for index, (panel, label) in enumerate(zip(panels, labels)):
+        row, column = divmod(index, columns)
+        left = FRAME + column * (cell_width + FRAME)
+        upper = top + FRAME + row * (cell_height + FRAME)
+        draw_text(draw, (left + cell_width / 2, upper + line / 2), label, anchor="mm")
+        offset = (cell_width - width * factor) // 2
+        canvas.paste(Image.fromarray(panel), (left + offset, upper + line))
+    return np.asarray(canvas)

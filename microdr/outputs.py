@@ -4,8 +4,10 @@
   world space with vertex colors (per-face colors averaged onto the vertices, for viewers).
 - ``scene.json``: the optimized scene; ``microdr render`` renders it (per-face colors are in it).
 - ``render_<i>.png``: the final render of camera ``i``.
-- ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``: color, or
-  the silhouette in gray where the target has no color.
+- ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``, labeled,
+  enlarged to at least 256 pixels a side, the difference multiplied by the power of two (printed
+  in its label) that brings it nearest to white, 1 % of it saturating at most; color, or the
+  silhouette in gray where the target has no color.
 - ``progress.gif``: target | render of camera 0, every few iterations, then the result.
 - ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has) over the
   iterations.
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .drawing import Panel, Series, line_charts
+from .drawing import Panel, Series, labeled_grid, line_charts
 from .errors import InputError
 from .files import check_writable_folder, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
@@ -46,6 +48,8 @@ from .targets import Targets
 
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1
+#: The largest factor by which a sheet amplifies the difference to the target.
+MAX_GAIN = 256
 #: The lock file of an output folder that a run is using.
 LOCK = ".microdr.lock"
 
@@ -226,13 +230,32 @@ def _shown(rgba: np.ndarray, has_rgb: bool) -> np.ndarray:
 
 
 def _sheet(result: Result, targets: Targets, view: int) -> np.ndarray:
+    """target | start | result | ``|result - target|`` of camera ``view``, labeled, the
+    difference multiplied by :func:`_gain` (of the channels shown)."""
+    has_rgb = bool(targets.has_rgb[view])
+    shown = slice(0, 3) if has_rgb else slice(3, 4)
     target, start, final = (
         images[view] for images in (targets.images, result.start_images, result.images)
     )
     difference = (final.clamp(0, 1) - target).abs()
-    panels = to_uint8(torch.stack([target, start, final, difference]))
-    has_rgb = bool(targets.has_rgb[view])
-    return grid(np.stack([_shown(panel, has_rgb) for panel in panels]), columns=4)
+    gain = _gain(difference[shown])
+    panels = to_uint8(torch.stack([target, start, final, difference * gain]))
+    labels = [f"target (camera {view})", "start", "result", f"|result - target| x {gain}"]
+    return labeled_grid(np.stack([_shown(panel, has_rgb) for panel in panels]), labels, 4)
+
+
+def _gain(difference: torch.Tensor) -> int:
+    """The power of two, 1 to :data:`MAX_GAIN`, that brings the difference nearest to white, with
+    at most 1 % of its visible values (> 1/2 of an 8-bit step) saturating: small differences would
+    look black, and a few large ones should not decide for all."""
+    visible = difference[difference > 0.5 / 255]
+    if len(visible) == 0:
+        return 1
+    typical = float(torch.quantile(visible.float(), 0.99))
+    gain = 1
+    while gain < MAX_GAIN and typical * gain * 2 <= 1:
+        gain *= 2
+    return gain
 
 
 def _animation(result: Result, targets: Targets) -> bytes:

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from microdr import cli
 from microdr.checkpoint import encode_checkpoint, read_checkpoint
+from microdr.drawing import FRAME
 from microdr.losses import (
     MeshTopology,
     edge_length_loss,
@@ -134,7 +135,8 @@ def test_colors_task_through_the_command_line(tmp_path):
     assert names == OUTPUT_FILES | {
         f"{kind}_{i}.png" for kind in ("render", "sheet") for i in range(4)
     }
-    assert iio.imread(out / "sheet_1.png").shape == (32, 4 * 32 + 3, 3)
+    # Four panels of 32 x 32 enlarged 8 times, framed, under their labels.
+    assert iio.imread(out / "sheet_1.png").shape[1:] == (4 * (8 * 32 + FRAME) + FRAME, 3)
     # target | render of camera 0 every ceil(60 / 50) = 2 iterations, and at the end
     assert iio.imread(out / "progress.gif", index=None).shape == (31, 32, 65, 3)
     assert iio.imread(out / "loss.png").shape[2] in (3, 4)

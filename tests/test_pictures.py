@@ -14,8 +14,16 @@ from typer.testing import CliRunner
 
 from microdr import cli
 
-from microdr.drawing import MARGINS, PLOT_SIZE, SERIES_COLORS, nice_ticks
-from microdr.outputs import _loss_plot
+from microdr.drawing import (
+    FRAME,
+    FRAME_COLOR,
+    MARGINS,
+    PLOT_SIZE,
+    SERIES_COLORS,
+    labeled_grid,
+    nice_ticks,
+)
+from microdr.outputs import MAX_GAIN, _gain, _loss_plot
 from microdr.render import render_scene
 from microdr.result import History, Step
 from microdr.scene import load_scene
@@ -174,3 +182,40 @@ def test_render_alpha_is_opaque_inside_the_icosphere(tmp_path):
         expected = np.round(soft[view][outside] * 255)
         assert np.abs(alpha[outside] - expected).max() <= 1
         assert ((alpha > 0) & (alpha < 128)).sum() > 200  # a soft edge
+
+
+# --- the comparison sheets ---------------------------------------------------------------------
+
+
+def test_labeled_grid_enlarges_small_images_frames_and_labels_them():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 16, 3), dtype=np.uint8)
+    labels = ["target", "start", "result"]
+    sheet = labeled_grid(images, labels, columns=3)
+    factor = 8  # the longer side, 32, to 256
+    line = sheet.shape[0] - factor * 32 - 2 * FRAME
+    assert line > 10
+    cell = (sheet.shape[1] - FRAME) // 3 - FRAME
+    assert sheet.shape[1] == 3 * (cell + FRAME) + FRAME and cell >= factor * 16
+    for index, image in enumerate(images):
+        left = FRAME + index * (cell + FRAME) + (cell - factor * 16) // 2
+        panel = sheet[FRAME + line : FRAME + line + factor * 32, left : left + factor * 16]
+        np.testing.assert_array_equal(panel, image.repeat(factor, 0).repeat(factor, 1))
+    # A frame of a color far from black and from white around and between the panels.
+    assert min(FRAME_COLOR) >= 100 and max(FRAME_COLOR) <= 155
+    between = sheet[:, FRAME + cell : 2 * FRAME + cell]
+    assert (between == np.array(FRAME_COLOR, dtype=np.uint8)).all()
+    # Dark text in each label band; none without labels.
+    bands = sheet[FRAME : FRAME + line]
+    assert (bands < 60).all(-1).sum() > 3 * 40
+    unlabeled = labeled_grid(images, ["", "", ""], columns=3)
+    assert not (unlabeled[FRAME : FRAME + line] < 60).all(-1).any()
+
+
+def test_difference_gain_is_a_power_of_two_that_a_few_outliers_do_not_decide():
+    assert _gain(torch.full((3, 8, 8), 16 / 255)) == 8  # 128/255, as near white as 2^k gets
+    difference = torch.full((1000,), 0.01)
+    difference[0] = 1.0
+    assert _gain(difference) == 64
+    assert _gain(torch.zeros(10)) == 1 and _gain(torch.full((4,), 1e-6)) == 1
+    assert _gain(torch.full((4,), 0.9 / 255)) == MAX_GAIN
