@@ -40,18 +40,32 @@ def font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=TEXT_SIZE)
 
 
+@functools.cache
 def text_size(text: str) -> tuple[int, int]:
-    """Width and height in pixels of one line of ``text``, as :func:`draw_text` draws it."""
-    left, top, right, bottom = font().getbbox(text)
-    return right, bottom
+    """Width and height in pixels of one line of ``text``, as :func:`draw_text` draws it: the
+    height is the font's (top of the line to the lowest descender), whatever the letters."""
+    return font().getbbox(text)[2], font().getbbox("Ag")[3]
 
 
 def draw_text(
-    draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill=TEXT_COLOR, anchor="la"
+    image: Image.Image, xy: tuple[float, float], text: str, fill=TEXT_COLOR, anchor="la"
 ) -> None:
-    """One line of ``text`` at ``xy``; ``anchor`` as Pillow's (``"la"``: left, ascender top;
-    ``"ra"``: right; ``"ma"``: middle; ``"lm"``/``"rm"``: vertically centered)."""
-    draw.text(xy, text, fill=fill, font=font(), anchor=anchor)
+    """One line of ``text`` on ``image`` at ``xy``; ``anchor`` as Pillow's, of ``l``/``m``/``r``
+    (left, middle, right) and ``a``/``m`` (top, middle): ``"la"`` has ``xy`` at the top left."""
+    mask = _rendered(text)
+    width, height = mask.size
+    x = xy[0] - {"l": 0, "m": width / 2, "r": width}[anchor[0]]
+    y = xy[1] - {"a": 0, "m": height / 2}[anchor[1]]
+    image.paste(fill, (round(x), round(y)), mask)
+
+
+@functools.cache
+def _rendered(text: str) -> Image.Image:
+    """``text`` as a mask (mode ``"L"``, 255 on the glyphs), from the top left of its line:
+    kept, as a run's pictures repeat their labels many times (drawing text is slow)."""
+    mask = Image.new("L", text_size(text), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font())
+    return mask
 
 
 @dataclass(frozen=True)
@@ -78,13 +92,13 @@ class Panel:
 def line_charts(panels: Sequence[Panel]) -> np.ndarray:
     """The panels side by side on white, ``(H, W, 3)`` uint8."""
     legend_rows = max((_legend_rows(panel) for panel in panels), default=0)
-    line = text_size("Ag")[1] + 6
+    line = text_size("")[1] + 6
     width = MARGINS[0] + PLOT_SIZE[0] + MARGINS[2]
     height = MARGINS[1] + PLOT_SIZE[1] + MARGINS[3] + legend_rows * line
     image = Image.new("RGB", (width * max(len(panels), 1), height), "white")
     draw = ImageDraw.Draw(image)
     for index, panel in enumerate(panels):
-        _draw_panel(draw, panel, index * width)
+        _draw_panel(image, draw, panel, index * width)
     return np.asarray(image)
 
 
@@ -121,7 +135,7 @@ def _legend_rows(panel: Panel) -> int:
     return len(panel.series) if len(panel.series) > 1 else 0
 
 
-def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int) -> None:
+def _draw_panel(image: Image.Image, draw: ImageDraw.ImageDraw, panel: Panel, left: int) -> None:
     x0, y0 = left + MARGINS[0], MARGINS[1]
     x1, y1 = x0 + PLOT_SIZE[0], y0 + PLOT_SIZE[1]
     xs = _finite([x for series in panel.series for x in series.x])
@@ -131,11 +145,11 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int) -> None:
     if log:
         ys = positive
     scale_title = f"{panel.title} (log scale)" if log else panel.title
-    draw_text(draw, ((x0 + x1) / 2, 6), scale_title, anchor="ma")
-    draw_text(draw, ((x0 + x1) / 2, y1 + 24), panel.xlabel, anchor="ma")
+    draw_text(image, ((x0 + x1) / 2, 6), scale_title, anchor="ma")
+    draw_text(image, ((x0 + x1) / 2, y1 + 24), panel.xlabel, anchor="ma")
     if not ys:
         draw.rectangle((x0, y0, x1, y1), outline=TEXT_COLOR)
-        draw_text(draw, ((x0 + x1) / 2, (y0 + y1) / 2), "no values", anchor="mm")
+        draw_text(image, ((x0 + x1) / 2, (y0 + y1) / 2), "no values", anchor="mm")
         return
     # One iteration spans [i, i + 1], not a range around it that would show negative ones.
     x_ticks = nice_ticks(min(xs), max(max(xs), min(xs) + 1), log=False)
@@ -156,12 +170,12 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int) -> None:
         y = to_y(tick)
         draw.line((x0, y, x1, y), fill=GRID_COLOR)
         draw.line((x0 - 4, y, x0, y), fill=TEXT_COLOR)
-        draw_text(draw, (x0 - 6, y), f"{tick:g}", anchor="rm")
+        draw_text(image, (x0 - 6, y), f"{tick:g}", anchor="rm")
     for tick in x_ticks:
         x = to_x(tick)
         draw.line((x, y0, x, y1), fill=GRID_COLOR)
         draw.line((x, y1, x, y1 + 4), fill=TEXT_COLOR)
-        draw_text(draw, (x, y1 + 6), f"{tick:g}", anchor="ma")
+        draw_text(image, (x, y1 + 6), f"{tick:g}", anchor="ma")
     draw.rectangle((x0, y0, x1, y1), outline=TEXT_COLOR)
     for index, series in enumerate(panel.series):
         color = SERIES_COLORS[index % len(SERIES_COLORS)]
@@ -173,12 +187,12 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int) -> None:
             else:
                 draw.line(points, fill=color, width=2)
     if _legend_rows(panel):
-        line = text_size("Ag")[1] + 6
+        line = text_size("")[1] + 6
         for index, series in enumerate(panel.series):
             y = y1 + MARGINS[3] + index * line + line / 2
             color = SERIES_COLORS[index % len(SERIES_COLORS)]
             draw.line((x0, y, x0 + 24, y), fill=color, width=3)
-            draw_text(draw, (x0 + 30, y), series.label, anchor="lm")
+            draw_text(image, (x0 + 30, y), series.label, anchor="lm")
 
 
 def _runs(series: Series, log: bool) -> list[list[tuple[float, float]]]:
@@ -215,7 +229,7 @@ def labeled_grid(
     count, height, width, _ = images.shape
     factor = max(1, math.ceil(side / max(height, width)))
     panels = images.repeat(factor, axis=1).repeat(factor, axis=2)
-    line = text_size("Ag")[1] + 2 * FRAME
+    line = text_size("")[1] + 2 * FRAME
     cell_width = max(width * factor, *(text_size(label)[0] + 2 * FRAME for label in labels))
     cell_height = line + height * factor
     rows = math.ceil(count / columns)
@@ -225,14 +239,13 @@ def labeled_grid(
         (columns * (cell_width + FRAME) + FRAME, top + rows * (cell_height + FRAME) + FRAME),
         FRAME_COLOR,
     )
-    draw = ImageDraw.Draw(canvas)
     if title:
-        draw_text(draw, (FRAME, FRAME + line / 2), title, anchor="lm")
+        draw_text(canvas, (FRAME, FRAME + line / 2), title, anchor="lm")
     for index, (panel, label) in enumerate(zip(panels, labels)):
         row, column = divmod(index, columns)
         left = FRAME + column * (cell_width + FRAME)
         upper = top + FRAME + row * (cell_height + FRAME)
-        draw_text(draw, (left + cell_width / 2, upper + line / 2), label, anchor="mm")
+        draw_text(canvas, (left + cell_width / 2, upper + line / 2), label, anchor="mm")
         offset = (cell_width - width * factor) // 2
         canvas.paste(Image.fromarray(panel), (left + offset, upper + line))
     return np.asarray(canvas)

@@ -48,9 +48,16 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def encode_gif(frames: np.ndarray, seconds: float) -> bytes:
     """A looping animated GIF of ``frames`` ``(N, H, W, 3)`` uint8 lasting ``seconds`` per loop;
-    GIF counts time in hundredths of a second."""
+    GIF counts time in hundredths of a second. All frames share one palette of 255 colors,
+    chosen from every other pixel of the first, middle and last frames, without dithering:
+    choosing a palette per frame took ~70 ms a frame of 4 views."""
     duration = round(seconds * 100 / len(frames)) * 10
-    first, *rest = (Image.fromarray(frame) for frame in frames)
+    sample = np.concatenate([frames[i, ::2, ::2] for i in (0, len(frames) // 2, -1)])
+    palette = Image.fromarray(sample).quantize(255, method=Image.Quantize.MEDIANCUT)
+    first, *rest = (
+        Image.fromarray(frame).quantize(palette=palette, dither=Image.Dither.NONE)
+        for frame in frames
+    )
     buffer = io.BytesIO()
     first.save(buffer, format="GIF", save_all=True, append_images=rest, loop=0, duration=duration)
     return buffer.getvalue()

@@ -70,7 +70,7 @@ from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .raster.cpu import kernels_own_the_cores
 from .render import mesh_albedo, render_faces, scene_faces
-from .result import History, Result, Step
+from .result import GIF_VIEWS, History, Result, Step
 from .scene import (
     LOSS_TERMS,
     DirectionalLight,
@@ -513,6 +513,7 @@ class Optimization:
             self.history.rows.append(step.row())
             if frame is not None:
                 self.history.frames.append(frame)
+                self.history.frame_iterations.append(iteration)
             self.iteration += 1
         return step
 
@@ -595,12 +596,14 @@ class Optimization:
 
     @torch.no_grad()
     def _frame(self, images: torch.Tensor | None, views: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Camera 0 for the progress animation, from this iteration's ``images`` of ``views``
-        when it is among them (and they have colors: not None): 8-bit RGBA ``(H, W, 4)``, CPU."""
-        if images is None or views[0] != 0:
-            images = self._render(self.parameters.vertices(), torch.zeros_like(views[:1]), sigma)
-        # Views are increasing: camera 0, when drawn, comes first.
-        return torch.from_numpy(to_uint8(images[0]))
+        """Cameras 0 to ``GIF_VIEWS - 1`` (those there are) for the progress animation: 8-bit
+        RGBA ``(K, H, W, 4)``, CPU; from this iteration's ``images`` of ``views`` when it drew
+        them all (and they have colors: not None), else rendered."""
+        shown = torch.arange(min(GIF_VIEWS, len(self.scene.cameras)), device=views.device)
+        # Views are increasing: cameras 0 to K - 1, when drawn, come first.
+        if images is None or len(views) < len(shown) or (views[: len(shown)] != shown).any():
+            images = self._render(self.parameters.vertices(), shown, sigma)
+        return torch.from_numpy(to_uint8(images[: len(shown)]))
 
     # --- the outcome ------------------------------------------------------------------------
 

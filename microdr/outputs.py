@@ -8,7 +8,8 @@
   enlarged to at least 256 pixels a side, the difference multiplied by the power of two (printed
   in its label) that brings it nearest to white, 1 % of it saturating at most; color, or the
   silhouette in gray where the target has no color.
-- ``progress.gif``: target | render of camera 0, every few iterations, then the result.
+- ``progress.gif``: the targets of the first cameras (up to four) over their renders, every few
+  iterations, then the result; each frame titled with its iteration.
 - ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has) over the
   iterations.
 - ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
@@ -39,15 +40,18 @@ import torch
 from .drawing import Panel, Series, labeled_grid, line_charts
 from .errors import InputError
 from .files import check_writable_folder, write_files
-from .images import encode_gif, encode_png, grid, to_uint8
+from .images import encode_gif, encode_png, to_uint8
 from .losses import Metrics
 from .mesh import save_obj
-from .result import History, Result
+from .result import GIF_VIEWS, History, Result
 from .scene import Scene, SceneMesh, input_files, scene_to_json
 from .targets import Targets
 
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1
+#: The progress animation's images are enlarged to at least this many pixels on their longer
+#: side (less than the sheets': a GIF of 50 frames of 4 larger views takes long to encode).
+GIF_SIDE = 128
 #: The largest factor by which a sheet amplifies the difference to the target.
 MAX_GAIN = 256
 #: The lock file of an output folder that a run is using.
@@ -192,7 +196,8 @@ def output_files(result: Result, targets: Targets, meshes: list[str]) -> dict[st
     for view in range(len(result.images)):
         files[f"render_{view}.png"] = encode_png(to_uint8(result.images[view, :3]))
         files[f"sheet_{view}.png"] = encode_png(_sheet(result, targets, view))
-    files["progress.gif"] = _animation(result, targets)
+    frames = _animation_frames(result, targets)
+    files["progress.gif"] = encode_gif(frames, FRAME_SECONDS * len(frames))
     files["loss.png"] = _loss_plot(result.history)
     files["metrics.csv"] = _csv(result.history)
     files["metrics.json"] = _json(
@@ -258,13 +263,27 @@ def _gain(difference: torch.Tensor) -> int:
     return gain
 
 
-def _animation(result: Result, targets: Targets) -> bytes:
-    """target | camera 0, at each saved frame and at the end."""
-    has_rgb = bool(targets.has_rgb[0])
-    target = _shown(to_uint8(targets.images[0]), has_rgb)
-    renders = [frame.numpy() for frame in result.history.frames] + [to_uint8(result.images[0])]
-    frames = [grid(np.stack([target, _shown(render, has_rgb)]), columns=2) for render in renders]
-    return encode_gif(np.stack(frames), FRAME_SECONDS * len(frames))
+def _animation_frames(result: Result, targets: Targets) -> np.ndarray:
+    """The frames ``(N, H, W, 3)`` of the progress animation: the targets of the first cameras
+    over their renders, at each saved frame and at the end, each titled with its iteration."""
+    views = min(GIF_VIEWS, len(result.images))
+    has_rgb = [bool(flag) for flag in targets.has_rgb[:views]]
+    shown_targets = [
+        _shown(image, rgb) for image, rgb in zip(to_uint8(targets.images[:views]), has_rgb)
+    ]
+    labels = [f"target (camera {view})" for view in range(views)]
+    labels += [f"camera {view}" for view in range(views)]
+    renders = [
+        *zip(result.history.frame_iterations, (frame.numpy() for frame in result.history.frames)),
+        (result.iterations, to_uint8(result.images[:views])),
+    ]
+    frames = []
+    for index, (iteration, images) in enumerate(renders):
+        last = index == len(renders) - 1
+        title = f"{'result, ' if last else ''}after {iteration} iteration{'s' * (iteration != 1)}"
+        shown = [_shown(image, rgb) for image, rgb in zip(images, has_rgb)]
+        frames.append(labeled_grid(np.stack(shown_targets + shown), labels, views, title, GIF_SIDE))
+    return np.stack(frames)
 
 
 def _loss_plot(history: History) -> bytes:

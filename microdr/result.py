@@ -15,6 +15,9 @@ from .losses import Metrics
 from .mesh import Mesh
 from .scene import Scene
 
+#: The progress animation shows at most this many cameras, the first ones.
+GIF_VIEWS = 4
+
 
 @dataclass(frozen=True)
 class Step:
@@ -54,12 +57,14 @@ class Step:
 
 @dataclass
 class History:
-    """What a run has been through: one :meth:`Step.row` per finished iteration, and renders of
-    camera 0 at every ``microdr.optimize.Optimization.frame_every``-th iteration from 0 (8-bit RGBA ``(H, W, 4)``
-    uint8 CPU tensors)."""
+    """What a run has been through: one :meth:`Step.row` per finished iteration; renders of the
+    first cameras (up to :data:`GIF_VIEWS`) at every
+    ``microdr.optimize.Optimization.frame_every``-th iteration from 0 (8-bit RGBA
+    ``(K, H, W, 4)`` uint8 CPU tensors), and the iteration of each."""
 
     rows: list[dict[str, float | int | None]] = field(default_factory=list)
     frames: list[torch.Tensor] = field(default_factory=list)
+    frame_iterations: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,10 @@ def test_colors_task_through_the_command_line(tmp_path):
     }
     # Four panels of 32 x 32 enlarged 8 times, framed, under their labels.
     assert iio.imread(out / "sheet_1.png").shape[1:] == (4 * (8 * 32 + FRAME) + FRAME, 3)
-    # target | render of camera 0 every ceil(60 / 50) = 2 iterations, and at the end
-    assert iio.imread(out / "progress.gif", index=None).shape == (31, 32, 65, 3)
+    # The targets of the 4 cameras over their renders every ceil(60 / 50) = 2 iterations, and at
+    # the end; 32 x 32 enlarged 4 times.
+    frames = iio.imread(out / "progress.gif", index=None)
+    assert frames.shape[0] == 31 and frames.shape[2] == 4 * (4 * 32 + FRAME) + FRAME
     assert iio.imread(out / "loss.png").shape[2] in (3, 4)
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0] == "iteration,loss,rgb_l2,iou,psnr,lr,sigma,seconds"
@@ -349,6 +351,7 @@ def test_resume_gives_the_result_of_an_uninterrupted_run(tmp_path):
         tmp_path / "whole" / "mesh.obj"
     ).read_bytes()
     assert len(resumed.history.frames) == len(whole.history.frames) == 12
+    assert resumed.history.frame_iterations == whole.history.frame_iterations == list(range(12))
 
 
 def test_interrupted_run_leaves_complete_outputs_and_the_command_resumes_it(tmp_path):

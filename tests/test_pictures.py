@@ -23,10 +23,13 @@ from microdr.drawing import (
     labeled_grid,
     nice_ticks,
 )
-from microdr.outputs import MAX_GAIN, _gain, _loss_plot
+from microdr.images import to_uint8
+from microdr.optimize import Optimization
+from microdr.outputs import GIF_SIDE, MAX_GAIN, _animation_frames, _gain, _loss_plot
 from microdr.render import render_scene
 from microdr.result import History, Step
-from microdr.scene import load_scene
+from microdr.scene import load_scene, parse_scene
+from microdr.targets import Targets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,3 +222,49 @@ def test_difference_gain_is_a_power_of_two_that_a_few_outliers_do_not_decide():
     assert _gain(difference) == 64
     assert _gain(torch.zeros(10)) == 1 and _gain(torch.full((4,), 1e-6)) == 1
     assert _gain(torch.full((4,), 0.9 / 255)) == MAX_GAIN
+
+
+# --- the progress animation --------------------------------------------------------------------
+
+
+def test_animation_shows_four_views_with_the_iteration_of_each_frame():
+    """Six cameras, two drawn per iteration: every frame still shows cameras 0-3 as the
+    parameters of its iteration render them, under their targets, titled with the iteration."""
+    data = {
+        "image": {"width": 16, "height": 16},
+        "render": {"sigma": 1e-4},
+        "meshes": [{"primitive": "icosphere", "subdivisions": 1, "color": [0.2, 0.5, 0.8]}],
+        "cameras": [{"orbit": {"distance": 3, "azimuth": 60 * i}} for i in range(6)],
+        "optimize": {"parameters": ["colors"], "iterations": 3, "lr": 0.3, "views_per_step": 2},
+    }
+    scene = parse_scene(data, "scene.json", Path("."))
+    truth = parse_scene({**data, "meshes": [{**data["meshes"][0], "color": [0.9, 0.3, 0.1]}]},
+                        "truth.json", Path("."))  # fmt: skip
+    targets = Targets.from_images(render_scene(truth, backend="cpu"))
+    run = Optimization(scene, targets, backend="cpu")
+    steps = list(run.steps())
+    assert any(step.views[:2] != (0, 1) for step in steps)  # some frames had to be rendered
+    result = run.result()
+    assert result.history.frame_iterations == [0, 1, 2]
+    frames = _animation_frames(result, targets)
+    assert len(frames) == 4
+    factor = GIF_SIDE // 16
+    cell = (frames.shape[2] - FRAME) // 4 - FRAME
+    line = (frames.shape[1] - 2 * factor * 16 - 3 * FRAME) // 3  # title, two rows of labels
+    assert frames.shape[2] == 4 * (cell + FRAME) + FRAME and cell == factor * 16
+
+    def panel(frame: np.ndarray, row: int, view: int) -> np.ndarray:
+        upper = line + FRAME + row * (line + factor * 16 + FRAME) + line
+        left = FRAME + view * (cell + FRAME)
+        return frame[upper : upper + factor * 16 : factor, left : left + factor * 16 : factor]
+
+    # Frame 0 is the start (the same sigma as the result's start images), the last the result.
+    for view in range(4):
+        expected_start = to_uint8(result.start_images[view])[..., :3]
+        np.testing.assert_array_equal(panel(frames[0], 1, view), expected_start)
+        np.testing.assert_array_equal(panel(frames[-1], 1, view), to_uint8(result.images[view])[..., :3])
+        np.testing.assert_array_equal(panel(frames[1], 0, view), to_uint8(targets.images[view])[..., :3])
+    # Each frame's title says its iteration: the title lines differ, and hold text.
+    titles = frames[:, :line]
+    assert all((title < 60).all(-1).sum() > 50 for title in titles)
+    assert len({title.tobytes() for title in titles}) == 4
