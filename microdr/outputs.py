@@ -291,7 +291,8 @@ def _loss_plot(history: History) -> bytes:
     the iterations; a y axis is logarithmic when its values span more than a decade."""
     iterations = [row["iteration"] for row in history.rows]
     fixed = {"iteration", "iou", "psnr", "lr", "sigma", "seconds"}
-    names = [name for name in (history.rows[0] if history.rows else {"loss": 0}) if name not in fixed]
+    first = history.rows[0] if history.rows else {"loss": None}
+    names = [name for name in first if name not in fixed]
     losses = [
         Series("loss (weighted sum)" if name == "loss" else name, iterations,
                [row[name] for row in history.rows])

@@ -71,14 +71,14 @@ class History:
 class Result:
     """The outcome of a run.
 
-    scene: the optimized scene (see :meth:`microdr.optimize.Parameters.solved_scene`); :attr:`meshes` and
-        :attr:`colors` are its meshes' geometry and albedo.
+    scene: the optimized scene (see :meth:`microdr.optimize.Parameters.solved_scene`);
+        :attr:`meshes` and :attr:`colors` are its meshes' geometry and albedo.
     images, start_images: ``(N, 4, H, W)`` float32 CPU renders of every camera at the end and at
         the start, both with the final sigma. metrics, start_metrics: their quality.
     history: the run's rows and frames. iterations: how many finished. seconds: optimization
         time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
-        Ctrl-C (KeyboardInterrupt). stopped: the message of the :class:`microdr.optimize.NonFiniteError` that
-        ended the run early, else ``None``.
+        Ctrl-C (KeyboardInterrupt). stopped: the message of the
+        :class:`microdr.optimize.NonFiniteError` that ended the run early, else ``None``.
     """
 
     scene: Scene

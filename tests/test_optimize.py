@@ -483,7 +483,11 @@ def test_resize_resamples_targets_of_another_size(tmp_path):
     result = invoke("optimize", scene_path, tmp_path / "t.png", "-o", tmp_path / "out", "--resize")
     assert result.exit_code == 0, result.output
     sheet = iio.imread(tmp_path / "out" / "sheet_0.png")
-    assert sheet.shape == (32, 131, 3) and (sheet[:, :32] == 255).all()
+    # Four panels of 32 x 32 enlarged 8 times, under a line of labels; the target is all white.
+    label_line = sheet.shape[0] - 256 - 2 * FRAME
+    assert sheet.shape[1:] == (4 * (256 + FRAME) + FRAME, 3) and label_line > 10
+    target = sheet[FRAME + label_line : FRAME + label_line + 256, FRAME : FRAME + 256]
+    assert (target == 255).all() and not (sheet[:, : FRAME + 257] == 255).all()
 
 
 # --- one-line errors: exit code 2, nothing written ------------------------------------------------

@@ -90,7 +90,8 @@ def test_loss_plot_has_a_panel_per_quantity_the_run_has():
 def test_loss_plot_draws_each_series_in_its_color_with_a_legend():
     with_term, without = _plot(_rows(50, iou=False)), _plot(_rows(50, iou=False, terms=False))
     loss_color, term_color = SERIES_COLORS[:2]
-    plot_area = np.s_[MARGINS[1] : MARGINS[1] + PLOT_SIZE[1], MARGINS[0] : MARGINS[0] + PLOT_SIZE[0]]
+    top, left = MARGINS[1], MARGINS[0]
+    plot_area = np.s_[top : top + PLOT_SIZE[1], left : left + PLOT_SIZE[0]]
     # Each curve crosses the plot area: its color in most columns.
     columns = _has_color(with_term[plot_area], term_color).any(axis=0)
     assert columns.mean() > 0.9
@@ -170,9 +171,8 @@ def test_render_alpha_is_opaque_inside_the_icosphere(tmp_path):
     """The soft silhouette is 0.94-1 inside (the faces' edges show); the picture's alpha is 1,
     and outside the outline it is the soft silhouette."""
     scene = REPO / "scenes" / "icosphere.json"
-    result = CliRunner().invoke(
-        cli.app, ["render", str(scene), "-o", str(tmp_path / "a.png"), "--alpha", "--backend", "cpu"]
-    )
+    arguments = ["render", str(scene), "-o", str(tmp_path / "a.png"), "--alpha", "--backend", "cpu"]
+    result = CliRunner().invoke(cli.app, arguments)
     assert result.exit_code == 0, result.output
     soft = render_scene(load_scene(scene), backend="cpu")[:, 3].numpy()
     for view in range(2):
@@ -259,11 +259,13 @@ def test_animation_shows_four_views_with_the_iteration_of_each_frame():
         return frame[upper : upper + factor * 16 : factor, left : left + factor * 16 : factor]
 
     # Frame 0 is the start (the same sigma as the result's start images), the last the result.
+    rgb = np.s_[..., :3]
     for view in range(4):
-        expected_start = to_uint8(result.start_images[view])[..., :3]
-        np.testing.assert_array_equal(panel(frames[0], 1, view), expected_start)
-        np.testing.assert_array_equal(panel(frames[-1], 1, view), to_uint8(result.images[view])[..., :3])
-        np.testing.assert_array_equal(panel(frames[1], 0, view), to_uint8(targets.images[view])[..., :3])
+        start, final = to_uint8(result.start_images[view])[rgb], to_uint8(result.images[view])[rgb]
+        np.testing.assert_array_equal(panel(frames[0], 1, view), start)
+        np.testing.assert_array_equal(panel(frames[-1], 1, view), final)
+        target = to_uint8(targets.images[view])[rgb]
+        np.testing.assert_array_equal(panel(frames[1], 0, view), target)
     # Each frame's title says its iteration: the title lines differ, and hold text.
     titles = frames[:, :line]
     assert all((title < 60).all(-1).sum() > 50 for title in titles)
