@@ -298,7 +298,7 @@ def _loss_plot(history: History) -> bytes:
                [row[name] for row in history.rows])
         for name in names
     ]  # fmt: skip
-    panels = [Panel("loss", "iteration", losses)]
+    panels = [Panel("loss and its unweighted terms", "iteration", losses)]
     for name, title in (("iou", "IoU"), ("psnr", "PSNR (dB)")):
         values = [row[name] for row in history.rows]
         if any(value is not None for value in values):
