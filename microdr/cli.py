@@ -8,6 +8,7 @@ exception is a bug in microDR and keeps its traceback.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.metadata
 import math
@@ -35,12 +36,13 @@ from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import write_files
 from .images import encode_gif, encode_png, grid, to_uint8
-from .optimize import NonFiniteError, Step
+from .optimize import NonFiniteError
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
+from .result import Step
 from .raster import backend_status, resolve_backend
 from .raster.cpu_build import build_info
-from .render import render_scene
+from .render import opaque_inside, render_scene
 from .scene import (
     MAX_IMAGE_SIDE,
     OPTIMIZABLE,
@@ -217,7 +219,12 @@ def render(
     ] = None,
     backend: BackendOption = None,
     alpha: Annotated[
-        bool, typer.Option("--alpha", help="Write RGBA PNGs (the silhouette as alpha).")
+        bool,
+        typer.Option(
+            "--alpha",
+            help="Write RGBA PNGs: alpha is the silhouette, opaque inside the outline (soft "
+            "silhouette >= 1/2), the soft silhouette outside it.",
+        ),
     ] = False,
     size: Annotated[
         Optional[str],
@@ -322,7 +329,8 @@ def _render_file(scene: Scene, backend: str, alpha: bool, animate: bool) -> tupl
     """One file's bytes, a PNG grid of the scene's views or a GIF with one frame per view, and
     the summary of the file for its "wrote" line."""
     start = time.perf_counter()
-    images = to_uint8(render_scene(scene, backend=backend)[:, : 4 if alpha else 3])
+    rendered = render_scene(scene, backend=backend)
+    images = to_uint8(opaque_inside(rendered) if alpha else rendered[:, :3])
     picture = images if animate else grid(images)
     data = encode_gif(picture, TURNTABLE_SECONDS) if animate else encode_png(picture)
     height, width = picture.shape[-3:-1]
@@ -537,36 +545,75 @@ def _optimize_settings(
 def _progress(total: int, every: int) -> Iterator[Callable[[Step], None]]:
     """A callback reporting each finished iteration on stderr: a live bar on a terminal, else a
     line every ``every`` iterations and at the last."""
+    pace = _Pace(total)
     if not sys.stderr.isatty():
 
         def log(step: Step) -> None:
             done = step.iteration + 1
+            pace.add(done, time.perf_counter())
             if done % every == 0 or done == total:
-                typer.echo(f"iteration {done}/{total}  {_status(step)}", err=True)
+                typer.echo(f"iteration {done}/{total}  {_status(step, pace)}", err=True)
 
         yield log
         return
+    # click's own ETA counts the first iteration, which compiles kernels: minutes for seconds.
     with typer.progressbar(
-        length=total, label="optimizing", file=sys.stderr, show_pos=True, item_show_func=str
-    ) as bar:
+        length=total, label="optimizing", file=sys.stderr, show_pos=True, show_eta=False,
+        item_show_func=lambda status: status,  # None (before the first iteration): nothing
+    ) as bar:  # fmt: skip
 
         def advance(step: Step) -> None:
-            bar.current_item = _status(step)  # what item_show_func shows
+            pace.add(step.iteration + 1, time.perf_counter())
+            bar.current_item = _status(step, pace)  # what item_show_func shows
             # A resumed run starts part of the way.
             bar.update(step.iteration + 1 - bar.pos)
 
         yield advance
 
 
-def _status(step: Step) -> str:
-    """The loss, IoU, PSNR and speed after a step."""
+class _Pace:
+    """The speed of a run and the time it has left, from its last :attr:`WINDOW` iterations in
+    this process, leaving out the first (it compiles kernels and warms caches, which can take
+    longer than the whole rest of a short run)."""
+
+    #: How many recent iterations the speed is measured over.
+    WINDOW = 20
+    #: Iterations after the first needed before the speed is shown.
+    LEAST = 3
+
+    def __init__(self, total: int):
+        self.total = total
+        self.marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.WINDOW + 1)
+
+    def add(self, done: int, now: float) -> None:
+        """Note that ``done`` iterations had finished at time ``now`` (seconds)."""
+        self.marks.append((done, now))
+
+    def speed(self) -> float | None:
+        """Iterations per second, or ``None`` until :attr:`LEAST` have been timed."""
+        (first, start), (last, end) = self.marks[0], self.marks[-1]
+        if last - first < self.LEAST or end <= start:
+            return None
+        return (last - first) / (end - start)
+
+    def seconds_left(self) -> float | None:
+        speed = self.speed()
+        return None if speed is None else (self.total - self.marks[-1][0]) / speed
+
+
+def _status(step: Step, pace: _Pace) -> str:
+    """The loss, IoU, PSNR after a step; the speed and the time left once they are known."""
     parts = [f"loss {step.loss:.4g}"]
     if step.iou is not None:
         parts.append(f"IoU {step.iou:.3f}")
     if step.psnr is not None:
         parts.append(f"PSNR {step.psnr:.1f} dB")
-    # seconds and iterations both count the parts of a resumed run before this one.
-    parts.append(f"{(step.iteration + 1) / max(step.seconds, 1e-9):.1f} it/s")
+    speed, left = pace.speed(), pace.seconds_left()
+    if speed is not None:
+        minutes, seconds = divmod(round(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        clock = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+        parts += [f"{speed:.1f} it/s", f"ETA {clock}"]
     return "  ".join(parts)
 
 

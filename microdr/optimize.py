@@ -53,7 +53,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .raster.cpu import kernels_own_the_cores
 from .render import mesh_albedo, render_faces, scene_faces
+from .result import GIF_VIEWS, History, Result, Step
 from .scene import (
     LOSS_TERMS,
     DirectionalLight,
@@ -372,89 +373,6 @@ def _inverse_softplus(value: torch.Tensor) -> torch.Tensor:
 # The loop
 
 
-@dataclass(frozen=True)
-class Step:
-    """One finished iteration.
-
-    iteration: its 0-based index; it rendered the parameters after ``iteration`` updates and then
-        made one more. views: the cameras it rendered. loss: the weighted total; terms: each
-        term's unweighted value. iou, psnr: means over its views with a silhouette / color (``None``
-        when there is none). lr, sigma: the values it used. seconds: the run's optimization time so
-        far. images: ``(B, 4, H, W)`` its renders, detached.
-    """
-
-    iteration: int
-    views: tuple[int, ...]
-    loss: float
-    terms: dict[str, float]
-    iou: float | None
-    psnr: float | None
-    lr: float
-    sigma: float
-    seconds: float
-    images: torch.Tensor = field(repr=False)
-
-    def row(self) -> dict[str, float | int | None]:
-        """The numbers of one line of ``metrics.csv``."""
-        return {
-            "iteration": self.iteration,
-            "loss": self.loss,
-            **self.terms,
-            "iou": self.iou,
-            "psnr": self.psnr,
-            "lr": self.lr,
-            "sigma": self.sigma,
-            "seconds": self.seconds,
-        }
-
-
-@dataclass
-class History:
-    """What a run has been through: one :meth:`Step.row` per finished iteration, and renders of
-    camera 0 at every ``Optimization.frame_every``-th iteration from 0 (8-bit RGBA ``(H, W, 4)``
-    uint8 CPU tensors)."""
-
-    rows: list[dict[str, float | int | None]] = field(default_factory=list)
-    frames: list[torch.Tensor] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Result:
-    """The outcome of a run.
-
-    scene: the optimized scene (see :meth:`Parameters.solved_scene`); :attr:`meshes` and
-        :attr:`colors` are its meshes' geometry and albedo.
-    images, start_images: ``(N, 4, H, W)`` float32 CPU renders of every camera at the end and at
-        the start, both with the final sigma. metrics, start_metrics: their quality.
-    history: the run's rows and frames. iterations: how many finished. seconds: optimization
-        time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
-        Ctrl-C (KeyboardInterrupt). stopped: the message of the :class:`NonFiniteError` that
-        ended the run early, else ``None``.
-    """
-
-    scene: Scene
-    images: torch.Tensor = field(repr=False)
-    start_images: torch.Tensor = field(repr=False)
-    metrics: Metrics
-    start_metrics: Metrics
-    history: History = field(repr=False)
-    iterations: int
-    seconds: float
-    backend: str
-    interrupted: bool
-    stopped: str | None = None
-
-    @property
-    def meshes(self) -> list[Mesh]:
-        """The optimized meshes, world space, float32 CPU (per-vertex colors included)."""
-        return [scene_mesh.mesh for scene_mesh in self.scene.meshes]
-
-    @property
-    def colors(self) -> list[torch.Tensor]:
-        """Each mesh's albedo, ``(V_i, 3)`` or ``(F_i, 3)`` float32 CPU as its color mode says."""
-        return [scene_mesh.colors for scene_mesh in self.scene.meshes]
-
-
 class Optimization:
     """Adam on a scene's free parameters against one target per camera, one iteration at a time.
 
@@ -595,6 +513,7 @@ class Optimization:
             self.history.rows.append(step.row())
             if frame is not None:
                 self.history.frames.append(frame)
+                self.history.frame_iterations.append(iteration)
             self.iteration += 1
         return step
 
@@ -677,12 +596,14 @@ class Optimization:
 
     @torch.no_grad()
     def _frame(self, images: torch.Tensor | None, views: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Camera 0 for the progress animation, from this iteration's ``images`` of ``views``
-        when it is among them (and they have colors: not None): 8-bit RGBA ``(H, W, 4)``, CPU."""
-        if images is None or views[0] != 0:
-            images = self._render(self.parameters.vertices(), torch.zeros_like(views[:1]), sigma)
-        # Views are increasing: camera 0, when drawn, comes first.
-        return torch.from_numpy(to_uint8(images[0]))
+        """Cameras 0 to ``GIF_VIEWS - 1`` (those there are) for the progress animation: 8-bit
+        RGBA ``(K, H, W, 4)``, CPU; from this iteration's ``images`` of ``views`` when it drew
+        them all (and they have colors: not None), else rendered."""
+        shown = torch.arange(min(GIF_VIEWS, len(self.scene.cameras)), device=views.device)
+        # Views are increasing: cameras 0 to K - 1, when drawn, come first.
+        if images is None or len(views) < len(shown) or (views[: len(shown)] != shown).any():
+            images = self._render(self.parameters.vertices(), shown, sigma)
+        return torch.from_numpy(to_uint8(images[: len(shown)]))
 
     # --- the outcome ------------------------------------------------------------------------
 

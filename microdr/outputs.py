@@ -4,11 +4,15 @@
   world space with vertex colors (per-face colors averaged onto the vertices, for viewers).
 - ``scene.json``: the optimized scene; ``microdr render`` renders it (per-face colors are in it).
 - ``render_<i>.png``: the final render of camera ``i``.
-- ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``: color, or
-  the silhouette in gray where the target has no color.
-- ``progress.gif``: target | render of camera 0, every few iterations, then the result.
-- ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR over the iterations.
-- ``metrics.csv``: one row per iteration (:meth:`microdr.optimize.Step.row`).
+- ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``, labeled,
+  enlarged to at least 256 pixels a side, the difference multiplied by the power of two (printed
+  in its label) that brings it nearest to white, 1 % of it saturating at most; color, or the
+  silhouette in gray where the target has no color.
+- ``progress.gif``: the targets of the first cameras (up to four) over their renders, every few
+  iterations, then the result; each frame titled with its iteration.
+- ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has) over the
+  iterations.
+- ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
 - ``metrics.json``: ``start`` and ``final`` quality, each the mean and per-view ``iou`` and
   ``psnr``; ``final`` also has ``iterations``, ``seconds``, ``backend``, ``interrupted`` and
   ``stopped`` (why a NaN or an infinity ended the run early, else ``null``).
@@ -29,24 +33,27 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .drawing import Panel, Series, labeled_grid, line_charts
 from .errors import InputError
 from .files import check_writable_folder, write_files
-from .images import encode_gif, encode_png, grid, to_uint8
+from .images import encode_gif, encode_png, to_uint8
 from .losses import Metrics
 from .mesh import save_obj
+from .result import GIF_VIEWS, History, Result
 from .scene import Scene, SceneMesh, input_files, scene_to_json
 from .targets import Targets
 
-if TYPE_CHECKING:  # optimize.py imports this module
-    from .optimize import History, Result
-
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1
+#: The progress animation's images are enlarged to at least this many pixels on their longer
+#: side (less than the sheets': a GIF of 50 frames of 4 larger views takes long to encode).
+GIF_SIDE = 128
+#: The largest factor by which a sheet amplifies the difference to the target.
+MAX_GAIN = 256
 #: The lock file of an output folder that a run is using.
 LOCK = ".microdr.lock"
 
@@ -189,7 +196,8 @@ def output_files(result: Result, targets: Targets, meshes: list[str]) -> dict[st
     for view in range(len(result.images)):
         files[f"render_{view}.png"] = encode_png(to_uint8(result.images[view, :3]))
         files[f"sheet_{view}.png"] = encode_png(_sheet(result, targets, view))
-    files["progress.gif"] = _animation(result, targets)
+    frames = _animation_frames(result, targets)
+    files["progress.gif"] = encode_gif(frames, FRAME_SECONDS * len(frames))
     files["loss.png"] = _loss_plot(result.history)
     files["metrics.csv"] = _csv(result.history)
     files["metrics.json"] = _json(
@@ -227,50 +235,75 @@ def _shown(rgba: np.ndarray, has_rgb: bool) -> np.ndarray:
 
 
 def _sheet(result: Result, targets: Targets, view: int) -> np.ndarray:
+    """target | start | result | ``|result - target|`` of camera ``view``, labeled, the
+    difference multiplied by :func:`_gain` (of the channels shown)."""
+    has_rgb = bool(targets.has_rgb[view])
+    shown = slice(0, 3) if has_rgb else slice(3, 4)
     target, start, final = (
         images[view] for images in (targets.images, result.start_images, result.images)
     )
     difference = (final.clamp(0, 1) - target).abs()
-    panels = to_uint8(torch.stack([target, start, final, difference]))
-    has_rgb = bool(targets.has_rgb[view])
-    return grid(np.stack([_shown(panel, has_rgb) for panel in panels]), columns=4)
+    gain = _gain(difference[shown])
+    panels = to_uint8(torch.stack([target, start, final, difference * gain]))
+    labels = [f"target (camera {view})", "start", "result", f"|result - target| x {gain}"]
+    return labeled_grid(np.stack([_shown(panel, has_rgb) for panel in panels]), labels, 4)
 
 
-def _animation(result: Result, targets: Targets) -> bytes:
-    """target | camera 0, at each saved frame and at the end."""
-    has_rgb = bool(targets.has_rgb[0])
-    target = _shown(to_uint8(targets.images[0]), has_rgb)
-    renders = [frame.numpy() for frame in result.history.frames] + [to_uint8(result.images[0])]
-    frames = [grid(np.stack([target, _shown(render, has_rgb)]), columns=2) for render in renders]
-    return encode_gif(np.stack(frames), FRAME_SECONDS * len(frames))
+def _gain(difference: torch.Tensor) -> int:
+    """The power of two, 1 to :data:`MAX_GAIN`, that brings the difference nearest to white, with
+    at most 1 % of its visible values (> 1/2 of an 8-bit step) saturating: small differences would
+    look black, and a few large ones should not decide for all."""
+    visible = difference[difference > 0.5 / 255]
+    if len(visible) == 0:
+        return 1
+    typical = float(torch.quantile(visible.float(), 0.99))
+    gain = 1
+    while gain < MAX_GAIN and typical * gain * 2 <= 1:
+        gain *= 2
+    return gain
+
+
+def _animation_frames(result: Result, targets: Targets) -> np.ndarray:
+    """The frames ``(N, H, W, 3)`` of the progress animation: the targets of the first cameras
+    over their renders, at each saved frame and at the end, each titled with its iteration."""
+    views = min(GIF_VIEWS, len(result.images))
+    has_rgb = [bool(flag) for flag in targets.has_rgb[:views]]
+    shown_targets = [
+        _shown(image, rgb) for image, rgb in zip(to_uint8(targets.images[:views]), has_rgb)
+    ]
+    labels = [f"target (camera {view})" for view in range(views)]
+    labels += [f"camera {view}" for view in range(views)]
+    renders = [
+        *zip(result.history.frame_iterations, (frame.numpy() for frame in result.history.frames)),
+        (result.iterations, to_uint8(result.images[:views])),
+    ]
+    frames = []
+    for index, (iteration, images) in enumerate(renders):
+        last = index == len(renders) - 1
+        title = f"{'result, ' if last else ''}after {iteration} iteration{'s' * (iteration != 1)}"
+        shown = [_shown(image, rgb) for image, rgb in zip(images, has_rgb)]
+        frames.append(labeled_grid(np.stack(shown_targets + shown), labels, views, title, GIF_SIDE))
+    return np.stack(frames)
 
 
 def _loss_plot(history: History) -> bytes:
-    """PNG of the loss and its terms (log scale), and of IoU and PSNR, over the iterations."""
-    # Imported here: matplotlib takes a moment to load, and only this picture needs it. The
-    # Figure API draws with Agg without touching pyplot's global backend.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-    losses, quality = figure.subplots(1, 2)
+    """PNG of the loss and its (unweighted) terms, then IoU and PSNR where the run has them, over
+    the iterations; a y axis is logarithmic when its values span more than a decade."""
     iterations = [row["iteration"] for row in history.rows]
     fixed = {"iteration", "iou", "psnr", "lr", "sigma", "seconds"}
-    for name in history.rows[0] if history.rows else {}:
-        if name not in fixed:
-            label = "loss (weighted sum)" if name == "loss" else name
-            losses.plot(iterations, [row[name] for row in history.rows], label=label)
-    losses.set(xlabel="iteration", yscale="log", title="loss")
-    panels = ((quality, "iou", "IoU", "C0"), (quality.twinx(), "psnr", "PSNR (dB)", "C1"))
-    for axis, name, label, color in panels:
-        values = [np.nan if row[name] is None else row[name] for row in history.rows]
-        axis.plot(iterations, values, color=color)
-        axis.set_ylabel(label, color=color)
-    quality.set(xlabel="iteration", title="views of each iteration")
-    if history.rows:
-        losses.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    first = history.rows[0] if history.rows else {"loss": None}
+    names = [name for name in first if name not in fixed]
+    losses = [
+        Series("loss (weighted sum)" if name == "loss" else name, iterations,
+               [row[name] for row in history.rows])
+        for name in names
+    ]  # fmt: skip
+    panels = [Panel("loss and its unweighted terms", "iteration", losses)]
+    for name, title in (("iou", "IoU"), ("psnr", "PSNR (dB)")):
+        values = [row[name] for row in history.rows]
+        if any(value is not None for value in values):
+            panels.append(Panel(title, "iteration", [Series(title, iterations, values)]))
+    return encode_png(line_charts(panels))
 
 
 def _csv(history: History) -> bytes:

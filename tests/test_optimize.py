@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from microdr import cli
 from microdr.checkpoint import encode_checkpoint, read_checkpoint
+from microdr.drawing import FRAME
 from microdr.losses import (
     MeshTopology,
     edge_length_loss,
@@ -134,9 +135,12 @@ def test_colors_task_through_the_command_line(tmp_path):
     assert names == OUTPUT_FILES | {
         f"{kind}_{i}.png" for kind in ("render", "sheet") for i in range(4)
     }
-    assert iio.imread(out / "sheet_1.png").shape == (32, 4 * 32 + 3, 3)
-    # target | render of camera 0 every ceil(60 / 50) = 2 iterations, and at the end
-    assert iio.imread(out / "progress.gif", index=None).shape == (31, 32, 65, 3)
+    # Four panels of 32 x 32 enlarged 8 times, framed, under their labels.
+    assert iio.imread(out / "sheet_1.png").shape[1:] == (4 * (8 * 32 + FRAME) + FRAME, 3)
+    # The targets of the 4 cameras over their renders every ceil(60 / 50) = 2 iterations, and at
+    # the end; 32 x 32 enlarged 4 times.
+    frames = iio.imread(out / "progress.gif", index=None)
+    assert frames.shape[0] == 31 and frames.shape[2] == 4 * (4 * 32 + FRAME) + FRAME
     assert iio.imread(out / "loss.png").shape[2] in (3, 4)
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0] == "iteration,loss,rgb_l2,iou,psnr,lr,sigma,seconds"
@@ -347,6 +351,7 @@ def test_resume_gives_the_result_of_an_uninterrupted_run(tmp_path):
         tmp_path / "whole" / "mesh.obj"
     ).read_bytes()
     assert len(resumed.history.frames) == len(whole.history.frames) == 12
+    assert resumed.history.frame_iterations == whole.history.frame_iterations == list(range(12))
 
 
 def test_interrupted_run_leaves_complete_outputs_and_the_command_resumes_it(tmp_path):
@@ -391,7 +396,7 @@ def test_the_command_reports_an_interruption_with_exit_code_130(tmp_path, monkey
     assert (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_progress_on_a_terminal_is_a_bar_with_loss_iou_and_speed(monkeypatch):
+def test_progress_on_a_terminal_is_a_bar_with_loss_and_iou(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
@@ -404,7 +409,9 @@ def test_progress_on_a_terminal_is_a_bar_with_loss_iou_and_speed(monkeypatch):
     with cli._progress(10, every=3) as report:
         report(step)
     shown = sys.stderr.getvalue()
-    assert "5/10" in shown and "loss 0.5  IoU 0.750  2.5 it/s" in shown
+    # Nothing for the status before the first iteration; no speed after one (see test_pictures).
+    assert "0/10\r" in shown and "None" not in shown
+    assert "5/10  loss 0.5  IoU 0.750\x1b" in shown and "it/s" not in shown
 
 
 def test_ctrl_c_waits_for_the_update_to_finish():
@@ -476,7 +483,11 @@ def test_resize_resamples_targets_of_another_size(tmp_path):
     result = invoke("optimize", scene_path, tmp_path / "t.png", "-o", tmp_path / "out", "--resize")
     assert result.exit_code == 0, result.output
     sheet = iio.imread(tmp_path / "out" / "sheet_0.png")
-    assert sheet.shape == (32, 131, 3) and (sheet[:, :32] == 255).all()
+    # Four panels of 32 x 32 enlarged 8 times, under a line of labels; the target is all white.
+    label_line = sheet.shape[0] - 256 - 2 * FRAME
+    assert sheet.shape[1:] == (4 * (256 + FRAME) + FRAME, 3) and label_line > 10
+    target = sheet[FRAME + label_line : FRAME + label_line + 256, FRAME : FRAME + 256]
+    assert (target == 255).all() and not (sheet[:, : FRAME + 257] == 255).all()
 
 
 # --- one-line errors: exit code 2, nothing written ------------------------------------------------

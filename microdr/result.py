@@ -1,0 +1,104 @@
+"""What an optimization run produces: each finished iteration (:class:`Step`), the history of a
+run (:class:`History`) and its outcome (:class:`Result`).
+
+Plain records, below both the loop that makes them (:mod:`microdr.optimize`) and the files
+written from them (:mod:`microdr.outputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .losses import Metrics
+from .mesh import Mesh
+from .scene import Scene
+
+#: The progress animation shows at most this many cameras, the first ones.
+GIF_VIEWS = 4
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished iteration.
+
+    iteration: its 0-based index; it rendered the parameters after ``iteration`` updates and then
+        made one more. views: the cameras it rendered. loss: the weighted total; terms: each
+        term's unweighted value. iou, psnr: means over its views with a silhouette / color (``None``
+        when there is none). lr, sigma: the values it used. seconds: the run's optimization time so
+        far. images: ``(B, 4, H, W)`` its renders, detached.
+    """
+
+    iteration: int
+    views: tuple[int, ...]
+    loss: float
+    terms: dict[str, float]
+    iou: float | None
+    psnr: float | None
+    lr: float
+    sigma: float
+    seconds: float
+    images: torch.Tensor = field(repr=False)
+
+    def row(self) -> dict[str, float | int | None]:
+        """The numbers of one line of ``metrics.csv``."""
+        return {
+            "iteration": self.iteration,
+            "loss": self.loss,
+            **self.terms,
+            "iou": self.iou,
+            "psnr": self.psnr,
+            "lr": self.lr,
+            "sigma": self.sigma,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class History:
+    """What a run has been through: one :meth:`Step.row` per finished iteration; renders of the
+    first cameras (up to :data:`GIF_VIEWS`) at every
+    ``microdr.optimize.Optimization.frame_every``-th iteration from 0 (8-bit RGBA
+    ``(K, H, W, 4)`` uint8 CPU tensors), and the iteration of each."""
+
+    rows: list[dict[str, float | int | None]] = field(default_factory=list)
+    frames: list[torch.Tensor] = field(default_factory=list)
+    frame_iterations: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of a run.
+
+    scene: the optimized scene (see :meth:`microdr.optimize.Parameters.solved_scene`);
+        :attr:`meshes` and :attr:`colors` are its meshes' geometry and albedo.
+    images, start_images: ``(N, 4, H, W)`` float32 CPU renders of every camera at the end and at
+        the start, both with the final sigma. metrics, start_metrics: their quality.
+    history: the run's rows and frames. iterations: how many finished. seconds: optimization
+        time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
+        Ctrl-C (KeyboardInterrupt). stopped: the message of the
+        :class:`microdr.optimize.NonFiniteError` that ended the run early, else ``None``.
+    """
+
+    scene: Scene
+    images: torch.Tensor = field(repr=False)
+    start_images: torch.Tensor = field(repr=False)
+    metrics: Metrics
+    start_metrics: Metrics
+    history: History = field(repr=False)
+    iterations: int
+    seconds: float
+    backend: str
+    interrupted: bool
+    stopped: str | None = None
+
+    @property
+    def meshes(self) -> list[Mesh]:
+        """The optimized meshes, world space, float32 CPU (per-vertex colors included)."""
+        return [scene_mesh.mesh for scene_mesh in self.scene.meshes]
+
+    @property
+    def colors(self) -> list[torch.Tensor]:
+        """Each mesh's albedo, ``(V_i, 3)`` or ``(F_i, 3)`` float32 CPU as its color mode says."""
+        return [scene_mesh.colors for scene_mesh in self.scene.meshes]
