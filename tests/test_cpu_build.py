@@ -6,8 +6,10 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -183,6 +185,33 @@ def test_damaged_cache_file_does_not_kill_commands(tmp_path):
         assert result.returncode == 0, result.stderr
         assert re.search(r"^ +cpu: +ok$", result.stdout, re.MULTILINE), result.stdout
     assert result.stderr == ""
+
+
+@needs_compiler
+def test_a_build_removes_temps_of_writers_that_are_gone(cache, src):
+    """A process killed while compiling leaves its temp file (and its orphaned compiler may
+    write it after); the next build deletes those whose writer is dead or that are old."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(finished.stdout), socket.gethostname()
+    cache.mkdir(parents=True)
+    temps = {
+        f".probe-0.so~{host}~{dead_pid}~x1": False,  # this host, writer dead
+        f".probe-0.so~{host}~{os.getpid()}~x2": True,  # this host, writer alive
+        ".probe-0.so~other-host~1~x3": True,  # another host's, new
+        ".probe-0.so~other-host~1~x4": False,  # another host's, old
+        ".softras-0123456789abcdef-x5.so": False,  # an older microDR's, old
+        "notes.txt": True,  # not a temp
+    }
+    for name in temps:
+        (cache / name).write_text("partial")
+    for name in (".probe-0.so~other-host~1~x4", ".softras-0123456789abcdef-x5.so"):
+        days_ago = time.time() - 2 * 86400  # past cpu_build.ORPHAN_SECONDS
+        os.utime(cache / name, (days_ago, days_ago))
+
+    cpu_build.load_library("probe", src_dir=src)
+    assert {name: (cache / name).exists() for name in temps} == {name: kept for name, kept in temps.items()}
+    # The build's own temps are gone too.
+    assert not [p.name for p in cache.glob(".*") if p.name not in temps]
 
 
 @needs_compiler

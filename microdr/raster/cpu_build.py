@@ -25,10 +25,12 @@ import platform
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -86,6 +88,10 @@ ERROR_LINES = 6
 # Compiler output a one-line error message can do without: the echoed source and caret lines
 # (`` 12 | x = ;``, ``    |   ^``), warnings and notes. Errors and linker complaints remain.
 _NOISE = re.compile(r"^\s*\d*\s*\||\b(warning|note):")
+
+# A temp file older than this is an orphan whoever wrote it: a build takes about a minute.
+ORPHAN_SECONDS = 3600
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)~(?P<host>[^~]*)~(?P<pid>\d+)~[^~]*")
 
 # Libraries loaded by this process, by path; the path embeds the key, so this memo can never
 # hand back a library built from other sources.
@@ -261,6 +267,7 @@ def _load_or_build(source: pathlib.Path, path: pathlib.Path) -> Loaded:
         try:
             return _load_cached(path)
         except _Unusable as problem:
+            _remove_orphaned_temps(path.parent)
             _compile(source, path, None if not path.exists() else str(problem))
         try:
             return Loaded(ctypes.CDLL(str(path)), _verified(path), from_cache=False)
@@ -348,9 +355,7 @@ def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None) -> N
         print(f"microdr: compiling CPU kernels (once; cached in {path.parent})", file=sys.stderr)
     else:
         print(f"microdr: rebuilding CPU kernels: the cached {path} {problem}", file=sys.stderr)
-    # A unique temp name in the same folder, so os.replace is a rename on one file system.
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".so")
-    os.close(handle)
+    temp = _temp_file(path)
     try:
         argv = [*command, *flags(), "-I", str(source.parent), str(source), "-o", temp]
         result = subprocess.run(argv, capture_output=True, text=True)
@@ -374,6 +379,49 @@ def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None) -> N
     _write_atomically(checksum_path(path), json.dumps(record, indent=1).encode())
 
 
+def _temp_file(path: pathlib.Path) -> str:
+    """A new empty file to write ``path`` through: in the same folder, so os.replace is a rename
+    on one file system, and named after this host and process (``.<name>~<host>~<pid>~<random>``),
+    so that :func:`_remove_orphaned_temps` knows when its writer is gone."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{_host()}~{os.getpid()}~")
+    os.close(handle)
+    return temp
+
+
+def _remove_orphaned_temps(folder: pathlib.Path) -> None:
+    """Delete the temp files in ``folder`` whose writer is gone: a process killed while it
+    compiled never deletes its temp file, and the compiler it orphaned may write it after. A
+    writer is gone when it ran on this host and its pid is dead, or (another host, a reused
+    pid, a temp of an older microDR) when the file is older than :data:`ORPHAN_SECONDS`."""
+    now = time.time()
+    for temp in folder.glob(".*"):
+        match = _TEMP_NAME.fullmatch(temp.name)
+        if match is None and temp.suffix != ".so":
+            continue  # not a temp of ours
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
+            dead = match is not None and match["host"] == _host() and not _pid_alive(int(match["pid"]))
+            if dead or now - temp.stat().st_mtime > ORPHAN_SECONDS:
+                temp.unlink()
+
+
+def _host() -> str:
+    """This machine's name as it appears in temp file names."""
+    return re.sub(r"[^\w.-]", "_", socket.gethostname())
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (assumed where that cannot be asked)."""
+    if os.name != "posix":  # os.kill would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
 def _flush(path: str) -> None:
     """fsync ``path``: before a rename, or a power cut can leave the final name on a partial file."""
     with open(path, "rb") as handle:
@@ -382,9 +430,9 @@ def _flush(path: str) -> None:
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and a rename, readable by all."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    temp = _temp_file(path)
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temp, "wb") as file:
             file.write(data)
         _flush(temp)
         os.chmod(temp, 0o644)
