@@ -39,6 +39,7 @@ from .optimize import NonFiniteError, Step
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
 from .raster import backend_status, resolve_backend
+from .raster.cpu import cpu_target
 from .raster.cpu_build import build_info
 from .render import render_scene
 from .scene import (
@@ -588,16 +589,27 @@ def info() -> None:
     )
     build = build_info()
     rows = [
-        ("compiler", build["compiler"] or "none"),
-        ("version", build.get("compiler_version", "unknown")),
-        ("cache", build["path"] or "none"),
-        ("cached", "yes" if build["cached"] else "no"),
+        ("compiler", build["compiler"] or f"none: {build['error']}"),
+        ("version", build.get("compiler_version", "-")),
+        ("flags", " ".join(build["flags"])),
+        ("simd", build["simd"]),
     ]
-    if "error" in build:
-        rows.append(("error", build["error"]))
+    # Loading compiles the kernels if they are not cached (a note on stderr says so).
+    try:
+        target = cpu_target()
+    except MicroDRError:
+        rows.append(("library", "none (see the cpu backend below)"))
+    else:
+        loaded = target.loaded
+        rows += [
+            ("lanes", f"{target.lanes} pixels per work item"),
+            ("library", str(loaded.build.path)),
+            ("from cache", "yes" if loaded.from_cache else "no (built now)"),
+            ("built by", f"{loaded.build.compiler}: {loaded.build.compiler_version}"),
+            ("sha256", loaded.build.sha256),
+        ]
     typer.echo("CPU kernels:")
     _print_rows(rows, indent=2)
-    # After the build info: a CPU status check compiles the kernels if they are not cached.
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     for device in devices:
         typer.echo(f"backends for {device.upper()} tensors:")

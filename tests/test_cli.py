@@ -293,7 +293,7 @@ def test_help_documents_every_command():
 def test_info_lists_the_backends():
     result = invoke("info")
     assert result.exit_code == 0, result.output
-    for line in ("microdr:", "torch:", "pycuda:", "cpu threads:", "cached:"):
+    for line in ("microdr:", "torch:", "pycuda:", "cpu threads:", "simd:", "library:"):
         assert line in result.stdout
     assert "backends for CPU tensors:" in result.stdout
     assert "  reference: ok" in result.stdout

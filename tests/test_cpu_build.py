@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -49,7 +50,7 @@ def src(tmp_path):
 
 @needs_compiler
 def test_builds_and_calls(cache, src):
-    lib = cpu_build.load_library("probe", src_dir=src)
+    lib = cpu_build.load("probe", src_dir=src).library
     assert lib.probe_add(2, 3) == 5
     assert lib.probe_threads() >= 1
     assert cpu_build.cache_path("probe", src_dir=src).parent == cache
@@ -60,13 +61,13 @@ def test_builds_and_calls(cache, src):
 @needs_compiler
 def test_key_follows_sources_and_cache_is_reused(cache, src, monkeypatch, capfd):
     path = cpu_build.cache_path("probe", src_dir=src)
-    cpu_build.load_library("probe", src_dir=src)
+    cpu_build.load("probe", src_dir=src)
     assert "compiling CPU kernels" in capfd.readouterr().err
     built = path.stat().st_mtime_ns
 
     # A new process (simulated by forgetting what was loaded) reuses the file as is.
     monkeypatch.setattr(cpu_build, "_loaded", {})
-    cpu_build.load_library("probe", src_dir=src)
+    cpu_build.load("probe", src_dir=src)
     assert capfd.readouterr().err == ""
     assert path.stat().st_mtime_ns == built
 
@@ -80,8 +81,8 @@ def test_key_follows_sources_and_cache_is_reused(cache, src, monkeypatch, capfd)
 @needs_compiler
 def test_concurrent_processes_share_one_build(cache, src):
     script = (
-        "from microdr.raster.cpu_build import load_library; "
-        f"print(load_library('probe', src_dir={str(src)!r}).probe_add(20, 22))"
+        "from microdr.raster.cpu_build import load; "
+        f"print(load('probe', src_dir={str(src)!r}).library.probe_add(20, 22))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
@@ -208,7 +209,7 @@ def test_a_build_removes_temps_of_writers_that_are_gone(cache, src):
         days_ago = time.time() - 2 * 86400  # past cpu_build.ORPHAN_SECONDS
         os.utime(cache / name, (days_ago, days_ago))
 
-    cpu_build.load_library("probe", src_dir=src)
+    cpu_build.load("probe", src_dir=src)
     assert {name: (cache / name).exists() for name in temps} == {name: kept for name, kept in temps.items()}
     # The build's own temps are gone too.
     assert not [p.name for p in cache.glob(".*") if p.name not in temps]
@@ -218,7 +219,7 @@ def test_a_build_removes_temps_of_writers_that_are_gone(cache, src):
 def test_compile_error_names_the_file_and_is_remembered(cache, src, monkeypatch, capfd):
     (src / "broken.cu").write_text('extern "C" int broken( { return 0; }\n')
     with pytest.raises(MicroDRError, match=r"broken\.cu") as first:
-        cpu_build.load_library("broken", src_dir=src)
+        cpu_build.load("broken", src_dir=src)
     assert "compiling CPU kernels" in capfd.readouterr().err
     # The failed build leaves neither a library nor a temp file behind.
     assert not any(p.suffix == ".so" for p in cache.iterdir())
@@ -226,13 +227,13 @@ def test_compile_error_names_the_file_and_is_remembered(cache, src, monkeypatch,
     # The next run fails alike without compiling again, and says how to retry.
     monkeypatch.setattr(cpu_build, "_loaded", {})
     with pytest.raises(MicroDRError) as again:
-        cpu_build.load_library("broken", src_dir=src)
+        cpu_build.load("broken", src_dir=src)
     assert capfd.readouterr().err == ""
     failed = cpu_build.failure_path(cpu_build.cache_path("broken", src_dir=src))
     assert str(again.value) == f"{first.value} [an earlier run's failure; delete {failed} to try again]"
     failed.unlink()
     with pytest.raises(MicroDRError, match=r"broken\.cu"):
-        cpu_build.load_library("broken", src_dir=src)
+        cpu_build.load("broken", src_dir=src)
     assert "compiling CPU kernels" in capfd.readouterr().err
 
 
@@ -254,6 +255,26 @@ def test_warm_cache_loads_without_a_compiler(cache, src, monkeypatch, capfd):
     (src / "probe.cu").write_text(PROBE + "// changed\n")
     with pytest.raises(MicroDRError, match="no cached build of these kernels"):
         cpu_build.load("probe", src_dir=src)
+
+
+def info_rows(stdout: str) -> dict[str, str]:
+    """The ``key: value`` rows of ``microdr info``'s CPU kernels section."""
+    section = stdout.partition("CPU kernels:\n")[2].partition("backends for")[0]
+    pairs = (line.split(":", 1) for line in section.splitlines())
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@needs_compiler
+def test_info_tells_the_build_in_use(tmp_path):
+    first, second = (run_microdr(["info"], tmp_path / "cache") for _ in range(2))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    built, cached = info_rows(first.stdout), info_rows(second.stdout)
+    assert (built["from cache"], cached["from cache"]) == ("no (built now)", "yes")
+    library = pathlib.Path(cached["library"])
+    assert library.parent == tmp_path / "cache" / "kernels"
+    assert cached["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
+    assert cached["simd"].startswith("AVX2 + FMA") == ("-march=x86-64-v3" in cached["flags"].split())
+    assert cached["lanes"] == "8 pixels per work item"  # portability.h's MDR_LANES on CPUs
 
 
 SCENE = {
@@ -278,7 +299,7 @@ def test_falling_back_to_the_reference_says_why(tmp_path, cxx):
 def test_missing_compiler_is_explained(cache, src, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(MicroDRError, match="need a C\\+\\+20 compiler"):
-        cpu_build.load_library("probe", src_dir=src)
+        cpu_build.load("probe", src_dir=src)
     assert cpu_build.build_info()["compiler"] is None
 
 
@@ -288,4 +309,4 @@ def test_unwritable_cache_is_explained(tmp_path, src, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("MICRODR_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(MicroDRError, match="MICRODR_CACHE_DIR"):
-        cpu_build.load_library("probe", src_dir=src)
+        cpu_build.load("probe", src_dir=src)

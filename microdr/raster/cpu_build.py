@@ -214,11 +214,6 @@ class _Unusable(Exception):
     """A cached library that must not be loaded; the message says why (for a note on stderr)."""
 
 
-def load_library(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> ctypes.CDLL:
-    """The handle of :func:`load`'s library."""
-    return load(name, src_dir=src_dir).library
-
-
 def load(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> Loaded:
     """Build ``<src_dir>/<name>.cu`` (default: :func:`source_dir`) unless cached; load it.
 
@@ -451,21 +446,24 @@ def _compile_error(source: pathlib.Path, argv: list[str], stderr: str) -> str:
     return f"{source}: compiling the CPU kernels failed: {quoted} (command: {shlex.join(argv)})"
 
 
-def build_info(name: str = "softras") -> dict:
-    """What ``microdr info`` reports: compiler, flags, library path and whether it is built.
+def simd_level() -> str:
+    """The vector instructions :func:`flags` let the kernels use, in words."""
+    if "-march=x86-64-v3" in flags():
+        return "AVX2 + FMA (x86-64-v3)"
+    if platform.machine() in ("x86_64", "AMD64"):
+        return "SSE2 only (x86-64 baseline: this CPU lacks part of x86-64-v3)"
+    return f"the {platform.machine() or 'unknown'} baseline"
 
-    Never raises for a missing compiler; ``compiler`` and ``path`` are then None and
-    ``error`` says what to do.
-    """
-    info: dict = {"compiler": None, "flags": list(flags()), "path": None, "cached": False}
+
+def build_info() -> dict:
+    """What ``microdr info`` reports before loading the kernels: the compiler, its version,
+    the flags and the SIMD level. Never raises: without a usable compiler, ``compiler`` is
+    None and ``error`` says what to do."""
+    info: dict = {"compiler": None, "flags": list(flags()), "simd": simd_level()}
     try:
         command = compiler()
         info["compiler"] = shlex.join(command)
         info["compiler_version"] = _compiler_version(tuple(command)).partition("\n")[0]
-        path = cache_path(name)
     except MicroDRError as error:
         info["error"] = str(error)
-        return info
-    info["path"] = str(path)
-    info["cached"] = path.is_file()
     return info
