@@ -33,12 +33,12 @@ except ImportError:
 from . import __version__
 from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
-from .files import write_files
+from .files import check_writable_file, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .optimize import NonFiniteError, Step
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
-from .raster import backend_status, resolve_backend
+from .raster import backend_status, describe_backend, resolve_backend
 from .raster.cpu import cpu_target
 from .raster.cpu_build import build_info
 from .render import render_scene
@@ -244,6 +244,10 @@ def render(
     jobs = _render_jobs(loaded, Path(output), grid, turntable)
     _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs)])
     _check_suffix(output, ".gif" if turntable else ".png")
+    # Before the slow part, and before the line about the backend: bad input gets one line.
+    for path, _ in jobs:
+        check_writable_file(path)
+    _announce_backend(used)
     files: dict[Path, bytes] = {}
     lines = []
     for path, cameras in jobs:
@@ -253,6 +257,12 @@ def render(
     write_files(files)
     for line in lines:
         typer.echo(line)
+
+
+def _announce_backend(backend: str) -> None:
+    """The line a run starts with on stderr: the backend that computes it, so that a slow one
+    is no surprise."""
+    typer.echo(f"microdr: backend {describe_backend(backend)}", err=True)
 
 
 def _check_render_flags(grid: bool, turntable: int | None, alpha: bool) -> None:
@@ -461,11 +471,11 @@ def optimize(
     size = (loaded.render.width, loaded.render.height)
     images = read_targets(targets, len(loaded.cameras), size, resize=resize)
     outdir = Path(resume or output or default_outdir(scene))
-    with _progress(settings.iterations, log_every) as report:
+    with _progress(settings.iterations, log_every) as progress:
         try:
             result = optimize_scene(
-                loaded, images, settings, seed=seed, backend=backend, callback=report,
-                outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
+                loaded, images, settings, seed=seed, backend=backend, callback=progress,
+                on_start=lambda run: progress.start(run.backend), outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
                 force=force,
             )  # fmt: skip
             stopped = None
@@ -529,29 +539,41 @@ def _optimize_settings(
     return settings
 
 
-@contextlib.contextmanager
-def _progress(total: int, every: int) -> Iterator[Callable[[Step], None]]:
-    """A callback reporting each finished iteration on stderr: a live bar on a terminal, else a
-    line every ``every`` iterations and at the last."""
-    if not sys.stderr.isatty():
+class _Progress:
+    """Reports a run on stderr: at its start, the backend; then each finished iteration, as a
+    live bar on a terminal, else as a line every ``every`` iterations and at the last. The bar
+    starts with the run, after any line about the backend, which would break it up."""
 
-        def log(step: Step) -> None:
+    def __init__(self, total: int, every: int, stack: contextlib.ExitStack):
+        self.total, self.every, self._stack = total, every, stack
+        self._bar = None
+
+    def start(self, backend: str) -> None:
+        _announce_backend(backend)
+        if sys.stderr.isatty():
+            self._bar = self._stack.enter_context(
+                typer.progressbar(
+                    length=self.total, label="optimizing", file=sys.stderr, show_pos=True,
+                    item_show_func=str,
+                )  # fmt: skip
+            )
+
+    def __call__(self, step: Step) -> None:
+        if self._bar is None:
             done = step.iteration + 1
-            if done % every == 0 or done == total:
-                typer.echo(f"iteration {done}/{total}  {_status(step)}", err=True)
+            if done % self.every == 0 or done == self.total:
+                typer.echo(f"iteration {done}/{self.total}  {_status(step)}", err=True)
+            return
+        self._bar.current_item = _status(step)  # what item_show_func shows
+        # A resumed run starts part of the way.
+        self._bar.update(step.iteration + 1 - self._bar.pos)
 
-        yield log
-        return
-    with typer.progressbar(
-        length=total, label="optimizing", file=sys.stderr, show_pos=True, item_show_func=str
-    ) as bar:
 
-        def advance(step: Step) -> None:
-            bar.current_item = _status(step)  # what item_show_func shows
-            # A resumed run starts part of the way.
-            bar.update(step.iteration + 1 - bar.pos)
-
-        yield advance
+@contextlib.contextmanager
+def _progress(total: int, every: int) -> Iterator[_Progress]:
+    """A :class:`_Progress` whose bar, if any, is closed on leaving."""
+    with contextlib.ExitStack() as stack:
+        yield _Progress(total, every, stack)
 
 
 def _status(step: Step) -> str:

@@ -285,15 +285,21 @@ SCENE = {
 
 
 @pytest.mark.parametrize("cxx", ["no-such-compiler-xyz", "false"], ids=["missing", "broken"])
-def test_falling_back_to_the_reference_says_why(tmp_path, cxx):
+def test_falling_back_to_the_reference_says_why_at_start(tmp_path, cxx):
+    """Without a usable compiler, render and optimize start with a line saying why they run
+    the reference backend and what to install, then the line naming the backend."""
     scene = tmp_path / "scene.json"
-    scene.write_text(json.dumps(SCENE))
-    result = run_microdr(["render", str(scene), "-o", str(tmp_path / "out.png")], tmp_path / "cache", CXX=cxx)
-    assert result.returncode == 0, result.stderr
-    assert "backend reference" in result.stdout
-    (warning,) = [line for line in result.stderr.splitlines() if "falling back" in line]
-    assert warning.startswith("microdr: falling back to the reference backend, ")
-    assert "install g++ (e.g. apt install g++) or set CXX" in warning
+    scene.write_text(json.dumps({**SCENE, "optimize": {"iterations": 1}}))
+    image = tmp_path / "target.png"
+    runs = [["render", str(scene), "-o", str(image)], ["optimize", str(scene), str(image), "-o", str(tmp_path / "out")]]
+    for args in runs:
+        result = run_microdr(args, tmp_path / "cache", CXX=cxx)
+        assert result.returncode == 0, result.stderr
+        assert "backend reference" in result.stdout
+        warning, started = result.stderr.splitlines()[:2]
+        assert warning.startswith("microdr: falling back to the reference backend, hundreds to thousands of times slower ")
+        assert "install g++ (e.g. apt install g++) or set CXX" in warning
+        assert started == "microdr: backend reference: PyTorch autograd, slow"
 
 
 def test_missing_compiler_is_explained(cache, src, monkeypatch):

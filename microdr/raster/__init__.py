@@ -20,7 +20,10 @@ from .settings import SoftRasSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "SoftRasSettings", "backend_status", "preferred_device", "rasterize", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "SoftRasSettings", "backend_status", "describe_backend", "preferred_device", "rasterize",
+    "resolve_backend",
+]
 
 
 def rasterize(
@@ -72,6 +75,19 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
     if reason is not None:
         raise MicroDRError(f'backend "{backend}" is unavailable: {reason}')
     return backend
+
+
+def describe_backend(backend: str) -> str:
+    """A concrete ``backend`` (as :func:`resolve_backend` returns it) in a few words, for the
+    line the commands print at start."""
+    if backend == "cpu":
+        from .cpu import cpu_target
+        from .cpu_build import simd_level
+
+        return f"cpu: C++ kernels, {simd_level()}, {cpu_target().lanes} lanes"
+    if backend == "cuda":
+        return "cuda: CUDA kernels"
+    return "reference: PyTorch autograd, slow"
 
 
 def preferred_device(backend: str) -> torch.device:

@@ -451,7 +451,7 @@ def simd_level() -> str:
     if "-march=x86-64-v3" in flags():
         return "AVX2 + FMA (x86-64-v3)"
     if platform.machine() in ("x86_64", "AMD64"):
-        return "SSE2 only (x86-64 baseline: this CPU lacks part of x86-64-v3)"
+        return "SSE2 (x86-64 baseline: this CPU lacks AVX2 or FMA)"
     return f"the {platform.machine() or 'unknown'} baseline"
 
 
