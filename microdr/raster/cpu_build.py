@@ -7,8 +7,10 @@ undefined). Builds are cached per user in ``<cache>/kernels/<name>-<sources>-<co
 version, so a stale library is never loaded and an unchanged one is never rebuilt. Next to each
 library, ``<stem>.json`` (written after it) records its sha256: a library whose bytes differ
 (a damaged disk, a partial copy, another file under its name) is rebuilt, never loaded, since
-loading it can kill the process. The source tree is only read, so an installed (read-only)
-package works.
+loading it can kill the process. Without a compiler, a verified library of the same sources
+and flags is loaded whatever compiler built it. A failed compile leaves ``<stem>.failed``, so
+later runs fail at once with its message instead of compiling again. The source tree is only
+read, so an installed (read-only) package works.
 """
 
 from __future__ import annotations
