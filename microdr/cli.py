@@ -584,7 +584,9 @@ def _status(step: Step) -> str:
     if step.psnr is not None:
         parts.append(f"PSNR {step.psnr:.1f} dB")
     # seconds and iterations both count the parts of a resumed run before this one.
-    parts.append(f"{(step.iteration + 1) / max(step.seconds, 1e-9):.1f} it/s")
+    rate = (step.iteration + 1) / max(step.seconds, 1e-9)
+    # Below one iteration a second (the reference backend), "0.0 it/s" would say nothing.
+    parts.append(f"{rate:.1f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it")
     return "  ".join(parts)
 
 

@@ -412,6 +412,14 @@ def test_progress_on_a_terminal_is_a_bar_with_loss_iou_and_speed(monkeypatch):
     assert "5/10" in shown and "loss 0.5  IoU 0.750  2.5 it/s" in shown
 
 
+def test_slow_progress_is_in_seconds_per_iteration():
+    step = Step(
+        iteration=1, views=(0,), loss=0.5, terms={}, iou=None, psnr=None, lr=0.01, sigma=1e-4,
+        seconds=86.0, images=torch.zeros(0),
+    )  # fmt: skip
+    assert cli._status(step) == "loss 0.5  43.0 s/it"
+
+
 def test_ctrl_c_waits_for_the_update_to_finish():
     done = []
     with pytest.raises(KeyboardInterrupt):
