@@ -34,13 +34,14 @@ except ImportError:
 from . import __version__
 from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
-from .files import write_files
+from .files import check_writable_file, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .optimize import NonFiniteError
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
+from .raster import backend_status, describe_backend, resolve_backend
+from .raster.cpu import cpu_target
 from .result import Step
-from .raster import backend_status, resolve_backend
 from .raster.cpu_build import build_info
 from .render import opaque_inside, render_scene
 from .scene import (
@@ -255,6 +256,10 @@ def render(
     jobs = _render_jobs(loaded, Path(output), grid, turntable)
     _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs)])
     _check_suffix(output, ".gif" if turntable else ".png")
+    # Before the slow part, and before the line about the backend: bad input gets one line.
+    for path, _ in jobs:
+        check_writable_file(path)
+    _announce_backend(used)
     files: dict[Path, bytes] = {}
     lines = []
     for path, cameras in jobs:
@@ -264,6 +269,12 @@ def render(
     write_files(files)
     for line in lines:
         typer.echo(line)
+
+
+def _announce_backend(backend: str) -> None:
+    """The line a run starts with on stderr: the backend that computes it, so that a slow one
+    is no surprise."""
+    typer.echo(f"microdr: backend {describe_backend(backend)}", err=True)
 
 
 def _check_render_flags(grid: bool, turntable: int | None, alpha: bool) -> None:
@@ -473,11 +484,11 @@ def optimize(
     size = (loaded.render.width, loaded.render.height)
     images = read_targets(targets, len(loaded.cameras), size, resize=resize)
     outdir = Path(resume or output or default_outdir(scene))
-    with _progress(settings.iterations, log_every) as report:
+    with _progress(settings.iterations, log_every) as progress:
         try:
             result = optimize_scene(
-                loaded, images, settings, seed=seed, backend=backend, callback=report,
-                outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
+                loaded, images, settings, seed=seed, backend=backend, callback=progress,
+                on_start=lambda run: progress.start(run.backend), outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
                 force=force,
             )  # fmt: skip
             stopped = None
@@ -541,34 +552,47 @@ def _optimize_settings(
     return settings
 
 
-@contextlib.contextmanager
-def _progress(total: int, every: int) -> Iterator[Callable[[Step], None]]:
-    """A callback reporting each finished iteration on stderr: a live bar on a terminal, else a
-    line every ``every`` iterations and at the last."""
-    pace = _Pace(total)
-    if not sys.stderr.isatty():
+class _Progress:
+    """Reports a run on stderr: at its start, the backend; then each finished iteration, as a
+    live bar on a terminal, else as a line every ``every`` iterations and at the last. The bar
+    starts with the run, after any line about the backend, which would break it up."""
 
-        def log(step: Step) -> None:
+    def __init__(self, total: int, every: int, stack: contextlib.ExitStack):
+        self.total, self.every, self._stack = total, every, stack
+        self._bar = None
+        self._pace = _Pace(total)
+
+    def start(self, backend: str) -> None:
+        _announce_backend(backend)
+        if sys.stderr.isatty():
+            self._bar = self._stack.enter_context(
+                # click's own ETA counts the first iteration, which compiles kernels: minutes
+                # for seconds.
+                typer.progressbar(
+                    length=self.total, label="optimizing", file=sys.stderr, show_pos=True,
+                    show_eta=False,
+                    item_show_func=lambda status: status,  # None (before the first iteration): nothing
+                )  # fmt: skip
+            )
+
+    def __call__(self, step: Step) -> None:
+        if self._bar is None:
             done = step.iteration + 1
-            pace.add(done, time.perf_counter())
-            if done % every == 0 or done == total:
-                typer.echo(f"iteration {done}/{total}  {_status(step, pace)}", err=True)
+            self._pace.add(done, time.perf_counter())
+            if done % self.every == 0 or done == self.total:
+                typer.echo(f"iteration {done}/{self.total}  {_status(step, self._pace)}", err=True)
+            return
+        self._pace.add(step.iteration + 1, time.perf_counter())
+        self._bar.current_item = _status(step, self._pace)  # what item_show_func shows
+        # A resumed run starts part of the way.
+        self._bar.update(step.iteration + 1 - self._bar.pos)
 
-        yield log
-        return
-    # click's own ETA counts the first iteration, which compiles kernels: minutes for seconds.
-    with typer.progressbar(
-        length=total, label="optimizing", file=sys.stderr, show_pos=True, show_eta=False,
-        item_show_func=lambda status: status,  # None (before the first iteration): nothing
-    ) as bar:  # fmt: skip
 
-        def advance(step: Step) -> None:
-            pace.add(step.iteration + 1, time.perf_counter())
-            bar.current_item = _status(step, pace)  # what item_show_func shows
-            # A resumed run starts part of the way.
-            bar.update(step.iteration + 1 - bar.pos)
-
-        yield advance
+@contextlib.contextmanager
+def _progress(total: int, every: int) -> Iterator[_Progress]:
+    """A :class:`_Progress` whose bar, if any, is closed on leaving."""
+    with contextlib.ExitStack() as stack:
+        yield _Progress(total, every, stack)
 
 
 class _Pace:
@@ -613,7 +637,9 @@ def _status(step: Step, pace: _Pace) -> str:
         minutes, seconds = divmod(round(left), 60)
         hours, minutes = divmod(minutes, 60)
         clock = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-        parts += [f"{speed:.1f} it/s", f"ETA {clock}"]
+        # Below one iteration a second (the reference backend), "0.0 it/s" would say nothing.
+        rate = f"{speed:.1f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it"
+        parts += [rate, f"ETA {clock}"]
     return "  ".join(parts)
 
 
@@ -640,16 +666,27 @@ def info() -> None:
     )
     build = build_info()
     rows = [
-        ("compiler", build["compiler"] or "none"),
-        ("version", build.get("compiler_version", "unknown")),
-        ("cache", build["path"] or "none"),
-        ("cached", "yes" if build["cached"] else "no"),
+        ("compiler", build["compiler"] or f"none: {build['error']}"),
+        ("version", build.get("compiler_version", "-")),
+        ("flags", " ".join(build["flags"])),
+        ("simd", build["simd"]),
     ]
-    if "error" in build:
-        rows.append(("error", build["error"]))
+    # Loading compiles the kernels if they are not cached (a note on stderr says so).
+    try:
+        target = cpu_target()
+    except MicroDRError:
+        rows.append(("library", "none (see the cpu backend below)"))
+    else:
+        loaded = target.loaded
+        rows += [
+            ("lanes", f"{target.lanes} pixels per work item"),
+            ("library", str(loaded.build.path)),
+            ("from cache", "yes" if loaded.from_cache else "no (built now)"),
+            ("built by", f"{loaded.build.compiler}: {loaded.build.compiler_version}"),
+            ("sha256", loaded.build.sha256),
+        ]
     typer.echo("CPU kernels:")
     _print_rows(rows, indent=2)
-    # After the build info: a CPU status check compiles the kernels if they are not cached.
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     for device in devices:
         typer.echo(f"backends for {device.upper()} tensors:")

@@ -79,6 +79,17 @@ def check_writable_folder(folder: Path) -> None:
         raise InputError(str(folder), "", f"cannot write: {os.strerror(errno.EACCES)}")
 
 
+def check_writable_file(path: Path) -> None:
+    """:func:`check_writable_folder` for ``path``'s folder, and raise if ``path`` is a folder."""
+    check_writable_folder(path.parent)
+    if path.is_dir():
+        raise _is_a_folder(path)
+
+
+def _is_a_folder(path: Path) -> InputError:
+    return InputError(str(path), "", "cannot write: is a folder")
+
+
 def write_files(files: dict[Path, bytes]) -> None:
     """Write every file atomically, and either all of them or (barring a crash) none.
 
@@ -106,7 +117,7 @@ def _write_temporary(path: Path, data: bytes) -> Path:
     except OSError as error:
         raise InputError(str(path.parent), "", f"cannot create folder: {error.strerror}") from None
     if path.is_dir():  # found now, before any file is renamed into place
-        raise InputError(str(path), "", "cannot write: is a folder")
+        raise _is_a_folder(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         # "x" never clobbers an existing file; the umask sets permissions as for any new file.

@@ -752,6 +752,7 @@ def optimize(
     backend: str | None = None,
     loss_fn: LossFunction | None = None,
     callback: Callable[[Step], None] | None = None,
+    on_start: Callable[[Optimization], None] | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     outdir: str | Path | None = None,
@@ -761,7 +762,8 @@ def optimize(
 ) -> Result:
     """Run an :class:`Optimization` to its end and return its :class:`Result`.
 
-    ``callback(step)`` runs after each iteration. Ctrl-C (a KeyboardInterrupt, also one raised
+    ``on_start(run)`` runs once the run has checked its inputs (and read its checkpoint), before
+    its first iteration; ``callback(step)`` runs after each iteration. Ctrl-C (a KeyboardInterrupt, also one raised
     by the callback) stops the run at the end of its last finished iteration: the result then
     has ``interrupted`` set, instead of the exception propagating.
 
@@ -790,6 +792,8 @@ def optimize(
     with contextlib.nullcontext() if outdir is None else outdir_lock(outdir, force=force):
         if resume:
             run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
+        if on_start is not None:
+            on_start(run)
         interrupted, stopped = False, None
         try:
             for step in run.steps():

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from microdr import cli
 from microdr.errors import MicroDRError
+from microdr.raster import describe_backend, resolve_backend
 from microdr.scene import load_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +251,8 @@ def test_render_failure_writes_nothing(tmp_path, monkeypatch):
     scene = small_scene(tmp_path, cameras=2)
     before = files_under(tmp_path)
     result = invoke("render", scene, "-o", tmp_path / "out" / "v.png")
-    assert (result.exit_code, result.stderr) == (2, "simulated failure\n")
+    started = f"microdr: backend {describe_backend(resolve_backend('auto'))}\n"
+    assert (result.exit_code, result.stderr) == (2, started + "simulated failure\n")
     assert files_under(tmp_path) == before
 
 
@@ -293,7 +295,7 @@ def test_help_documents_every_command():
 def test_info_lists_the_backends():
     result = invoke("info")
     assert result.exit_code == 0, result.output
-    for line in ("microdr:", "torch:", "pycuda:", "cpu threads:", "cached:"):
+    for line in ("microdr:", "torch:", "pycuda:", "cpu threads:", "simd:", "library:"):
         assert line in result.stdout
     assert "backends for CPU tensors:" in result.stdout
     assert "  reference: ok" in result.stdout

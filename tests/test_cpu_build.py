@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
+import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -45,7 +50,7 @@ def src(tmp_path):
 
 @needs_compiler
 def test_builds_and_calls(cache, src):
-    lib = cpu_build.load_library("probe", src_dir=src)
+    lib = cpu_build.load("probe", src_dir=src).library
     assert lib.probe_add(2, 3) == 5
     assert lib.probe_threads() >= 1
     assert cpu_build.cache_path("probe", src_dir=src).parent == cache
@@ -56,13 +61,13 @@ def test_builds_and_calls(cache, src):
 @needs_compiler
 def test_key_follows_sources_and_cache_is_reused(cache, src, monkeypatch, capfd):
     path = cpu_build.cache_path("probe", src_dir=src)
-    cpu_build.load_library("probe", src_dir=src)
+    cpu_build.load("probe", src_dir=src)
     assert "compiling CPU kernels" in capfd.readouterr().err
     built = path.stat().st_mtime_ns
 
     # A new process (simulated by forgetting what was loaded) reuses the file as is.
     monkeypatch.setattr(cpu_build, "_loaded", {})
-    cpu_build.load_library("probe", src_dir=src)
+    cpu_build.load("probe", src_dir=src)
     assert capfd.readouterr().err == ""
     assert path.stat().st_mtime_ns == built
 
@@ -76,8 +81,8 @@ def test_key_follows_sources_and_cache_is_reused(cache, src, monkeypatch, capfd)
 @needs_compiler
 def test_concurrent_processes_share_one_build(cache, src):
     script = (
-        "from microdr.raster.cpu_build import load_library; "
-        f"print(load_library('probe', src_dir={str(src)!r}).probe_add(20, 22))"
+        "from microdr.raster.cpu_build import load; "
+        f"print(load('probe', src_dir={str(src)!r}).library.probe_add(20, 22))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
@@ -95,44 +100,212 @@ def test_concurrent_processes_share_one_build(cache, src):
     files = sorted(p.name for p in cache.iterdir())
     libraries = [name for name in files if name.endswith(".so")]
     assert libraries == [cpu_build.cache_path("probe", src_dir=src).name]
-    assert all(name in libraries or name.endswith(".lock") for name in files), files
+    checksums = [cpu_build.checksum_path(cache / name).name for name in libraries]
+    assert all(name in libraries + checksums or name.endswith(".lock") for name in files), files
 
 
-@needs_compiler
-# Cut points: empty, inside the ELF header, half (dlopen would die of SIGBUS), one byte short.
-@pytest.mark.parametrize("keep", [lambda n: 0, lambda n: 40, lambda n: n // 2, lambda n: n - 1],
-                         ids=["empty", "header", "half", "one-short"])
-def test_truncated_cache_file_is_rebuilt(cache, src, tmp_path, monkeypatch, capfd, keep):
-    # Build into another cache, then plant a cut copy of that library where this cache expects
-    # it. (Truncating a library this process already loaded would not do: dlopen reuses it.)
-    monkeypatch.setenv("MICRODR_CACHE_DIR", str(tmp_path / "other"))
-    good = cpu_build.cache_path("probe", src_dir=src)
-    cpu_build.load_library("probe", src_dir=src)
+def build_elsewhere(src: pathlib.Path, monkeypatch, folder: pathlib.Path) -> pathlib.Path:
+    """Build the probe in the cache ``folder``, then point this process back at an empty
+    memo: a library to plant in another cache (damaging a library this process has loaded
+    would not do, as dlopen reuses it)."""
+    monkeypatch.setenv("MICRODR_CACHE_DIR", str(folder))
+    path = cpu_build.load("probe", src_dir=src).build.path
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    return path
+
+
+def plant(cache: pathlib.Path, src: pathlib.Path, monkeypatch, library: bytes, checksum: bytes | None) -> pathlib.Path:
+    """``library`` (and ``checksum``, if any, as its checksum file) where ``cache`` expects the probe."""
     monkeypatch.setenv("MICRODR_CACHE_DIR", str(cache.parent))
     path = cpu_build.cache_path("probe", src_dir=src)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(good.read_bytes()[: keep(good.stat().st_size)])
-    capfd.readouterr()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(library)
+    if checksum is not None:
+        cpu_build.checksum_path(path).write_bytes(checksum)
+    return path
 
-    lib = cpu_build.load_library("probe", src_dir=src)
-    assert lib.probe_add(1, 1) == 2
-    assert "compiling CPU kernels" in capfd.readouterr().err
-    assert path.stat().st_size == good.stat().st_size
+
+def overwrite(data: bytes, start: int) -> bytes:
+    """int3 (0xCC) from ``start`` to the middle of ``data``; the size stays."""
+    return data[:start] + b"\xcc" * (len(data) // 2 - start) + data[len(data) // 2 :]
+
+
+OTHER_LIBRARY = 'extern "C" int other_function() { return 7; }\n'
+
+# How a cached library goes bad: its bytes (from the good ones), and whether its checksum file stays.
+DAMAGES = {
+    # Cut points: empty, inside the ELF header, half (dlopen would die of SIGBUS), one byte short.
+    "empty": (lambda data, other: b"", True),
+    "header": (lambda data, other: data[:40], True),
+    "half": (lambda data, other: data[: len(data) // 2], True),
+    "one-short": (lambda data, other: data[:-1], True),
+    "overwritten": (lambda data, other: overwrite(data, len(data) // 4), True),
+    "another library": (lambda data, other: other, True),
+    "no checksum file": (lambda data, other: data, False),
+}
 
 
 @needs_compiler
-def test_compile_error_names_the_file(cache, src):
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_cache_file_is_rebuilt(cache, src, tmp_path, monkeypatch, capfd, damage):
+    good = build_elsewhere(src, monkeypatch, tmp_path / "other")
+    other_src = tmp_path / "other_src"
+    other_src.mkdir()
+    (other_src / "other.cu").write_text(OTHER_LIBRARY)
+    other = cpu_build.load("other", src_dir=other_src).build.path
+    damaged, keep_checksum = DAMAGES[damage]
+    checksum = cpu_build.checksum_path(good).read_bytes() if keep_checksum else None
+    path = plant(cache, src, monkeypatch, damaged(good.read_bytes(), other.read_bytes()), checksum)
+    capfd.readouterr()
+
+    loaded = cpu_build.load("probe", src_dir=src)
+    assert loaded.library.probe_add(1, 1) == 2
+    assert not loaded.from_cache
+    notes = capfd.readouterr().err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith(f"microdr: rebuilding CPU kernels: the cached {path} ")
+    assert path.read_bytes() == good.read_bytes()
+    assert cpu_build.checksum_path(path).read_bytes() == cpu_build.checksum_path(good).read_bytes()
+
+
+def run_microdr(args: list[str], cache: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+    """``python -m microdr ARGS`` in a fresh process, with ``cache`` as its kernel cache."""
+    env = {**os.environ, "MICRODR_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "microdr", *args], env=env, capture_output=True, text=True)
+
+
+@needs_compiler
+def test_damaged_cache_file_does_not_kill_commands(tmp_path):
+    """The user's view: a library with code overwritten, the right size and its checksum file,
+    under the name the commands load; before checksums, every command died of SIGTRAP."""
+    assert run_microdr(["info"], tmp_path / "cache").returncode == 0
+    (library,) = (tmp_path / "cache" / "kernels").glob("softras-*.so")
+    # From 8 KiB, where g++ puts .init and .text: loading it used to die of SIGTRAP.
+    library.write_bytes(overwrite(library.read_bytes(), 8192))
+    for _ in range(2):  # rebuilt once, then fine
+        result = run_microdr(["info"], tmp_path / "cache")
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"^ +cpu: +ok$", result.stdout, re.MULTILINE), result.stdout
+    assert result.stderr == ""
+
+
+@needs_compiler
+def test_a_build_removes_temps_of_writers_that_are_gone(cache, src):
+    """A process killed while compiling leaves its temp file (and its orphaned compiler may
+    write it after); the next build deletes those whose writer is dead or that are old."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(finished.stdout), socket.gethostname()
+    cache.mkdir(parents=True)
+    temps = {
+        f".probe-0.so~{host}~{dead_pid}~x1": False,  # this host, writer dead
+        f".probe-0.so~{host}~{os.getpid()}~x2": True,  # this host, writer alive
+        ".probe-0.so~other-host~1~x3": True,  # another host's, new
+        ".probe-0.so~other-host~1~x4": False,  # another host's, old
+        ".softras-0123456789abcdef-x5.so": False,  # an older microDR's, old
+        "notes.txt": True,  # not a temp
+    }
+    for name in temps:
+        (cache / name).write_text("partial")
+    for name in (".probe-0.so~other-host~1~x4", ".softras-0123456789abcdef-x5.so"):
+        days_ago = time.time() - 2 * 86400  # past cpu_build.ORPHAN_SECONDS
+        os.utime(cache / name, (days_ago, days_ago))
+
+    cpu_build.load("probe", src_dir=src)
+    assert {name: (cache / name).exists() for name in temps} == {name: kept for name, kept in temps.items()}
+    # The build's own temps are gone too.
+    assert not [p.name for p in cache.glob(".*") if p.name not in temps]
+
+
+@needs_compiler
+def test_compile_error_names_the_file_and_is_remembered(cache, src, monkeypatch, capfd):
     (src / "broken.cu").write_text('extern "C" int broken( { return 0; }\n')
-    with pytest.raises(MicroDRError, match=r"broken\.cu"):
-        cpu_build.load_library("broken", src_dir=src)
+    with pytest.raises(MicroDRError, match=r"broken\.cu") as first:
+        cpu_build.load("broken", src_dir=src)
+    assert "compiling CPU kernels" in capfd.readouterr().err
     # The failed build leaves neither a library nor a temp file behind.
     assert not any(p.suffix == ".so" for p in cache.iterdir())
+
+    # The next run fails alike without compiling again, and says how to retry.
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    with pytest.raises(MicroDRError) as again:
+        cpu_build.load("broken", src_dir=src)
+    assert capfd.readouterr().err == ""
+    failed = cpu_build.failure_path(cpu_build.cache_path("broken", src_dir=src))
+    assert str(again.value) == f"{first.value} [an earlier run's failure; delete {failed} to try again]"
+    failed.unlink()
+    with pytest.raises(MicroDRError, match=r"broken\.cu"):
+        cpu_build.load("broken", src_dir=src)
+    assert "compiling CPU kernels" in capfd.readouterr().err
+
+
+@needs_compiler
+def test_warm_cache_loads_without_a_compiler(cache, src, monkeypatch, capfd):
+    built = cpu_build.load("probe", src_dir=src).build
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    capfd.readouterr()
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    loaded = cpu_build.load("probe", src_dir=src)
+    assert (loaded.library.probe_add(2, 2), loaded.build, loaded.from_cache) == (4, built, True)
+    assert capfd.readouterr().err == ""
+
+    # Only a verified library from the same sources will do.
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    built.path.write_bytes(built.path.read_bytes()[:-1])
+    with pytest.raises(MicroDRError, match="no cached build of these kernels"):
+        cpu_build.load("probe", src_dir=src)
+    (src / "probe.cu").write_text(PROBE + "// changed\n")
+    with pytest.raises(MicroDRError, match="no cached build of these kernels"):
+        cpu_build.load("probe", src_dir=src)
+
+
+def info_rows(stdout: str) -> dict[str, str]:
+    """The ``key: value`` rows of ``microdr info``'s CPU kernels section."""
+    section = stdout.partition("CPU kernels:\n")[2].partition("backends for")[0]
+    pairs = (line.split(":", 1) for line in section.splitlines())
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@needs_compiler
+def test_info_tells_the_build_in_use(tmp_path):
+    first, second = (run_microdr(["info"], tmp_path / "cache") for _ in range(2))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    built, cached = info_rows(first.stdout), info_rows(second.stdout)
+    assert (built["from cache"], cached["from cache"]) == ("no (built now)", "yes")
+    library = pathlib.Path(cached["library"])
+    assert library.parent == tmp_path / "cache" / "kernels"
+    assert cached["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
+    assert cached["simd"].startswith("AVX2 + FMA") == ("-march=x86-64-v3" in cached["flags"].split())
+    assert cached["lanes"] == "8 pixels per work item"  # portability.h's MDR_LANES on CPUs
+
+
+SCENE = {
+    "image": {"width": 16, "height": 12},
+    "meshes": [{"primitive": "cube", "color": [0.9, 0.5, 0.2]}],
+    "cameras": [{"orbit": {"distance": 5, "elevation": 25, "azimuth": 35}}],
+}
+
+
+@pytest.mark.parametrize("cxx", ["no-such-compiler-xyz", "false"], ids=["missing", "broken"])
+def test_falling_back_to_the_reference_says_why_at_start(tmp_path, cxx):
+    """Without a usable compiler, render and optimize start with a line saying why they run
+    the reference backend and what to install, then the line naming the backend."""
+    scene = tmp_path / "scene.json"
+    scene.write_text(json.dumps({**SCENE, "optimize": {"iterations": 1}}))
+    image = tmp_path / "target.png"
+    runs = [["render", str(scene), "-o", str(image)], ["optimize", str(scene), str(image), "-o", str(tmp_path / "out")]]
+    for args in runs:
+        result = run_microdr(args, tmp_path / "cache", CXX=cxx)
+        assert result.returncode == 0, result.stderr
+        assert "backend reference" in result.stdout
+        warning, started = result.stderr.splitlines()[:2]
+        assert warning.startswith("microdr: falling back to the reference backend, hundreds to thousands of times slower ")
+        assert "install g++ (e.g. apt install g++) or set CXX" in warning
+        assert started == "microdr: backend reference: PyTorch autograd, slow"
 
 
 def test_missing_compiler_is_explained(cache, src, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(MicroDRError, match="need a C\\+\\+20 compiler"):
-        cpu_build.load_library("probe", src_dir=src)
+        cpu_build.load("probe", src_dir=src)
     assert cpu_build.build_info()["compiler"] is None
 
 
@@ -142,4 +315,4 @@ def test_unwritable_cache_is_explained(tmp_path, src, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("MICRODR_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(MicroDRError, match="MICRODR_CACHE_DIR"):
-        cpu_build.load_library("probe", src_dir=src)
+        cpu_build.load("probe", src_dir=src)

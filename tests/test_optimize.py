@@ -43,6 +43,7 @@ from microdr.optimize import (
     sigma_at,
 )
 from microdr.outputs import _dumps
+from microdr.raster import describe_backend
 from microdr.render import render_scene
 from microdr.scene import OptimizeSettings, load_scene, parse_scene
 from microdr.targets import Targets, expand_arguments, read_image
@@ -120,8 +121,10 @@ def test_colors_task_through_the_command_line(tmp_path):
     assert wrote == f"wrote {out}"
     assert summary.startswith("IoU 1.000 (start 1.000), PSNR ")
     assert summary.endswith(" s, backend cpu") and ", 60 iterations, " in summary
-    # Not a terminal: one line every 20 iterations.
-    assert [line.split("  ")[0] for line in result.stderr.splitlines()] == [
+    # Not a terminal: the backend, then one line every 20 iterations.
+    backend, *progress = result.stderr.splitlines()
+    assert backend == f"microdr: backend {describe_backend('cpu')}"
+    assert [line.split("  ")[0] for line in progress] == [
         "iteration 20/60", "iteration 40/60", "iteration 60/60",
     ]  # fmt: skip
 
@@ -406,12 +409,25 @@ def test_progress_on_a_terminal_is_a_bar_with_loss_and_iou(monkeypatch):
         iteration=4, views=(0,), loss=0.5, terms={}, iou=0.75, psnr=None, lr=0.01, sigma=1e-4,
         seconds=2.0, images=torch.zeros(0),
     )  # fmt: skip
-    with cli._progress(10, every=3) as report:
-        report(step)
+    with cli._progress(10, every=3) as progress:
+        progress.start("reference")
+        progress(step)
     shown = sys.stderr.getvalue()
+    assert shown.startswith("microdr: backend reference: PyTorch autograd, slow\n")
     # Nothing for the status before the first iteration; no speed after one (see test_pictures).
     assert "0/10\r" in shown and "None" not in shown
     assert "5/10  loss 0.5  IoU 0.750\x1b" in shown and "it/s" not in shown
+
+
+def test_slow_progress_is_in_seconds_per_iteration():
+    step = Step(
+        iteration=4, views=(0,), loss=0.5, terms={}, iou=None, psnr=None, lr=0.01, sigma=1e-4,
+        seconds=200.0, images=torch.zeros(0),
+    )  # fmt: skip
+    pace = cli._Pace(10)
+    for done in range(1, 6):  # the first iteration (compile) is left out: 43 s each after it
+        pace.add(done, 100.0 + 43.0 * (done - 1))
+    assert cli._status(step, pace) == "loss 0.5  43.0 s/it  ETA 3:35"
 
 
 def test_ctrl_c_waits_for_the_update_to_finish():

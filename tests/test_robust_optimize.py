@@ -28,6 +28,7 @@ from microdr.errors import InputError
 from microdr.mesh import load_obj
 from microdr.optimize import CHECKPOINT, NonFiniteError, Optimization, optimize
 from microdr.outputs import LOCK
+from microdr.raster import describe_backend, resolve_backend
 from microdr.render import render_scene, scene_faces
 from microdr.scene import load_scene
 from microdr.targets import read_targets
@@ -149,6 +150,7 @@ def test_the_command_reports_a_nan_in_one_line_with_exit_code_1(tmp_path, monkey
     result = invoke("optimize", scene_path, targets, "-o", out)
     assert result.exit_code == 1
     assert result.stderr == (
+        f"microdr: backend {describe_backend(resolve_backend('auto'))}\n"
         f"stopped at iteration 3: the loss is not finite (nan); {out} holds the last good state, "
         "after 2 iterations\n"
     )
@@ -429,7 +431,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
     monkeypatch.setattr(os, "fsync", failing_fsync("full"))
     result = invoke("optimize", scene_path, targets, "-o", out, "--checkpoint-every", 1)
     assert result.exit_code == 2
-    assert result.stderr == f"{out / CHECKPOINT}: cannot write: No space left on device\n"
+    assert result.stderr == (
+        f"microdr: backend {describe_backend(resolve_backend('auto'))}\n"
+        f"{out / CHECKPOINT}: cannot write: No space left on device\n"
+    )
     # No temporary file, no lock: only the first checkpoint, whole.
     assert [p.name for p in out.iterdir()] == [CHECKPOINT]
     assert read_checkpoint(out / CHECKPOINT)["iteration"] == 1

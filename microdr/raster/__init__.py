@@ -8,6 +8,7 @@ from autograd *through* :func:`rasterize`; everything below it is a backend that
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -17,8 +18,12 @@ from .kernels import KernelTarget, SoftRasterize
 from .reference import rasterize_reference
 from .settings import SoftRasSettings
 
-__all__ = ["BACKENDS", "SoftRasSettings", "backend_status", "preferred_device", "rasterize", "resolve_backend"]
+logger = logging.getLogger(__name__)
 
+__all__ = [
+    "BACKENDS", "SoftRasSettings", "backend_status", "describe_backend", "preferred_device", "rasterize",
+    "resolve_backend",
+]
 
 
 def rasterize(
@@ -61,11 +66,28 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
     device = preferred_device(backend) if device is None else torch.device(device)
     if backend == "auto":
         wanted = "cuda" if device.type == "cuda" else "cpu"
-        return wanted if _unavailable(wanted, device) is None else "reference"
+        reason = _unavailable(wanted, device)
+        if reason is None:
+            return wanted
+        _warn_of_fallback(wanted, reason)
+        return "reference"
     reason = _unavailable(backend, device)
     if reason is not None:
         raise MicroDRError(f'backend "{backend}" is unavailable: {reason}')
     return backend
+
+
+def describe_backend(backend: str) -> str:
+    """A concrete ``backend`` (as :func:`resolve_backend` returns it) in a few words, for the
+    line the commands print at start."""
+    if backend == "cpu":
+        from .cpu import cpu_target
+        from .cpu_build import simd_level
+
+        return f"cpu: C++ kernels, {simd_level()}, {cpu_target().lanes} lanes"
+    if backend == "cuda":
+        return "cuda: CUDA kernels"
+    return "reference: PyTorch autograd, slow"
 
 
 def preferred_device(backend: str) -> torch.device:
@@ -98,6 +120,17 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"it runs on CUDA tensors, these are on {device}"
     return cuda_unavailable_reason()
+
+
+@functools.cache
+def _warn_of_fallback(wanted: str, reason: str) -> None:
+    """Say once per process, on stderr, that "auto" runs the reference backend, and why: it is
+    824x to 11,106x slower than the CPU kernels in scripts/bench.py's cases (the README's
+    table), so a run that would take seconds takes hours and looks hung without a word."""
+    logger.warning(
+        "microdr: falling back to the reference backend, hundreds to thousands of times slower "
+        "than the %s kernels: %s", wanted, reason
+    )
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import MicroDRError
-from .cpu_build import load_library
+from .cpu_build import load
 from .kernels import ARGS_DTYPE, FACE_RECORD, TILE, TileBins
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class CpuTarget:
     name = "cpu"
 
     def __init__(self) -> None:
-        self._library = load_library("softras")
+        self.loaded = load("softras")  # the library, its build, and whether it came from the cache
+        self._library = self.loaded.library
         for name, expected in (("softras_args_size", ARGS_DTYPE.itemsize), ("softras_face_record", FACE_RECORD),
                                ("softras_tile", TILE)):
             if self._constant(name) != expected:

@@ -2,9 +2,15 @@
 
 On machines without a GPU the same ``cuda_src/*.cu`` files are built as an ordinary shared
 library (``cuda_src/portability.h`` maps the CUDA keywords to host code when ``__CUDACC__`` is
-undefined). Builds are cached per user in ``<cache>/kernels/<name>-<key>.so``; the key hashes
-everything that can change the binary, so a stale library is never loaded and an unchanged one
-is never rebuilt. The source tree is only read, so an installed (read-only) package works.
+undefined). Builds are cached per user in ``<cache>/kernels/<name>-<sources>-<compiler>.so``:
+``<sources>`` hashes the sources, flags and architecture, ``<compiler>`` the compiler and its
+version, so a stale library is never loaded and an unchanged one is never rebuilt. Next to each
+library, ``<stem>.json`` (written after it) records its sha256: a library whose bytes differ
+(a damaged disk, a partial copy, another file under its name) is rebuilt, never loaded, since
+loading it can kill the process. Without a compiler, a verified library of the same sources
+and flags is loaded whatever compiler built it. A failed compile leaves ``<stem>.failed``, so
+later runs fail at once with its message instead of compiling again. The source tree is only
+read, so an installed (read-only) package works.
 """
 
 from __future__ import annotations
@@ -14,17 +20,20 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import platform
 import re
 import shlex
 import shutil
-import struct
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from microdr.errors import MicroDRError
@@ -74,13 +83,17 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-NO_COMPILER = "the CPU kernels need a C++20 compiler (g++): set CXX or install g++"
+NO_COMPILER = "the CPU kernels need a C++20 compiler: install g++ (e.g. apt install g++) or set CXX to one"
 
 # How many lines of the compiler's stderr a build error quotes.
 ERROR_LINES = 6
 # Compiler output a one-line error message can do without: the echoed source and caret lines
 # (`` 12 | x = ;``, ``    |   ^``), warnings and notes. Errors and linker complaints remain.
 _NOISE = re.compile(r"^\s*\d*\s*\||\b(warning|note):")
+
+# A temp file older than this is an orphan whoever wrote it: a build takes about a minute.
+ORPHAN_SECONDS = 3600
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)~(?P<host>[^~]*)~(?P<pid>\d+)~[^~]*")
 
 # Libraries loaded by this process, by path; the path embeds the key, so this memo can never
 # hand back a library built from other sources.
@@ -143,68 +156,170 @@ def _compiler_version(command: tuple[str, ...]) -> str:
     return result.stdout
 
 
-def _cache_key(src_dir: pathlib.Path, command: list[str]) -> str:
-    """16 hex digits of sha256 over the sources, the compiler and its version, the flags and
-    the CPU architecture."""
+def _digest(parts: list[bytes]) -> str:
+    """sha256 (hex) of ``parts``, each length-prefixed so two different lists never hash alike."""
     digest = hashlib.sha256()
-
-    def add(part: bytes) -> None:
-        # Length-prefixed, so two different sequences of parts never hash alike.
+    for part in parts:
         digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()
 
+
+def _sources_key(src_dir: pathlib.Path) -> str:
+    """16 hex digits over the sources, the flags and the CPU architecture: what the binary
+    depends on besides the compiler."""
     # Every source, not only the entry file: any of them may be #included.
     sources = sorted([*src_dir.glob("*.cu"), *src_dir.glob("*.h")], key=lambda p: p.name)
-    for path in sources:
-        add(path.name.encode())
-        add(path.read_bytes())
-    # The command too: words in $CXX (``g++ -m32``) change the binary but not ``--version``.
-    add(shlex.join(command).encode())
-    add(_compiler_version(tuple(command)).encode())
-    add(" ".join(flags()).encode())
-    add(platform.machine().encode())
-    return digest.hexdigest()[:16]
+    parts = [part for path in sources for part in (path.name.encode(), path.read_bytes())]
+    parts += [" ".join(flags()).encode(), platform.machine().encode()]
+    return _digest(parts)[:16]
+
+
+def _compiler_key(command: list[str]) -> str:
+    """8 hex digits over the compiler command and its version. The command counts too: words
+    in $CXX (``g++ -m32``) change the binary but not ``--version``."""
+    return _digest([shlex.join(command).encode(), _compiler_version(tuple(command)).encode()])[:8]
 
 
 def cache_path(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> pathlib.Path:
     """Where the compiled library for ``<src_dir>/<name>.cu`` is, or would be once built."""
     src_dir = pathlib.Path(src_dir) if src_dir is not None else source_dir()
-    return cache_dir() / f"{name}-{_cache_key(src_dir, compiler())}.so"
+    return cache_dir() / f"{name}-{_sources_key(src_dir)}-{_compiler_key(compiler())}.so"
 
 
-def load_library(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> ctypes.CDLL:
+def checksum_path(library: pathlib.Path) -> pathlib.Path:
+    """The checksum file of a cached library: ``<stem>.json``."""
+    return library.with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class Build:
+    """A library in the cache, as its checksum file describes it."""
+
+    path: pathlib.Path
+    sha256: str  # of the library's bytes
+    compiler: str  # the command that built it, e.g. "g++"
+    compiler_version: str  # the first line of its --version
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A library this process has loaded: the handle, its build, and whether the build was
+    found in the cache (else this process compiled it)."""
+
+    library: ctypes.CDLL
+    build: Build
+    from_cache: bool
+
+
+class _Unusable(Exception):
+    """A cached library that must not be loaded; the message says why (for a note on stderr)."""
+
+
+def load(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> Loaded:
     """Build ``<src_dir>/<name>.cu`` (default: :func:`source_dir`) unless cached; load it.
 
     Compiles at most once per machine and sources: concurrent processes wait on a lock file
-    and reuse the first one's result. A cached file that fails to load (e.g. truncated by a
-    crash) is rebuilt once.
+    and reuse the first one's result. A cached library is loaded only if its bytes match its
+    checksum file; any other (damaged, cut short, replaced) is rebuilt, with a note on stderr.
     """
     src_dir = pathlib.Path(src_dir) if src_dir is not None else source_dir()
     source = src_dir / f"{name}.cu"
     if not source.is_file():
         raise MicroDRError(f"{source}: kernel source not found (is microDR installed completely?)")
     with _build_lock:
-        path = cache_path(name, src_dir=src_dir)
+        try:
+            path = cache_path(name, src_dir=src_dir)
+        except MicroDRError as no_compiler:
+            # Without a compiler, a library built from these sources and flags by any compiler
+            # will do: the key of the compiler is only known by running it.
+            path = _built_by_any_compiler(name, src_dir)
+            if path is None:
+                raise MicroDRError(f"{no_compiler}; no cached build of these kernels to use instead") from None
         if path not in _loaded:
             _loaded[path] = _load_or_build(source, path)
         return _loaded[path]
 
 
-def _load_or_build(source: pathlib.Path, path: pathlib.Path) -> ctypes.CDLL:
-    """Load ``path``; (re)build it from ``source`` first if it is missing or will not load."""
-    library = _try_load(path)
-    if library is not None:
-        return library
+def _built_by_any_compiler(name: str, src_dir: pathlib.Path) -> pathlib.Path | None:
+    """The newest cached library of ``<src_dir>/<name>.cu`` with the current flags, whatever
+    compiler built it, whose bytes match its checksum; None if there is none."""
+    candidates = cache_dir().glob(f"{name}-{_sources_key(src_dir)}-*.so")
+    for path in sorted(candidates, key=lambda path: path.stat().st_mtime_ns, reverse=True):
+        with contextlib.suppress(_Unusable, OSError):
+            return _verified(path).path
+    return None
+
+
+def _load_or_build(source: pathlib.Path, path: pathlib.Path) -> Loaded:
+    """Load ``path``; (re)build it from ``source`` first if it is missing or unusable."""
+    try:
+        return _load_cached(path)
+    except _Unusable:
+        pass
+    _raise_remembered_failure(path)
     _make_writable_folder(path.parent)
     with _file_lock(path.with_suffix(".lock")):
         # Another process may have built it while we waited for the lock.
-        library = _try_load(path)
-        if library is None:
-            _compile(source, path)
-            try:
-                library = ctypes.CDLL(str(path))
-            except OSError as error:
-                raise MicroDRError(f"{path}: freshly built kernels fail to load: {error}") from None
-    return library
+        try:
+            return _load_cached(path)
+        except _Unusable as problem:
+            _remove_orphaned_temps(path.parent)
+            _compile(source, path, None if not path.exists() else str(problem))
+        try:
+            return Loaded(ctypes.CDLL(str(path)), _verified(path), from_cache=False)
+        except (OSError, _Unusable) as error:
+            raise MicroDRError(f"{path}: freshly built kernels fail to load: {error}") from None
+
+
+def failure_path(library: pathlib.Path) -> pathlib.Path:
+    """Where a failed build of ``library`` leaves its error message: ``<stem>.failed``."""
+    return library.with_suffix(".failed")
+
+
+def _raise_remembered_failure(path: pathlib.Path) -> None:
+    """Raise the error of an earlier build of ``path`` that failed, if there was one: the
+    library's name keys the sources, flags and compiler, so compiling again would fail again
+    (and would say "compiling" on every run)."""
+    try:
+        message = failure_path(path).read_text().strip()
+    except OSError:
+        return
+    raise MicroDRError(f"{message} [an earlier run's failure; delete {failure_path(path)} to try again]")
+
+
+def _load_cached(path: pathlib.Path) -> Loaded:
+    """The cached library at ``path``, loaded after checking its bytes; raises
+    :class:`_Unusable` when it is missing, damaged or fails to load."""
+    build = _verified(path)
+    try:
+        return Loaded(ctypes.CDLL(str(path)), build, from_cache=True)
+    except OSError as error:
+        raise _Unusable(f"fails to load ({error})") from None
+
+
+def _verified(path: pathlib.Path) -> Build:
+    """The build at ``path`` if its bytes have the sha256 its checksum file records; raises
+    :class:`_Unusable` otherwise. Checked before dlopen because dlopen maps whatever is there:
+    overwritten code traps (SIGTRAP), bad relocations fail ld.so's assertions, a file cut short
+    dies of SIGBUS, and none of these can be caught."""
+    if not path.is_file():
+        raise _Unusable("is missing")
+    try:
+        record = json.loads(checksum_path(path).read_text())
+        build = Build(path, record["sha256"], record["compiler"], record["compiler_version"],
+                      tuple(record["flags"]))
+    except FileNotFoundError:
+        raise _Unusable(f"has no checksum file ({checksum_path(path).name})") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _Unusable(f"has an unreadable checksum file ({checksum_path(path).name})") from None
+    if _file_sha256(path) != build.sha256:
+        raise _Unusable("does not match its checksum (damaged or replaced)")
+    return build
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _make_writable_folder(folder: pathlib.Path) -> None:
@@ -218,40 +333,6 @@ def _make_writable_folder(folder: pathlib.Path) -> None:
         raise MicroDRError(f"{folder}: unusable kernel cache ({problem}): set MICRODR_CACHE_DIR")
 
 
-def _try_load(path: pathlib.Path) -> ctypes.CDLL | None:
-    """The library at ``path``, or None when it is absent or broken (to be rebuilt)."""
-    if not path.exists() or not _elf_is_complete(path):
-        return None
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        return None
-
-
-# Where an ELF header keeps e_shoff, e_shentsize and e_shnum, by class (32 / 64 bit).
-_ELF_SECTION_TABLE = {1: (0x20, "I", 0x2E), 2: (0x28, "Q", 0x3A)}
-
-
-def _elf_is_complete(path: pathlib.Path) -> bool:
-    """False for an ELF file cut short; True otherwise (non-ELF files are left to dlopen).
-
-    Needed because dlopen does not reject every truncated library: one whose segments run past
-    the end of the file is mapped anyway and kills the process with SIGBUS. Linkers put the
-    section header table last, so a file that ends before that table's end is truncated.
-    """
-    with open(path, "rb") as handle:
-        header = handle.read(64)
-    if header[:4] != b"\x7fELF":
-        return True
-    if len(header) < 64 or header[4] not in _ELF_SECTION_TABLE or header[5] not in (1, 2):
-        return False
-    offset_at, offset_format, sizes_at = _ELF_SECTION_TABLE[header[4]]
-    order = "<" if header[5] == 1 else ">"
-    (table,) = struct.unpack_from(order + offset_format, header, offset_at)
-    entry_size, entries = struct.unpack_from(order + "HH", header, sizes_at)
-    return table + entry_size * entries <= path.stat().st_size
-
-
 @contextlib.contextmanager
 def _file_lock(path: pathlib.Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (a no-op where fcntl is missing)."""
@@ -263,23 +344,95 @@ def _file_lock(path: pathlib.Path) -> Iterator[None]:
         yield
 
 
-def _compile(source: pathlib.Path, path: pathlib.Path) -> None:
-    """Compile ``source`` into ``path`` atomically: readers see the old file or all of the new."""
+def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None) -> None:
+    """Compile ``source`` into ``path`` atomically (readers see the old file or all of the new),
+    then write its checksum file. ``problem``: what is wrong with the library there, if any."""
     command = compiler()
-    print(f"microdr: compiling CPU kernels (once; cached in {path.parent})", file=sys.stderr)
-    # A unique temp name in the same folder, so os.replace is a rename on one file system.
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".so")
-    os.close(handle)
+    if problem is None:
+        print(f"microdr: compiling CPU kernels (once; cached in {path.parent})", file=sys.stderr)
+    else:
+        print(f"microdr: rebuilding CPU kernels: the cached {path} {problem}", file=sys.stderr)
+    temp = _temp_file(path)
     try:
         argv = [*command, *flags(), "-I", str(source.parent), str(source), "-o", temp]
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode != 0:
-            raise MicroDRError(_compile_error(source, argv, result.stderr))
-        # Flush before renaming, or a power cut can leave the final name on a partial file.
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
+            message = _compile_error(source, argv, result.stderr)
+            # A compiler killed by a signal (out of memory, Ctrl-C) may do better next time.
+            if result.returncode > 0:
+                _write_atomically(failure_path(path), message.encode())
+            raise MicroDRError(message)
+        _flush(temp)
+        build = Build(path, _file_sha256(pathlib.Path(temp)), shlex.join(command),
+                      _compiler_version(tuple(command)).partition("\n")[0], flags())
         # mkstemp made it private (0600); a cache folder may be shared between users.
         os.chmod(temp, 0o755)
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    record = {"sha256": build.sha256, "compiler": build.compiler,
+              "compiler_version": build.compiler_version, "flags": list(build.flags)}
+    _write_atomically(checksum_path(path), json.dumps(record, indent=1).encode())
+
+
+def _temp_file(path: pathlib.Path) -> str:
+    """A new empty file to write ``path`` through: in the same folder, so os.replace is a rename
+    on one file system, and named after this host and process (``.<name>~<host>~<pid>~<random>``),
+    so that :func:`_remove_orphaned_temps` knows when its writer is gone."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{_host()}~{os.getpid()}~")
+    os.close(handle)
+    return temp
+
+
+def _remove_orphaned_temps(folder: pathlib.Path) -> None:
+    """Delete the temp files in ``folder`` whose writer is gone: a process killed while it
+    compiled never deletes its temp file, and the compiler it orphaned may write it after. A
+    writer is gone when it ran on this host and its pid is dead, or (another host, a reused
+    pid, a temp of an older microDR) when the file is older than :data:`ORPHAN_SECONDS`."""
+    now = time.time()
+    for temp in folder.glob(".*"):
+        match = _TEMP_NAME.fullmatch(temp.name)
+        if match is None and temp.suffix != ".so":
+            continue  # not a temp of ours
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
+            dead = match is not None and match["host"] == _host() and not _pid_alive(int(match["pid"]))
+            if dead or now - temp.stat().st_mtime > ORPHAN_SECONDS:
+                temp.unlink()
+
+
+def _host() -> str:
+    """This machine's name as it appears in temp file names."""
+    return re.sub(r"[^\w.-]", "_", socket.gethostname())
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (assumed where that cannot be asked)."""
+    if os.name != "posix":  # os.kill would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _flush(path: str) -> None:
+    """fsync ``path``: before a rename, or a power cut can leave the final name on a partial file."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and a rename, readable by all."""
+    temp = _temp_file(path)
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+        _flush(temp)
+        os.chmod(temp, 0o644)
         os.replace(temp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -295,21 +448,24 @@ def _compile_error(source: pathlib.Path, argv: list[str], stderr: str) -> str:
     return f"{source}: compiling the CPU kernels failed: {quoted} (command: {shlex.join(argv)})"
 
 
-def build_info(name: str = "softras") -> dict:
-    """What ``microdr info`` reports: compiler, flags, library path and whether it is built.
+def simd_level() -> str:
+    """The vector instructions :func:`flags` let the kernels use, in words."""
+    if "-march=x86-64-v3" in flags():
+        return "AVX2 + FMA (x86-64-v3)"
+    if platform.machine() in ("x86_64", "AMD64"):
+        return "SSE2 (x86-64 baseline: this CPU lacks AVX2 or FMA)"
+    return f"the {platform.machine() or 'unknown'} baseline"
 
-    Never raises for a missing compiler; ``compiler`` and ``path`` are then None and
-    ``error`` says what to do.
-    """
-    info: dict = {"compiler": None, "flags": list(flags()), "path": None, "cached": False}
+
+def build_info() -> dict:
+    """What ``microdr info`` reports before loading the kernels: the compiler, its version,
+    the flags and the SIMD level. Never raises: without a usable compiler, ``compiler`` is
+    None and ``error`` says what to do."""
+    info: dict = {"compiler": None, "flags": list(flags()), "simd": simd_level()}
     try:
         command = compiler()
         info["compiler"] = shlex.join(command)
         info["compiler_version"] = _compiler_version(tuple(command)).partition("\n")[0]
-        path = cache_path(name)
     except MicroDRError as error:
         info["error"] = str(error)
-        return info
-    info["path"] = str(path)
-    info["cached"] = path.is_file()
     return info
