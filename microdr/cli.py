@@ -458,7 +458,9 @@ def optimize(
     loaded = load_scene(scene)
     settings = _optimize_settings(loaded, iterations=iterations, lr=lr, params=params)
     size = (loaded.render.width, loaded.render.height)
-    images = read_targets(targets, len(loaded.cameras), size, resize=resize)
+    images = read_targets(
+        targets, len(loaded.cameras), size, resize=resize, background=loaded.render.background
+    )
     outdir = Path(resume or output or default_outdir(scene))
     with _progress(settings.iterations, log_every) as report:
         try:

@@ -48,6 +48,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import signal
 import threading
@@ -95,6 +96,10 @@ CHECKPOINT = "checkpoint.pt"
 
 LossFunction = Callable[[Evaluation], "torch.Tensor | dict[str, torch.Tensor]"]
 
+# Notes for the user (free vertices without silhouettes); with no logging set up, Python prints
+# them on stderr.
+logger = logging.getLogger(__name__)
+
 
 class NonFiniteError(MicroDRError):
     """An iteration met a NaN or an infinity, and the run stopped before it.
@@ -126,6 +131,10 @@ def resolve_settings(
     target has color; ``silhouette_iou`` when one has a silhouette and the geometry is free (or
     nothing else constrains anything); SoftRas's Laplacian (0.03) and flatten (0.0003) terms
     when the vertices are free.
+
+    Free vertices with a target that has no silhouette (an RGB image whose silhouette could not
+    be derived, :func:`~microdr.targets.derive_silhouette`) log a warning: colors alone pull
+    the outline through the faint gradient of its edge pixels, which the regularizers outweigh.
     """
     settings = settings or scene.optimize or OptimizeSettings()
     has_rgb = bool(targets.has_rgb.any())
@@ -146,7 +155,23 @@ def resolve_settings(
         raise InputError(
             TARGETS_SOURCE, "", 'the loss has "silhouette_iou" but no target has a silhouette'
         )
+    if "vertices" in parameters:
+        _warn_of_missing_silhouettes(targets)
     return replace(settings, parameters=parameters, loss=loss)
+
+
+def _warn_of_missing_silhouettes(targets: Targets) -> None:
+    """One warning naming the first target without a silhouette, why, and how many more."""
+    missing = [(name, why) for name, why in zip(targets.names, targets.no_silhouette) if why]
+    if not missing:
+        return
+    (name, why), more = missing[0], len(missing) - 1
+    others = f" (and {more} more target{'s' if more > 1 else ''})" if more else ""
+    logger.warning(
+        "%s: no silhouette: %s%s; with free vertices, color alone shapes the mesh poorly: "
+        "set render.background to the image's background color, or give RGBA or grayscale",
+        name, why, others,
+    )  # fmt: skip
 
 
 def _default_loss(parameters: tuple[str, ...], has_rgb: bool, has_silhouette: bool) -> dict:
