@@ -370,8 +370,9 @@ def optimize(
         list[str],
         typer.Argument(
             help="One image per camera, in the scene's order: files, folders (their images "
-            "sorted by name) or quoted glob patterns. RGB, RGBA (alpha: the silhouette) or "
-            "grayscale (a silhouette), 8 or 16 bits.",
+            "sorted by name) or quoted glob patterns. RGB (the silhouette: the pixels unlike "
+            "render.background), RGBA (alpha: the silhouette) or grayscale (a silhouette), 8 or "
+            "16 bits.",
             metavar="TARGET...",
             show_default=False,
         ),

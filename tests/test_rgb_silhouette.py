@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from typer.testing import CliRunner
+
+from microdr import cli
 from microdr.losses import silhouette_iou
 from microdr.optimize import optimize, resolve_settings
 from microdr.scene import OptimizeSettings, load_scene
@@ -27,33 +29,8 @@ from microdr.targets import (
     read_targets,
 )
 
-SIZE = 128
-BLACK = (0, 0, 0)
-RED = (255, 0, 0)
-
-
-def disc(color=RED, background=BLACK, radius=36, size=SIZE, supersample=1) -> Image.Image:
-    """A disc centered in a ``size`` square RGB image; drawn ``supersample`` times larger and
-    box-filtered down when > 1 (anti-aliased edges)."""
-    big = size * supersample
-    image = Image.new("RGB", (big, big), background)
-    c, r = big / 2, radius * supersample
-    ImageDraw.Draw(image).ellipse((c - r, c - r, c + r, c + r), fill=color)
-    return image if supersample == 1 else image.resize((size, size), Image.Resampling.BOX)
-
-
-def star(color=(255, 220, 0), background=BLACK, size=SIZE) -> Image.Image:
-    """A five-pointed star (radii 50 and 22 pixels) centered in a ``size`` square RGB image."""
-    image = Image.new("RGB", (size, size), background)
-    corners = [
-        (
-            size / 2 + (50 if k % 2 == 0 else 22) * math.cos(math.pi / 2 + k * math.pi / 5),
-            size / 2 - (50 if k % 2 == 0 else 22) * math.sin(math.pi / 2 + k * math.pi / 5),
-        )
-        for k in range(10)
-    ]
-    ImageDraw.Draw(image).polygon(corners, fill=color)
-    return image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from rgb_targets import BLACK, RED, SIZE, disc, drawn_mask, jpeg, scene_data, star  # noqa: E402
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
@@ -61,33 +38,17 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def jpeg(image: Image.Image, quality: int) -> Image.Image:
-    data = io.BytesIO()
-    image.save(data, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(data.getvalue())).convert("RGB")
-
-
-def drawn_mask(image: Image.Image, background=BLACK) -> torch.Tensor:
-    """``(H, W)`` bool: the pixels Pillow drew (not the background color)."""
-    return (as_tensor(image) != torch.tensor(background)[:, None, None] / 255).any(dim=0)
+def decoded_jpeg(image: Image.Image, quality: int) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg(image, quality))).convert("RGB")
 
 
 def hard_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return silhouette_iou(a[None].float(), b[None].float()).item()
 
 
-def scene_file(folder: Path, background=(0, 0, 0), **optimize) -> Path:
-    """An icosphere scene as one writes it from the README: one camera, ``SIZE`` square."""
-    data = {
-        "image": {"width": SIZE, "height": SIZE},
-        "render": {"background": list(background)},
-        "meshes": [{"primitive": "icosphere", "subdivisions": 3, "color": [0.9, 0.6, 0.35]}],
-        "cameras": [{"eye": [0, 0, 3], "target": [0, 0, 0], "fov": 45}],
-    }
-    if optimize:
-        data["optimize"] = optimize
+def scene_file(folder: Path, **kwargs) -> Path:
     path = folder / "scene.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(scene_data(**kwargs)))
     return path
 
 
@@ -117,7 +78,7 @@ def test_anti_aliased_edges_give_the_coverage_less_the_tolerance():
 @pytest.mark.parametrize("quality", [75, 30])
 def test_jpeg_noise_leaves_the_background_out_and_the_inside_in(quality):
     truth = disc()
-    noisy = jpeg(truth, quality)
+    noisy = decoded_jpeg(truth, quality)
     assert (as_tensor(noisy) - as_tensor(truth)).abs().max() > 0.3  # real JPEG artifacts
     silhouette, why = derive_silhouette(as_tensor(noisy), torch.zeros(3))
     assert why is None
@@ -204,3 +165,65 @@ def test_the_warning_names_the_first_target_and_counts_the_others(tmp_path, capl
         "target 0: no silhouette: an RGB image, and no background color to derive one from "
         "(and 2 more targets)"
     ]
+
+
+def test_free_vertices_and_color_targets_end_sharper_than_render_sigma(tmp_path):
+    """Photos have sharp edges: by default sigma falls tenfold over the run."""
+    scene = load_scene(scene_file(tmp_path))  # render.sigma 1e-4
+    color = Targets.from_images([as_tensor(disc())], background=(0, 0, 0))
+    silhouette = Targets.from_images([as_tensor(disc())[:1]])
+    schedule = lambda targets, **given: resolve_settings(  # noqa: E731
+        scene, targets, OptimizeSettings(**given)
+    ).sigma_schedule
+    assert schedule(color) == pytest.approx((1e-4, 1e-5))
+    assert schedule(color, parameters=("colors",)) is None
+    assert schedule(silhouette) is None
+    assert schedule(color, sigma_schedule=(2e-4, 2e-4)) == (2e-4, 2e-4)
+
+
+# --- shape and color from one RGB image ----------------------------------------------------------
+# At 64 x 64, a quarter of the floors' pixels (scripts/rgb_targets.py measures those at 128).
+
+SMALL = 64
+
+
+def optimized(tmp_path: Path, image: Image.Image, suffix: str = "png", **scene) -> dict:
+    """``microdr optimize`` (defaults, CPU kernels) of an icosphere to ``image``: metrics.json."""
+    target = tmp_path / f"target.{suffix}"
+    if suffix == "jpg":
+        target.write_bytes(jpeg(image, 75))
+    else:
+        image.save(target)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "optimize", str(scene_file(tmp_path, size=SMALL, **scene)), str(target), "-o",
+            str(out), "--backend", "cpu",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "silhouette" not in result.stderr  # no warning
+    return json.loads((out / "metrics.json").read_text())
+
+
+GRAY, BLUE = (204, 204, 191), (40, 60, 200)
+
+
+@pytest.mark.parametrize(
+    ("image", "suffix", "background", "min_psnr"),
+    [
+        (disc(radius=18, size=SMALL), "png", BLACK, 28),
+        (disc(radius=18, size=SMALL), "jpg", BLACK, 28),
+        (star(size=SMALL), "png", BLACK, 23),
+        (disc(BLUE, GRAY, radius=18, size=SMALL), "png", GRAY, 28),
+    ],
+    ids=["red disc", "red disc JPEG", "star", "blue disc on gray"],
+)
+def test_shape_and_color_from_one_rgb_image(tmp_path, image, suffix, background, min_psnr):
+    """Defaults throughout; the icosphere covers twice the disc's area at the start. IoU: of
+    the render's alpha and the derived silhouette, both > 0.5; PSNR: over the whole image."""
+    metrics = optimized(tmp_path, image, suffix, background=background)
+    assert metrics["start"]["iou"] < 0.5 and metrics["start"]["psnr"] < 11
+    assert metrics["final"]["iou"] >= 0.97
+    assert metrics["final"]["psnr"] >= min_psnr
