@@ -177,7 +177,8 @@ def derive_silhouette(
             f"{_color(background)}"
         )
     window = 2 * EDGE_RADIUS + 1
-    nearby = torch.nn.functional.max_pool2d(distance[None], window, stride=1, padding=EDGE_RADIUS)[0]
+    pool = torch.nn.functional.max_pool2d
+    nearby = pool(distance[None], window, stride=1, padding=EDGE_RADIUS)[0]
     off_background = distance > BACKGROUND_TOLERANCE
     ambiguous = off_background & (nearby < OBJECT_CONTRAST)
     if ambiguous.sum() > AMBIGUOUS_SHARE * off_background.sum():
@@ -186,8 +187,8 @@ def derive_silhouette(
             f"{_color(background)}: {ambiguous.sum().item()} of the "
             f"{off_background.sum().item()} pixels unlike it are within {OBJECT_CONTRAST} of it"
         )
-    ramp = (distance - BACKGROUND_TOLERANCE) / (nearby.clamp(min=OBJECT_CONTRAST) - BACKGROUND_TOLERANCE)
-    return ramp.clamp(0, 1), None
+    contrast = nearby.clamp(min=OBJECT_CONTRAST) - BACKGROUND_TOLERANCE
+    return ((distance - BACKGROUND_TOLERANCE) / contrast).clamp(0, 1), None
 
 
 def _color(rgb: torch.Tensor) -> str:

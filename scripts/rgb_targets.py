@@ -46,6 +46,7 @@ SIZE = 128
 BLACK = (0, 0, 0)
 RED = (255, 0, 0)
 YELLOW = (255, 220, 0)
+BLUE, GRAY = (40, 60, 200), (204, 204, 191)
 #: The start mesh's albedo, the README's.
 START_COLOR = [0.9, 0.6, 0.35]
 
@@ -113,7 +114,7 @@ CASES = (
     Case("red_disc", disc(), BLACK, "png", 0.97, 30.0),
     Case("red_disc_jpeg75", disc(), BLACK, "jpg", 0.97, None),
     Case("star", star(), BLACK, "png", 0.97, None),
-    Case("blue_disc_on_gray", disc((40, 60, 200), (204, 204, 191)), (204, 204, 191), "png", 0.97, None),
+    Case("blue_disc_on_gray", disc(BLUE, GRAY), GRAY, "png", 0.97, None),
 )
 
 

@@ -14,23 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-
 from typer.testing import CliRunner
 
 from microdr import cli
 from microdr.losses import silhouette_iou
-from microdr.optimize import optimize, resolve_settings
+from microdr.optimize import resolve_settings
 from microdr.scene import OptimizeSettings, load_scene
-from microdr.targets import (
-    BACKGROUND_TOLERANCE,
-    Targets,
-    derive_silhouette,
-    read_image,
-    read_targets,
-)
+from microdr.targets import BACKGROUND_TOLERANCE, Targets, derive_silhouette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from rgb_targets import BLACK, RED, SIZE, disc, drawn_mask, jpeg, scene_data, star  # noqa: E402
+from rgb_targets import (  # noqa: E402
+    BLACK, BLUE, GRAY, RED, SIZE, disc, drawn_mask, jpeg, scene_data, star,
+)  # fmt: skip
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
@@ -52,7 +47,7 @@ def scene_file(folder: Path, **kwargs) -> Path:
     return path
 
 
-# --- the rule ------------------------------------------------------------------------------------
+# --- the rule ------------------------------------------------------------------------------
 
 
 def test_a_hard_edged_disc_on_black_gives_its_exact_mask():
@@ -92,15 +87,16 @@ def test_jpeg_noise_leaves_the_background_out_and_the_inside_in(quality):
 
 
 def test_the_background_color_is_the_scenes():
-    gray, blue = (204, 204, 191), (40, 60, 200)
-    image = disc(color=blue, background=gray)
-    background = torch.tensor(gray) / 255
+    image = disc(color=BLUE, background=GRAY)
+    background = torch.tensor(GRAY) / 255
     silhouette, why = derive_silhouette(as_tensor(image), background)
-    assert why is None and torch.equal(silhouette, drawn_mask(image, gray).float())
+    assert why is None and torch.equal(silhouette, drawn_mask(image, GRAY).float())
     # Against black, the image's border is not the background: no silhouette, and why.
     silhouette, why = derive_silhouette(as_tensor(image), torch.zeros(3))
     assert silhouette is None
-    assert why == "an RGB image whose border is only 0% the background color [0, 0, 0] (within 0.15)"
+    assert why == (
+        "an RGB image whose border is only 0% the background color [0, 0, 0] (within 0.15)"
+    )
 
 
 def test_no_silhouette_from_an_image_of_the_background_alone_or_of_ambiguous_colors():
@@ -131,7 +127,7 @@ def test_rgb_targets_get_a_silhouette_when_the_background_is_given():
     assert torch.equal(given.images[0, :3], image)
 
 
-# --- warning ---------------------------------------------------------------------------------------
+# --- warning -------------------------------------------------------------------------------
 
 
 def test_free_vertices_without_a_silhouette_are_warned_of_on_stderr(tmp_path):
@@ -181,7 +177,7 @@ def test_free_vertices_and_color_targets_end_sharper_than_render_sigma(tmp_path)
     assert schedule(color, sigma_schedule=(2e-4, 2e-4)) == (2e-4, 2e-4)
 
 
-# --- shape and color from one RGB image ----------------------------------------------------------
+# --- shape and color from one RGB image ----------------------------------------------------
 # At 64 x 64, a quarter of the floors' pixels (scripts/rgb_targets.py measures those at 128).
 
 SMALL = 64
@@ -205,9 +201,6 @@ def optimized(tmp_path: Path, image: Image.Image, suffix: str = "png", **scene) 
     assert result.exit_code == 0, result.output
     assert "silhouette" not in result.stderr  # no warning
     return json.loads((out / "metrics.json").read_text())
-
-
-GRAY, BLUE = (204, 204, 191), (40, 60, 200)
 
 
 @pytest.mark.parametrize(
