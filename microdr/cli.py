@@ -394,8 +394,9 @@ def optimize(
         list[str],
         typer.Argument(
             help="One image per camera, in the scene's order: files, folders (their images "
-            "sorted by name) or quoted glob patterns. RGB, RGBA (alpha: the silhouette) or "
-            "grayscale (a silhouette), 8 or 16 bits.",
+            "sorted by name) or quoted glob patterns. RGB (the silhouette: the pixels unlike "
+            "render.background), RGBA (alpha: the silhouette) or grayscale (a silhouette), 8 or "
+            "16 bits.",
             metavar="TARGET...",
             show_default=False,
         ),
@@ -482,7 +483,9 @@ def optimize(
     loaded = load_scene(scene)
     settings = _optimize_settings(loaded, iterations=iterations, lr=lr, params=params)
     size = (loaded.render.width, loaded.render.height)
-    images = read_targets(targets, len(loaded.cameras), size, resize=resize)
+    images = read_targets(
+        targets, len(loaded.cameras), size, resize=resize, background=loaded.render.background
+    )
     outdir = Path(resume or output or default_outdir(scene))
     with _progress(settings.iterations, log_every) as progress:
         try:

@@ -5,7 +5,8 @@ What a target holds depends on its channels, file or tensor alike (:func:`classi
 - 1 channel (grayscale): a silhouette only, white where the object is.
 - 2 channels (gray + alpha) or 4 (RGBA): color and silhouette (the alpha); but if the color
   channels are all zero, the image is a silhouette only (a black mask with alpha).
-- 3 channels (RGB): color only, no silhouette.
+- 3 channels (RGB): color, and a silhouette derived from the background color when one is
+  given (the scene's ``render.background``; :func:`derive_silhouette`), else color only.
 
 Color is compared with the renderer's blended color ``I`` as it is (not premultiplied or
 divided by alpha): the same as ``microdr render --alpha`` writes. Files are PNG (8 or 16 bits,
@@ -47,20 +48,28 @@ class Targets:
         view without color, and the silhouette of a view without one, are zeros and unused.
     has_rgb, has_silhouette: ``(N,)`` bool, CPU: what each view constrains; at least one per view.
     names: ``N`` strings naming each target in messages (file paths, or ``"target 0"``...).
+    no_silhouette: ``N`` entries: why a view has no silhouette (a phrase such as ``"an RGB
+        image, and no background color to derive one from"``), ``None`` where it has one.
     """
 
     images: torch.Tensor
     has_rgb: torch.Tensor
     has_silhouette: torch.Tensor
     names: tuple[str, ...]
+    no_silhouette: tuple[str | None, ...]
 
     @staticmethod
     def from_images(
-        images: torch.Tensor | Sequence[torch.Tensor], names: Sequence[str] | None = None
+        images: torch.Tensor | Sequence[torch.Tensor],
+        names: Sequence[str] | None = None,
+        *,
+        background: Sequence[float] | None = None,
     ) -> "Targets":
         """Targets from float images in ``[0, 1]``: a tensor ``(N, C, H, W)`` or a sequence of
         ``N`` tensors ``(C_i, H, W)``, each ``C`` in 1 to 4 (see the module's rules; e.g.
-        ``render_scene(...)`` gives RGBA with a silhouette). Any float dtype and device."""
+        ``render_scene(...)`` gives RGBA with a silhouette). Any float dtype and device.
+        ``background``: the scene's ``render.background`` (3 floats in ``[0, 1]``), from which
+        RGB targets get a silhouette (:func:`derive_silhouette`); ``None``: they get none."""
         views = []
         for image in images:
             if image.dim() != 3 or not 1 <= image.shape[0] <= 4:
@@ -70,14 +79,16 @@ class Targets:
                     f"targets differ in size: {tuple(image.shape[1:])} and "
                     f"{tuple(views[0][0].shape[1:])}"
                 )
-            views.append(classify(image.detach().to(device="cpu", dtype=torch.float32)))
+            image = image.detach().to(device="cpu", dtype=torch.float32)
+            views.append(classify(image, background))
         if names is None:
             names = [f"target {i}" for i in range(len(views))]
         return Targets(
             images=torch.stack([rgba for rgba, _, _ in views]),
             has_rgb=torch.tensor([rgb for _, rgb, _ in views]),
-            has_silhouette=torch.tensor([silhouette for _, _, silhouette in views]),
+            has_silhouette=torch.tensor([why is None for _, _, why in views]),
             names=tuple(names),
+            no_silhouette=tuple(why for _, _, why in views),
         )
 
     @property
@@ -86,27 +97,119 @@ class Targets:
         return self.images.shape[-1], self.images.shape[-2]
 
 
-def classify(image: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
-    """One target ``(C, H, W)`` as RGBA ``(4, H, W)``, whether it has color, whether it has a
-    silhouette (the module's rules)."""
+def classify(
+    image: torch.Tensor, background: Sequence[float] | None = None
+) -> tuple[torch.Tensor, bool, str | None]:
+    """One target ``(C, H, W)`` float32 as RGBA ``(4, H, W)``, whether it has color, and why it
+    has no silhouette (``None`` if it has one), by the module's rules; ``background`` as in
+    :meth:`Targets.from_images`."""
     channels = image.shape[0]
     if channels == 1:
-        return torch.cat([torch.zeros_like(image).expand(3, -1, -1), image]), False, True
+        return torch.cat([torch.zeros_like(image).expand(3, -1, -1), image]), False, None
     if channels == 3:
-        return torch.cat([image, torch.zeros_like(image[:1])]), True, False
+        if background is None:
+            silhouette, why = None, "an RGB image, and no background color to derive one from"
+        else:
+            silhouette, why = derive_silhouette(image, torch.tensor(background))
+        if silhouette is None:
+            silhouette = torch.zeros_like(image[0])
+        return torch.cat([image, silhouette[None]]), True, why
     color = image[:-1].expand(3, -1, -1)
     has_rgb = bool(color.any())
-    return torch.cat([color, image[-1:]]), has_rgb, True
+    return torch.cat([color, image[-1:]]), has_rgb, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Silhouettes of RGB targets
+
+#: Distances to the background color (Euclidean, RGB in [0, 1]) up to this are background:
+#: 8-bit rounding and JPEG noise (quality 30 leaves up to 0.13 a few pixels off a red edge).
+BACKGROUND_TOLERANCE = 0.15
+#: A pixel this far from the background color (or farther) is unambiguously the object.
+OBJECT_CONTRAST = 0.3
+#: Anti-aliased (and JPEG-blurred) edges are measured against the farthest color within this
+#: many pixels (a (2r + 1)^2 window): an edge pixel's neighbours inside hold the object's color.
+EDGE_RADIUS = 2
+#: The share of border pixels that must be background: objects may cross the frame, a bit.
+BORDER_BACKGROUND_SHARE = 0.5
+#: Off-background pixels with nothing unambiguous near them may be at most this share of all
+#: off-background pixels: more, and the object's colors are too close to the background's.
+AMBIGUOUS_SHARE = 0.1
+
+
+def derive_silhouette(
+    rgb: torch.Tensor, background: torch.Tensor
+) -> tuple[torch.Tensor | None, str | None]:
+    """The silhouette of an object drawn on a uniform background: ``(H, W)`` in ``[0, 1]`` and
+    ``None``; or ``None`` and why none can be derived (a phrase, for messages).
+
+    rgb: ``(3, H, W)`` float in ``[0, 1]``; background: ``(3,)``, the color the renderer draws
+    where no face is (``render.background``); any float dtype, CPU.
+
+    Rule: ``d`` is each pixel's Euclidean RGB distance to the background color and ``D`` the
+    largest ``d`` in its ``(2 EDGE_RADIUS + 1)^2`` neighbourhood. The silhouette is
+    ``clamp((d - t) / (max(D, c) - t), 0, 1)``, ``t`` = :data:`BACKGROUND_TOLERANCE`,
+    ``c`` = :data:`OBJECT_CONTRAST`: 0 within the tolerance of the background (noise), 1 inside
+    an object, and at an anti-aliased edge (a blend ``a * object + (1 - a) * background``, so
+    ``d = a * D``) about the coverage ``a``, whatever the object's color; only near the
+    tolerance does it fall below ``a`` (by ``t / D`` of the way, 0.15 px of an edge pixel for
+    a saturated red object on black, more for colors close to the background).
+
+    No silhouette when (checked in this order):
+
+    - less than :data:`BORDER_BACKGROUND_SHARE` of the border pixels are within the tolerance
+      of the background color: the image's background is another color (or not uniform);
+    - no pixel is :data:`OBJECT_CONTRAST` away from the background: nothing to see;
+    - more than :data:`AMBIGUOUS_SHARE` of the off-background pixels have no pixel that far
+      near them: the object's colors are too close to the background's to tell them apart.
+    """
+    distance = (rgb - background.to(rgb.dtype)[:, None, None]).norm(dim=0)
+    border = torch.cat([distance[0], distance[-1], distance[1:-1, 0], distance[1:-1, -1]])
+    share = (border <= BACKGROUND_TOLERANCE).to(rgb.dtype).mean().item()
+    if share < BORDER_BACKGROUND_SHARE:
+        return None, (
+            f"an RGB image whose border is only {share:.0%} the background color "
+            f"{_color(background)} (within {BACKGROUND_TOLERANCE})"
+        )
+    if distance.max() < OBJECT_CONTRAST:
+        return None, (
+            f"an RGB image with no pixel {OBJECT_CONTRAST} away from the background color "
+            f"{_color(background)}"
+        )
+    window = 2 * EDGE_RADIUS + 1
+    pool = torch.nn.functional.max_pool2d
+    nearby = pool(distance[None], window, stride=1, padding=EDGE_RADIUS)[0]
+    off_background = distance > BACKGROUND_TOLERANCE
+    ambiguous = off_background & (nearby < OBJECT_CONTRAST)
+    if ambiguous.sum() > AMBIGUOUS_SHARE * off_background.sum():
+        return None, (
+            f"an RGB image whose colors are too close to the background color "
+            f"{_color(background)}: {ambiguous.sum().item()} of the "
+            f"{off_background.sum().item()} pixels unlike it are within {OBJECT_CONTRAST} of it"
+        )
+    contrast = nearby.clamp(min=OBJECT_CONTRAST) - BACKGROUND_TOLERANCE
+    return ((distance - BACKGROUND_TOLERANCE) / contrast).clamp(0, 1), None
+
+
+def _color(rgb: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{c:g}" for c in rgb.tolist()) + "]"
 
 
 def read_targets(
-    arguments: Sequence[str], cameras: int, size: tuple[int, int], *, resize: bool = False
+    arguments: Sequence[str],
+    cameras: int,
+    size: tuple[int, int],
+    *,
+    resize: bool = False,
+    background: Sequence[float] | None = None,
 ) -> Targets:
     """Read one target image per camera from files, folders and glob patterns.
 
     ``size`` is the scene's ``(width, height)``: an image of another size is an error unless
-    ``resize``, which resamples it (antialiased bilinear). Every problem is one
-    :class:`InputError` naming the file (or ``TARGET`` for the arguments as a whole).
+    ``resize``, which resamples it (antialiased bilinear). ``background``: the scene's
+    ``render.background``, to derive the silhouettes of RGB images (:meth:`Targets.from_images`).
+    Every problem is one :class:`InputError` naming the file (or ``TARGET`` for the arguments as
+    a whole).
     """
     paths = expand_arguments(arguments)
     if len(paths) != cameras:
@@ -117,7 +220,7 @@ def read_targets(
             f"cameras: {cameras}, images: {len(paths)}",
         )
     images = [_fit(read_image(path), str(path), size, resize) for path in paths]
-    return Targets.from_images(images, [str(path) for path in paths])
+    return Targets.from_images(images, [str(path) for path in paths], background=background)
 
 
 def expand_arguments(arguments: Sequence[str]) -> list[Path]:

@@ -164,7 +164,9 @@ def run_task(task: Task, outdir: Path) -> Measured:
     measure the result against its targets and, on held-out views, against the truth."""
     scene = load_scene(task.scene)
     size = (scene.render.width, scene.render.height)
-    targets = read_targets([str(task.targets)], len(scene.cameras), size)
+    targets = read_targets(
+        [str(task.targets)], len(scene.cameras), size, background=scene.render.background
+    )
     result = optimize(scene, targets, outdir=outdir)
     iou_held_out = None
     if task.min_iou is not None:

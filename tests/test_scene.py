@@ -163,9 +163,11 @@ def test_empty_sections_take_defaults():
     assert result.meshes == ()
     assert result.lights == Lights(0.5, ())
     assert result.optimize == OptimizeSettings()
-    # Parameters and loss are left to the optimizer, which picks them to suit the targets.
+    # Parameters, loss and sigma schedule are left to the optimizer, to suit the targets.
     assert result.optimize.parameters is None and result.optimize.loss is None
-    assert (result.optimize.lr, result.optimize.iterations) == (0.01, 500)
+    assert (result.optimize.lr, result.optimize.betas, result.optimize.iterations) == (
+        0.01, (0.9, 0.99), 1000,
+    )  # fmt: skip
     assert result.optimize.sigma_schedule is None and result.optimize.views_per_step is None
 
 
