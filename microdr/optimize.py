@@ -48,6 +48,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import signal
 import threading
@@ -92,6 +93,15 @@ GIF_FRAMES = 50
 COLOR_MARGIN = 1e-4
 #: The name of the checkpoint file in an output folder.
 CHECKPOINT = "checkpoint.pt"
+#: The signals that stop a run at the end of its last finished iteration: Ctrl-C (SIGINT), and,
+#: under :func:`stop_signals`, SIGTERM (``kill``, ``timeout``, ``docker stop``, systemd, batch
+#: schedulers) and SIGHUP (the terminal closed). Windows has no SIGHUP.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+# Notes for the user (a signal deferred); with no logging set up, Python prints them on stderr.
+logger = logging.getLogger(__name__)
 
 LossFunction = Callable[[Evaluation], "torch.Tensor | dict[str, torch.Tensor]"]
 
@@ -799,9 +809,50 @@ def _scene_digest(scene: Scene) -> str:
     return digest.hexdigest()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (:data:`STOP_SIGNALS`) raised where Ctrl-C raises KeyboardInterrupt, so that
+    a run stops at the end of its last finished iteration as it does for Ctrl-C. signal: its
+    number."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.signal = number
+
+
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back until the block has run, so that what it changes changes whole.
+def stop_signals() -> Iterator[list[int]]:
+    """While the block runs in the main thread, each of :data:`STOP_SIGNALS` raises
+    :class:`Interrupted` there; yields the list of the numbers of those received, in order.
+
+    A signal that the program ignores (``nohup`` ignores SIGHUP) or handles itself stays so. The
+    handlers are restored when the block ends.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(number: int, frame) -> None:
+        received.append(number)
+        raise Interrupted(number)
+
+    previous = {}
+    for number in STOP_SIGNALS:
+        if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[number] = signal.signal(number, stop)
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def _interrupts_held(*, deliver: bool = True, note: str | None = None) -> Iterator[None]:
+    """Hold the stop signals (:data:`STOP_SIGNALS` that Python handles) back until the block has
+    run, so that what it changes changes whole; then deliver the first that came to the handler it
+    was held from, or, unless ``deliver``, drop them all (the block was the run's end). ``note``
+    is logged when the first comes, to say why the process goes on.
 
     Only the main thread receives signals, so elsewhere there is nothing to hold.
     """
@@ -809,13 +860,24 @@ def _interrupts_held() -> Iterator[None]:
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(frame))
+
+    def hold(number: int, frame) -> None:
+        if not caught and note is not None:
+            logger.warning(note)
+        caught.append((number, frame))
+
+    previous = {}
+    for number in STOP_SIGNALS:
+        if callable(signal.getsignal(number)):
+            previous[number] = signal.signal(number, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, caught[-1])
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught and deliver:
+        number, frame = caught[0]
+        previous[number](number, frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,8 +903,10 @@ def optimize(
     """Run an :class:`Optimization` to its end and return its :class:`Result`.
 
     ``callback(step)`` runs after each iteration. Ctrl-C (a KeyboardInterrupt, also one raised
-    by the callback) stops the run at the end of its last finished iteration: the result then
-    has ``interrupted`` set, instead of the exception propagating.
+    by the callback; under :func:`stop_signals` also SIGTERM and SIGHUP) stops the run at the
+    end of its last finished iteration: the result then has ``interrupted`` set, instead of the
+    exception propagating. The final render and the writing of the files are not interrupted:
+    a stop signal then is dropped (with a note logged), and the run ends as it would have.
 
     With ``outdir``, the run's files (:func:`microdr.outputs.output_files`) are written there at
     the end, interrupted or not, with a checkpoint; also a checkpoint every ``checkpoint_every``
@@ -878,13 +942,18 @@ def optimize(
                 if callback is not None:
                     callback(step)
         except KeyboardInterrupt:
-            interrupted = True
+            # A stop that came after the last iteration, while the loop was ending, stops nothing.
+            interrupted = run.iteration < run.settings.iterations
         except NonFiniteError as error:
             stopped = error
-        result = run.result(interrupted, None if stopped is None else str(stopped))
-        if outdir is not None:
-            checkpoint = {CHECKPOINT: encode_checkpoint(run.state_dict())}
-            write_outputs(outdir, result, targets, checkpoint)
+        # The files are the run's state: a stop signal now would leave some written and others
+        # not, and no checkpoint to resume from. It waits, and the run ends as it was ending.
+        note = "finishing the final render" + ("" if outdir is None else f" and {outdir}'s files")
+        with _interrupts_held(deliver=False, note=f"{note} before stopping"):
+            result = run.result(interrupted, None if stopped is None else str(stopped))
+            if outdir is not None:
+                checkpoint = {CHECKPOINT: encode_checkpoint(run.state_dict())}
+                write_outputs(outdir, result, targets, checkpoint)
     if stopped is not None:
         stopped.result = result
         raise stopped

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
-from test_optimize import files_under, invoke, parse, scene_data
+from test_optimize import OUTPUT_FILES, files_under, invoke, parse, scene_data
 
 from microdr import cli
 from microdr.checkpoint import read_checkpoint
@@ -433,3 +434,102 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
     # No temporary file, no lock: only the first checkpoint, whole.
     assert [p.name for p in out.iterdir()] == [CHECKPOINT]
     assert read_checkpoint(out / CHECKPOINT)["iteration"] == 1
+
+
+# --- stop signals: Ctrl-C, SIGTERM, SIGHUP, on a real process -------------------------------------
+
+
+def start_command(*arguments, python: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``python -m microdr`` with ``arguments``, the way a shell runs ``microdr``; stderr piped
+    and read line by line."""
+    return subprocess.Popen(
+        [sys.executable, *python, "-m", "microdr", *map(str, arguments)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_line(process: subprocess.Popen, prefix: str) -> list[str]:
+    """The stderr lines of ``process`` up to and including the first that starts with
+    ``prefix``."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line {prefix!r} on stderr: {''.join(lines)}")
+
+
+def temporary_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_code_130(tmp_path):
+    scene_path, targets = silhouette_task(tmp_path)
+    out = tmp_path / "out"
+    # -X importtime logs each module as it is imported: torch's first is a moment into the
+    # import of the command (microdr itself does not import torch), which goes on for a while.
+    process = start_command(
+        "optimize", scene_path, targets, "-o", out, python=("-X", "importtime")
+    )
+    for line in process.stderr:
+        if "torch" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "interrupted"
+    assert not out.exists()
+
+
+STOPS = {"SIGINT": ("interrupted", 130), "SIGTERM": ("stopped by SIGTERM", 143),
+         "SIGHUP": ("stopped by SIGHUP", 129)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", STOPS)
+def test_a_stop_signal_mid_run_writes_everything_and_says_so(tmp_path, name):
+    scene_path, targets = silhouette_task(tmp_path)
+    out = tmp_path / "out"
+    total = 100_000  # far more than run before the signal lands
+    process = start_command(
+        "optimize", scene_path, targets, "-o", out, "--iterations", total, "--log-every", 1
+    )
+    wait_for_line(process, "iteration 3/")
+    process.send_signal(getattr(signal, name))
+    stdout, stderr = process.communicate(timeout=120)
+    how, code = STOPS[name]
+    assert process.returncode == code, stderr
+    match = re.fullmatch(
+        f"{how} after (\\d+) of {total} iterations; continue with --resume {re.escape(str(out))}",
+        stderr.splitlines()[-1],
+    )
+    assert match, stderr
+    done = int(match[1])
+    assert stdout.startswith(f"wrote {out}\n")
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert (final["iterations"], final["interrupted"]) == (done, True)
+    assert read_checkpoint(out / CHECKPOINT)["iteration"] == done >= 3
+    assert {p.name for p in out.iterdir()} >= OUTPUT_FILES
+    assert not (out / LOCK).exists() and temporary_files(out) == []
+
+
+def test_ctrl_c_thrice_while_the_files_are_written_waits_for_them(tmp_path):
+    scene_path, targets = silhouette_task(tmp_path)
+    out = tmp_path / "out"
+    process = start_command("optimize", scene_path, targets, "-o", out, "--log-every", 1)
+    # After the last iteration's line comes the final render, then the files (a second or more:
+    # the loss plot imports matplotlib).
+    wait_for_line(process, f"iteration {ITERATIONS}/{ITERATIONS}")
+    for _ in range(3):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert f"finishing the final render and {out}'s files before stopping\n" in stderr
+    assert stdout.startswith(f"wrote {out}\n")
+    assert {p.name for p in out.iterdir()} >= OUTPUT_FILES
+    assert read_checkpoint(out / CHECKPOINT)["iteration"] == ITERATIONS
+    assert not (out / LOCK).exists() and temporary_files(out) == []
+    resumed = invoke("optimize", scene_path, targets, "--resume", out)
+    assert resumed.exit_code == 0, resumed.output
