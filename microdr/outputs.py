@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -77,63 +79,124 @@ def check_outdir(outdir: Path, scene: Scene, targets: Targets) -> None:
 def outdir_lock(outdir: Path, *, force: bool = False) -> Iterator[None]:
     """Hold ``outdir``'s lock while the block runs, so that two runs never write into one folder.
 
-    The lock is the file ``outdir/.microdr.lock``, created (with the folder if missing) only if
-    it does not exist (``O_EXCL``), holding the JSON ``{"pid", "host", "since"}`` of its run.
-    A lock whose process no longer exists on this host is stale: it is taken over, with a note
-    logged. Another lock raises :class:`InputError`, unless ``force``, which takes it over with a
-    note. However the block ends, the lock is removed, unless another run has taken it over
-    meanwhile; a folder that this created and nothing was written into is removed too.
+    The lock is the file ``outdir/.microdr.lock`` (the folder is created if missing), holding the
+    JSON ``{"pid", "host", "since"}`` of its run, and locked with ``flock`` by that run for as
+    long as it runs: the kernel releases that when the process ends, however it ends. So a lock
+    file that no process has locked, and whose run no longer exists on this host, is stale: it is
+    taken over, with a note logged; of several runs that try at once, exactly one does (the
+    ``flock``), and the others are refused. Another lock raises :class:`InputError`, unless
+    ``force``, which takes it over with a note. However the block ends, the lock is removed,
+    unless another run has taken it over meanwhile; a folder that this created and nothing was
+    written into is removed too.
     """
     path = outdir / LOCK
     created = not outdir.exists()
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
-    _acquire(path, mine.encode("utf-8"), force)
+    descriptor = _acquire(path, mine.encode("utf-8"), force)
     try:
         yield
     finally:
-        # Compared first: a run that took the lock over with force holds it now.
+        # Compared first: a run that took the lock over with force holds it now. Removed before
+        # it is unlocked: a run waiting on this file then finds it gone, and tries again.
         with contextlib.suppress(OSError):
             if path.read_bytes() == mine.encode("utf-8"):
                 path.unlink()
+        os.close(descriptor)
         if created:
             with contextlib.suppress(OSError):  # not empty: the run wrote something
                 outdir.rmdir()
 
 
-def _acquire(path: Path, mine: bytes, force: bool) -> None:
-    """Create lock file ``path`` holding ``mine``, or replace a stale one, or with ``force`` any
-    other one; else raise :class:`InputError` naming the folder and the run that holds it."""
+def _acquire(path: Path, mine: bytes, force: bool) -> int:
+    """Put a lock file holding ``mine`` at ``path``, locked, in place of none, of a stale one, or
+    with ``force`` of any other one; return its open descriptor, which holds the ``flock``. Else
+    raise :class:`InputError` naming the folder and the run that holds it.
+
+    The new file is written and locked under a temporary name first, then linked or renamed to
+    ``path``: no run ever sees a lock file that is empty, half-written or not yet locked.
+    """
     outdir = path.parent
     try:
         outdir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+        temporary, descriptor = _locked_file(path, mine)
+    except OSError as error:
+        raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
+    try:
+        while True:
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)  # atomic: fails if a lock file is there
+                return descriptor
+            if _take_over(path, temporary, force):
+                return descriptor
+    except BaseException:
+        os.close(descriptor)
+        raise
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _locked_file(path: Path, data: bytes) -> tuple[Path, int]:
+    """A new temporary file beside ``path`` holding ``data``, ``flock``-ed through the returned
+    descriptor."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(descriptor, data)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows the file yet
+    except BaseException:
+        os.close(descriptor)
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary, descriptor
+
+
+def _take_over(path: Path, temporary: Path, force: bool) -> bool:
+    """Replace lock file ``path`` by ``temporary`` if it is stale, or with ``force``; return
+    whether done, ``False`` if ``path`` went away meanwhile (to try again); else raise."""
+    try:
+        theirs = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # its run ended just now
+        return False
+    try:
         try:
-            held = path.read_bytes()
-        except FileNotFoundError:  # its run ended just now
-            return _acquire(path, mine, force)
+            fcntl.flock(theirs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            live = False
+        except BlockingIOError:  # its run is running (or another run is taking it over)
+            live = True
+        if not live and os.fstat(theirs).st_ino != _inode(path):
+            return False  # its run removed it just before we locked it: a new one may be there
+        try:
+            holder = _lock_holder(path.read_bytes())
+        except FileNotFoundError:
+            return False
         except OSError:
-            held = b""
-        holder = _lock_holder(held)
-        if not force and not _is_gone(holder):
+            holder = None
+        # A lock file that nobody has locked may still be a live run's: one on another host (a
+        # shared folder), or of a microDR from before the flock.
+        if not force and (live or not _is_gone(holder)):
             raise InputError(
-                str(outdir),
+                str(path.parent),
                 "",
                 f"in use by {_describe(holder)} ({LOCK}); wait for it to end, or give --force to "
                 "write into the folder anyway",
             ) from None
         why = "--force" if force else "that run no longer exists"
-        logger.warning("%s: taking over the lock of %s: %s", outdir, _describe(holder), why)
-        # Replaced whole (write_files renames): a reader never sees a half-written lock. Two runs
-        # taking over one stale lock at the same instant could both succeed; a lock cannot
-        # prevent that without the kernel's help, and crashed runs are rare enough.
-        write_files({path: mine})
-        return
-    except OSError as error:
-        raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(mine)
+        logger.warning("%s: taking over the lock of %s: %s", path.parent, _describe(holder), why)
+        # Renamed over it: a run that opened the old file finds, once it locks it, that it is
+        # no longer the lock file, and tries again.
+        os.replace(temporary, path)
+        return True
+    finally:
+        os.close(theirs)
+
+
+def _inode(path: Path) -> int | None:
+    """The inode number of ``path``, ``None`` if there is no such file."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _lock_holder(data: bytes) -> dict | None:

@@ -1,13 +1,15 @@
 """Robustness of ``microdr optimize``: a NaN or an infinity stops a run at its last good state;
 flags and scene settings that would make one are refused up front; an output folder in use is
 locked; a full disk or a killed process never leaves a checkpoint that ``--resume`` would load
-wrong. Two tests run a second, real process: one holding a lock, one killed while writing."""
+wrong; stop signals (Ctrl-C, SIGTERM, SIGHUP) end a run cleanly. Some tests run real processes:
+holding a lock, racing for one, killed while writing, signalled."""
 
 from __future__ import annotations
 
 import errno
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -28,7 +30,7 @@ from microdr.checkpoint import read_checkpoint
 from microdr.errors import InputError
 from microdr.mesh import load_obj
 from microdr.optimize import CHECKPOINT, NonFiniteError, Optimization, optimize
-from microdr.outputs import LOCK
+from microdr.outputs import LOCK, outdir_lock
 from microdr.render import render_scene, scene_faces
 from microdr.scene import load_scene
 from microdr.targets import read_targets
@@ -308,6 +310,45 @@ def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, task, caplog):
     [note] = notes(caplog)
     assert re.fullmatch(taken_over(out, pid, "that run no longer exists"), note), note
     assert not (out / LOCK).exists() and (out / "metrics.json").exists()
+
+
+def contend_for_the_lock(out: Path, barrier, results, release) -> None:
+    """One of several processes taking ``out``'s lock at once: reports ``("won", pid)`` and
+    holds the lock until ``release`` is set, or reports ``("refused", message)``."""
+    barrier.wait()
+    try:
+        with outdir_lock(out):
+            results.put(("won", os.getpid()))
+            release.wait(timeout=60)
+    except InputError as error:
+        results.put(("refused", str(error)))
+
+
+def test_of_runs_that_take_over_a_stale_lock_at_once_exactly_one_does(tmp_path):
+    # Forked (cheap: no import of torch each), released from a barrier together.
+    context = multiprocessing.get_context("fork")
+    out = tmp_path / "out"
+    out.mkdir()
+    for trial in range(5):
+        (out / LOCK).write_bytes(lock_of(dead_pid()))
+        count = 6
+        barrier, results, release = context.Barrier(count), context.Queue(), context.Event()
+        processes = [
+            context.Process(target=contend_for_the_lock, args=(out, barrier, results, release))
+            for _ in range(count)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in processes]
+        held = json.loads((out / LOCK).read_text())["pid"]
+        release.set()
+        for process in processes:
+            process.join(timeout=60)
+        winners = [detail for outcome, detail in outcomes if outcome == "won"]
+        assert winners == [held], (trial, outcomes)
+        refusals = [detail for outcome, detail in outcomes if outcome == "refused"]
+        assert all(re.match(f"{re.escape(str(out))}: in use by ", r) for r in refusals), outcomes
+        assert [p.name for p in out.iterdir()] == []
 
 
 UNREADABLE = "another run (its lock file is unreadable)"
