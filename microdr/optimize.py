@@ -63,7 +63,7 @@ from .adam import Adam
 from .camera import CameraTensors
 from .checkpoint import encode_checkpoint, read_checkpoint
 from .errors import InputError, MicroDRError
-from .files import write_files
+from .files import remove_stale_temporaries, write_files
 from .images import to_uint8
 from .losses import Evaluation, MeshTopology, Metrics, loss_terms
 from .mesh import Mesh
@@ -919,7 +919,8 @@ def optimize(
 
     The run holds ``outdir``'s lock (:func:`microdr.outputs.outdir_lock`) from before it reads
     the checkpoint until it has written its files, so a second run into the same folder is
-    refused meanwhile; ``force`` takes the lock anyway.
+    refused meanwhile; ``force`` takes the lock anyway. Holding it, the run first removes the
+    temporary files that killed runs left there (:func:`microdr.files.remove_stale_temporaries`).
     """
     if resume and outdir is None:
         raise ValueError("resume needs outdir")
@@ -931,6 +932,8 @@ def optimize(
         outdir = Path(outdir)
         check_outdir(outdir, scene, targets)
     with contextlib.nullcontext() if outdir is None else outdir_lock(outdir, force=force):
+        if outdir is not None:
+            remove_stale_temporaries(outdir)
         if resume:
             run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
         interrupted, stopped = False, None

@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .files import check_writable_folder, write_files
+from .files import check_writable_folder, process_exists, temporary_beside, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .losses import Metrics
 from .mesh import save_obj
@@ -139,7 +138,7 @@ def _acquire(path: Path, mine: bytes, force: bool) -> int:
 def _locked_file(path: Path, data: bytes) -> tuple[Path, int]:
     """A new temporary file beside ``path`` holding ``data``, ``flock``-ed through the returned
     descriptor."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary = temporary_beside(path)
     descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(descriptor, data)
@@ -216,13 +215,7 @@ def _is_gone(holder: dict | None) -> bool:
     has its pid. (A pid reused since by another process keeps the lock: --force takes it.)"""
     if holder is None or holder.get("host") != socket.gethostname():
         return False
-    try:
-        os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
-    except (ProcessLookupError, OverflowError):  # none has it, or none could
-        return True
-    except OSError:  # it exists, but is another user's
-        return False
-    return False
+    return not process_exists(holder["pid"])
 
 
 def _describe(holder: dict | None) -> str:

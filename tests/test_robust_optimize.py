@@ -55,6 +55,11 @@ def silhouette_task(folder: Path) -> tuple[Path, Path]:
     return scene_path, targets
 
 
+def temporary_files(folder: Path) -> list[str]:
+    """The names of the temporary files (``*.tmp``) in ``folder``."""
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
 @pytest.fixture
 def task(tmp_path):
     """The loaded :func:`silhouette_task`: its scene and targets."""
@@ -454,14 +459,36 @@ def test_a_killed_run_leaves_the_previous_checkpoint_and_a_stale_lock_that_resum
         killed.communicate()
     assert read_checkpoint(out / CHECKPOINT)["iteration"] == 1
     assert json.loads((out / LOCK).read_text())["pid"] == killed.pid
+    [left] = temporary_files(out)  # the second checkpoint, written but not renamed
+    assert left.startswith(f".{CHECKPOINT}.{killed.pid}.")
 
     resumed = invoke("optimize", scene_path, targets, "--resume", out)
     assert resumed.exit_code == 0, resumed.output
+    assert temporary_files(out) == []
     [note] = notes(caplog)
     assert re.fullmatch(taken_over(out, killed.pid, "that run no longer exists"), note), note
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert (final["iterations"], final["stopped"]) == (ITERATIONS, None)
     assert not (out / LOCK).exists()
+
+
+def test_a_run_removes_the_temporary_files_of_dead_processes_and_no_others(tmp_path, task):
+    scene, targets = task
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, live = dead_pid(), os.getppid()  # the process that runs pytest's, say
+    leftovers = {
+        f".mesh.obj.{dead}.0123abcd.tmp": True,  # half a mesh, of a killed run
+        f".{CHECKPOINT}.{dead}.89abcdef.tmp": True,
+        f".{LOCK}.{dead}.00000000.tmp": True,
+        f".render_0.png.{live}.0123abcd.tmp": False,  # a live process's: it may rename it yet
+        "notes.tmp": False,  # not ours
+        ".mesh.obj.tmp": False,
+    }
+    for name in leftovers:
+        (out / name).write_bytes(b"partial")
+    optimize(scene, targets, outdir=out)
+    assert sorted(temporary_files(out)) == sorted(n for n, stale in leftovers.items() if not stale)
 
 
 @needs_proc
@@ -498,10 +525,6 @@ def wait_for_line(process: subprocess.Popen, prefix: str) -> list[str]:
         if line.startswith(prefix):
             return lines
     raise AssertionError(f"no line {prefix!r} on stderr: {''.join(lines)}")
-
-
-def temporary_files(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_code_130(tmp_path):
