@@ -61,7 +61,7 @@ import torch
 
 from .adam import Adam
 from .camera import CameraTensors
-from .checkpoint import encode_checkpoint, read_checkpoint
+from .checkpoint import Journal, read_checkpoint
 from .errors import InputError, MicroDRError
 from .files import remove_stale_temporaries, write_files
 from .images import to_uint8
@@ -936,12 +936,13 @@ def optimize(
             remove_stale_temporaries(outdir)
         if resume:
             run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
+        journal = None if outdir is None else Journal(outdir / CHECKPOINT, run.history.rows)
         interrupted, stopped = False, None
         try:
             for step in run.steps():
                 due = checkpoint_every and run.iteration % checkpoint_every == 0
                 if outdir is not None and due:
-                    write_files({outdir / CHECKPOINT: encode_checkpoint(run.state_dict())})
+                    write_files({outdir / CHECKPOINT: journal.encode(run.state_dict())})
                 if callback is not None:
                     callback(step)
         except KeyboardInterrupt:
@@ -955,7 +956,7 @@ def optimize(
         with _interrupts_held(deliver=False, note=f"{note} before stopping"):
             result = run.result(interrupted, None if stopped is None else str(stopped))
             if outdir is not None:
-                checkpoint = {CHECKPOINT: encode_checkpoint(run.state_dict())}
+                checkpoint = {CHECKPOINT: journal.encode(run.state_dict())}
                 write_outputs(outdir, result, targets, checkpoint)
     if stopped is not None:
         stopped.result = result

@@ -23,7 +23,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
-from test_optimize import OUTPUT_FILES, files_under, invoke, parse, scene_data
+from test_optimize import OUTPUT_FILES, files_under, interrupt_at, invoke, parse, scene_data
 
 from microdr import cli
 from microdr.checkpoint import read_checkpoint
@@ -472,6 +472,35 @@ def test_a_killed_run_leaves_the_previous_checkpoint_and_a_stale_lock_that_resum
     assert not (out / LOCK).exists()
 
 
+def test_a_checkpoint_does_not_grow_with_the_iterations(tmp_path, task):
+    """Rewritten every N iterations, a checkpoint that held every row made the disk traffic of a
+    run quadratic in its length. The progress frames (at most GIF_FRAMES) are all that grows."""
+    scene, targets = task
+    out = tmp_path / "out"
+    sizes = {}  # frames so far: the checkpoint sizes seen with that many
+
+    def record(step):
+        frames = (step.iteration + 1 + 2) // 3  # at 0, 3, 6, ... (every 3rd of 120)
+        sizes.setdefault(frames, set()).add((out / CHECKPOINT).stat().st_size)
+
+    settings = replace(scene.optimize, iterations=120)
+    optimize(scene, targets, settings, outdir=out, checkpoint_every=1, callback=record)
+    assert len(sizes) == 40 and all(len(seen) == 1 for seen in sizes.values()), sizes
+    rows = (out / "checkpoint.rows").read_text().splitlines()
+    assert [json.loads(row)["iteration"] for row in rows] == list(range(120))
+
+
+def test_a_journal_that_does_not_match_its_checkpoint_is_one_line_on_resume(tmp_path, task):
+    scene, targets = task
+    out = tmp_path / "out"
+    optimize(scene, targets, outdir=out, callback=interrupt_at(2))
+    journal = out / "checkpoint.rows"
+    journal.write_bytes(journal.read_bytes()[:-10])
+    with pytest.raises(InputError) as caught:
+        optimize(scene, targets, outdir=out, resume=True)
+    assert str(caught.value) == f"{journal}: does not match {CHECKPOINT} (truncated or changed since)"
+
+
 def test_a_run_removes_the_temporary_files_of_dead_processes_and_no_others(tmp_path, task):
     scene, targets = task
     out = tmp_path / "out"
@@ -499,9 +528,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
     result = invoke("optimize", scene_path, targets, "-o", out, "--checkpoint-every", 1)
     assert result.exit_code == 2
     assert result.stderr == f"{out / CHECKPOINT}: cannot write: No space left on device\n"
-    # No temporary file, no lock: only the first checkpoint, whole.
-    assert [p.name for p in out.iterdir()] == [CHECKPOINT]
+    # No temporary file, no lock: only the first checkpoint, whole (its journal has a row more).
+    assert {p.name for p in out.iterdir()} == {CHECKPOINT, "checkpoint.rows"}
     assert read_checkpoint(out / CHECKPOINT)["iteration"] == 1
+    assert len(read_checkpoint(out / CHECKPOINT)["history"]["rows"]) == 1
 
 
 # --- stop signals: Ctrl-C, SIGTERM, SIGHUP, on a real process -------------------------------------
