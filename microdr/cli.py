@@ -434,7 +434,9 @@ def optimize(
         Optional[str],
         typer.Option(
             metavar="OUTDIR",
-            help="Continue the run in OUTDIR from its checkpoint (same scene, targets, options).",
+            help="Continue the run in OUTDIR from its checkpoint (same scene, targets, options). "
+            "With --iterations N it runs on to N in all, finished or not; a cosine lr or a sigma "
+            "schedule then follows N's from where the run is.",
             show_default=False,
         ),
     ] = None,

@@ -770,7 +770,16 @@ class Optimization:
 
     def load_state_dict(self, state: dict, source: str) -> None:
         """Continue from ``state`` (from :meth:`state_dict`); ``source`` names it in the error
-        raised when it was made by a different run, or is no state of a run at all."""
+        raised when it was made by a different run, or is no state of a run at all.
+
+        The state may be of a run of another number of iterations, finished or not, as long as it
+        has done no more than this one's: this run goes on to its own number. The iterations
+        still to run follow the schedules for that number: where they depend on it (a cosine
+        learning rate, a sigma schedule), the values jump at the seam, and the result differs
+        from that of an uninterrupted run of that many iterations; otherwise it is the same, bit
+        for bit (but for the progress animation's frames, taken as often as each part's number
+        of iterations said).
+        """
         # A checkpoint with a good checksum but other contents was not written by microDR.
         keys = self.state_dict().keys()
         if not (isinstance(state, dict) and keys <= state.keys()) or not isinstance(
@@ -779,7 +788,7 @@ class Optimization:
             raise InputError(source, "", "holds no state of a microdr optimize run")
         for key, value in self.fingerprint().items():
             theirs = state["fingerprint"].get(key)
-            if theirs != value:
+            if theirs != value and key != "iterations":  # a run may be extended, or cut short
                 what = (
                     f"a different {key}"
                     if key in ("scene", "targets")
@@ -790,6 +799,14 @@ class Optimization:
                     "",
                     f"made by another run ({what}); resume with the same scene, targets, options",
                 )
+        if state["iteration"] > self.settings.iterations:
+            raise InputError(
+                source,
+                "",
+                f"{state['iteration']} iterations are done, more than the "
+                f"{self.settings.iterations} to run; resume with --iterations "
+                f"{state['iteration']} or more",
+            )
         self.parameters.load_state_dict(state["parameters"])
         self.optimizer.load_state_dict(state["adam"])
         self.generator.set_state(state["generator"])

@@ -23,13 +23,28 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
-from test_optimize import OUTPUT_FILES, files_under, interrupt_at, invoke, parse, scene_data
+from test_optimize import (
+    OUTPUT_FILES,
+    files_under,
+    interrupt_at,
+    invoke,
+    parse,
+    resume_task,
+    scene_data,
+)
 
 from microdr import cli
 from microdr.checkpoint import read_checkpoint
 from microdr.errors import InputError
 from microdr.mesh import load_obj
-from microdr.optimize import CHECKPOINT, NonFiniteError, Optimization, optimize
+from microdr.optimize import (
+    CHECKPOINT,
+    NonFiniteError,
+    Optimization,
+    lr_at,
+    optimize,
+    sigma_at,
+)
 from microdr.outputs import LOCK, outdir_lock
 from microdr.render import render_scene, scene_faces
 from microdr.scene import load_scene
@@ -627,3 +642,48 @@ def test_ctrl_c_thrice_while_the_files_are_written_waits_for_them(tmp_path):
     assert not (out / LOCK).exists() and temporary_files(out) == []
     resumed = invoke("optimize", scene_path, targets, "--resume", out)
     assert resumed.exit_code == 0, resumed.output
+
+
+# --- extending a run ------------------------------------------------------------------------------
+
+
+def test_resume_with_more_iterations_extends_a_finished_run_to_the_uninterrupted_result(tmp_path):
+    scene_path, targets = silhouette_task(tmp_path)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    total = 2 * ITERATIONS
+    assert invoke("optimize", scene_path, targets, "-o", whole, "--iterations", total).exit_code == 0
+    assert invoke("optimize", scene_path, targets, "-o", part).exit_code == 0
+    extended = invoke("optimize", scene_path, targets, "--resume", part, "--iterations", total)
+    assert extended.exit_code == 0, extended.output
+    expected, actual = (read_checkpoint(out / CHECKPOINT) for out in (whole, part))
+    assert actual["iteration"] == expected["iteration"] == total
+    for name, tensor in expected["parameters"].items():
+        assert torch.equal(actual["parameters"][name], tensor), name
+    assert torch.equal(actual["generator"], expected["generator"])
+    seconds = {"seconds": 0}
+    rows = [[{**row, **seconds} for row in c["history"]["rows"]] for c in (expected, actual)]
+    assert rows[0] == rows[1] and len(rows[0]) == total
+    assert (part / "mesh.obj").read_bytes() == (whole / "mesh.obj").read_bytes()
+
+    # Fewer than are done: one line that says what to give.
+    fewer = invoke("optimize", scene_path, targets, "--resume", part)
+    assert (fewer.exit_code, fewer.stderr) == (
+        2,
+        f"{part / CHECKPOINT}: {total} iterations are done, more than the {ITERATIONS} to run; "
+        f"resume with --iterations {total} or more\n",
+    )
+
+
+def test_an_extended_run_follows_the_schedules_of_its_new_length_from_the_seam(tmp_path):
+    scene, targets = resume_task(tmp_path)
+    short = replace(scene.optimize, iterations=4)
+    optimize(scene, targets, short, outdir=tmp_path / "out")
+    longer = replace(scene.optimize, iterations=10)
+    result = optimize(scene, targets, longer, outdir=tmp_path / "out", resume=True)
+    rows = result.history.rows
+    assert [row["lr"] for row in rows] == [lr_at(short, i) for i in range(4)] + [
+        lr_at(longer, i) for i in range(4, 10)
+    ]
+    assert [row["sigma"] for row in rows] == [sigma_at(short, scene, i) for i in range(4)] + [
+        sigma_at(longer, scene, i) for i in range(4, 10)
+    ]
