@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -110,65 +111,47 @@ def outdir_lock(outdir: Path, *, force: bool = False) -> Iterator[None]:
 def _acquire(path: Path, mine: bytes, force: bool) -> int:
     """Put a lock file holding ``mine`` at ``path``, locked, in place of none, of a stale one, or
     with ``force`` of any other one; return its open descriptor, which holds the ``flock``. Else
-    raise :class:`InputError` naming the folder and the run that holds it.
-
-    The new file is written and locked under a temporary name first, then linked or renamed to
-    ``path``: no run ever sees a lock file that is empty, half-written or not yet locked.
-    """
+    raise :class:`InputError` naming the folder and the run that holds it."""
     outdir = path.parent
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        temporary, descriptor = _locked_file(path, mine)
-    except OSError as error:
-        raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
-    try:
-        while True:
-            with contextlib.suppress(FileExistsError):
-                os.link(temporary, path)  # atomic: fails if a lock file is there
-                return descriptor
-            if _take_over(path, temporary, force):
-                return descriptor
-    except BaseException:
-        os.close(descriptor)
-        raise
-    finally:
-        temporary.unlink(missing_ok=True)
+    while True:
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            descriptor = _take_over(path, mine, force)
+            if descriptor is None:  # its run ended just now: try again
+                continue
+            return descriptor
+        except OSError as error:
+            raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
+        try:
+            # Waits, if at all, for a run that saw the file still empty: it refuses (an
+            # unreadable lock), or with --force takes it over; either way at once.
+            _flock(descriptor, wait=True)
+            os.write(descriptor, mine)
+        except OSError as error:  # a full disk
+            os.close(descriptor)
+            path.unlink(missing_ok=True)
+            raise InputError(str(outdir), "", f"cannot write {LOCK}: {error.strerror}") from None
+        return descriptor
 
 
-def _locked_file(path: Path, data: bytes) -> tuple[Path, int]:
-    """A new temporary file beside ``path`` holding ``data``, ``flock``-ed through the returned
-    descriptor."""
-    temporary = temporary_beside(path)
-    descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(descriptor, data)
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows the file yet
-    except BaseException:
-        os.close(descriptor)
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary, descriptor
-
-
-def _take_over(path: Path, temporary: Path, force: bool) -> bool:
-    """Replace lock file ``path`` by ``temporary`` if it is stale, or with ``force``; return
-    whether done, ``False`` if ``path`` went away meanwhile (to try again); else raise."""
+def _take_over(path: Path, mine: bytes, force: bool) -> int | None:
+    """Replace lock file ``path`` by a new one holding ``mine`` if it is stale, or with
+    ``force``, and return the new one's descriptor; ``None`` if ``path`` went away meanwhile;
+    else raise."""
     try:
         theirs = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # its run ended just now
-        return False
+    except FileNotFoundError:
+        return None
     try:
-        try:
-            fcntl.flock(theirs, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            live = False
-        except BlockingIOError:  # its run is running (or another run is taking it over)
-            live = True
+        live = not _flock(theirs, wait=False)  # its run is running, or taking it over
         if not live and os.fstat(theirs).st_ino != _inode(path):
-            return False  # its run removed it just before we locked it: a new one may be there
+            return None  # its run removed it just before we locked it: a new one may be there
         try:
             holder = _lock_holder(path.read_bytes())
         except FileNotFoundError:
-            return False
+            return None
         except OSError:
             holder = None
         # A lock file that nobody has locked may still be a live run's: one on another host (a
@@ -182,12 +165,39 @@ def _take_over(path: Path, temporary: Path, force: bool) -> bool:
             ) from None
         why = "--force" if force else "that run no longer exists"
         logger.warning("%s: taking over the lock of %s: %s", path.parent, _describe(holder), why)
-        # Renamed over it: a run that opened the old file finds, once it locks it, that it is
-        # no longer the lock file, and tries again.
-        os.replace(temporary, path)
-        return True
+        # Written and locked under another name, then renamed over it: no run sees it half
+        # written, and one that opened the old file finds, once it locks that, that it is no
+        # longer the lock file, and tries again.
+        temporary = temporary_beside(path)
+        descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(descriptor, mine)
+            _flock(descriptor, wait=False)  # nobody else knows the file yet
+            os.replace(temporary, path)
+        except BaseException:
+            os.close(descriptor)
+            temporary.unlink(missing_ok=True)
+            raise
+        return descriptor
+    except OSError as error:
+        raise InputError(str(path.parent), "", f"cannot replace {LOCK}: {error.strerror}") from None
     finally:
         os.close(theirs)
+
+
+def _flock(descriptor: int, *, wait: bool) -> bool:
+    """Lock the file of ``descriptor`` (``flock``, exclusive) for as long as it is open; return
+    ``False`` if another open file holds it and not ``wait``. Where the filesystem has no
+    ``flock`` (some network and FUSE ones), nothing is locked: the pid in the file is all there
+    is, as with a microDR from before the flock."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
+    return True
 
 
 def _inode(path: Path) -> int | None:

@@ -513,7 +513,8 @@ def test_a_journal_that_does_not_match_its_checkpoint_is_one_line_on_resume(tmp_
     journal.write_bytes(journal.read_bytes()[:-10])
     with pytest.raises(InputError) as caught:
         optimize(scene, targets, outdir=out, resume=True)
-    assert str(caught.value) == f"{journal}: does not match {CHECKPOINT} (truncated or changed since)"
+    expected = f"{journal}: does not match {CHECKPOINT} (truncated or changed since)"
+    assert str(caught.value) == expected
 
 
 def test_a_run_removes_the_temporary_files_of_dead_processes_and_no_others(tmp_path, task):
@@ -651,7 +652,8 @@ def test_resume_with_more_iterations_extends_a_finished_run_to_the_uninterrupted
     scene_path, targets = silhouette_task(tmp_path)
     whole, part = tmp_path / "whole", tmp_path / "part"
     total = 2 * ITERATIONS
-    assert invoke("optimize", scene_path, targets, "-o", whole, "--iterations", total).exit_code == 0
+    uninterrupted = invoke("optimize", scene_path, targets, "-o", whole, "--iterations", total)
+    assert uninterrupted.exit_code == 0, uninterrupted.output
     assert invoke("optimize", scene_path, targets, "-o", part).exit_code == 0
     extended = invoke("optimize", scene_path, targets, "--resume", part, "--iterations", total)
     assert extended.exit_code == 0, extended.output
