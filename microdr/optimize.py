@@ -926,7 +926,8 @@ def optimize(
     a stop signal then is dropped (with a note logged), and the run ends as it would have.
 
     With ``outdir``, the run's files (:func:`microdr.outputs.output_files`) are written there at
-    the end, interrupted or not, with a checkpoint; also a checkpoint every ``checkpoint_every``
+    the end, interrupted or not, with a checkpoint (and its journal of the history's rows,
+    :class:`microdr.checkpoint.Journal`); also a checkpoint every ``checkpoint_every``
     iterations (0: none besides the last). ``resume`` continues from ``outdir``'s checkpoint,
     which must come from the same scene, targets and options; the result is the same as that of
     an uninterrupted run.
