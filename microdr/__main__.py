@@ -1,6 +1,20 @@
-"""``python -m microdr``: the ``microdr`` command."""
+"""``python -m microdr`` and the ``microdr`` command's entry point.
 
-from microdr.cli import main
+Loading the command takes a moment (it imports torch); Ctrl-C meanwhile gets the one line and
+the exit code that it gets later (:func:`microdr.cli._stopped_by`), not a traceback of imports.
+"""
+
+import sys
+
+
+def main() -> None:
+    try:
+        from microdr.cli import main as command
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)  # 128 + SIGINT, as microdr.cli exits after Ctrl-C
+    command()
+
 
 if __name__ == "__main__":
     main()

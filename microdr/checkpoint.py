@@ -9,14 +9,22 @@ code from the file.
 
 Files are written by :func:`microdr.files.write_files`: a temporary file, flushed to disk, then
 renamed over the old checkpoint, so a killed run or a full disk leaves the old one whole.
+
+A run's history grows by a row per iteration; rewritten whole into every checkpoint, that would
+make the disk traffic of a run quadratic in its length. So the rows go to a :class:`Journal`
+beside the checkpoint, a file that is only appended to, and the checkpoint keeps the length and
+SHA-256 of the part of it that is its own (key ``"history_rows"``); :func:`read_checkpoint` puts
+the rows back. A checkpoint without that key holds its rows itself, as earlier ones did.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +47,16 @@ def encode_checkpoint(state: dict[str, Any]) -> bytes:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The state saved in checkpoint file ``path``, tensors on the CPU."""
+    """The state saved in checkpoint file ``path``, tensors on the CPU; its history's rows read
+    back from its :class:`Journal` if it has one."""
+    state = _read_payload(path)
+    if isinstance(state, dict) and _JOURNAL in state:
+        state = _with_journal_rows(Path(path), state)
+    return state
+
+
+def _read_payload(path: str | os.PathLike) -> Any:
+    """The object saved in checkpoint file ``path``, as it is."""
     source = str(path)
     data = read_bytes(path)
     header, _, rest = data.partition(b"\n")
@@ -65,3 +82,74 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(
             source, "", f"not a readable checkpoint ({type(error).__name__} in its payload)"
         ) from None
+
+
+#: The key under which a checkpoint refers to its part of the journal.
+_JOURNAL = "history_rows"
+
+
+class Journal:
+    """The append-only file of a run's history rows beside its checkpoint ``checkpoint``:
+    ``checkpoint.rows`` for ``checkpoint.pt``, one JSON object per line.
+
+    rows: those already in the file (a resumed run's), which must be what it holds first.
+    """
+
+    def __init__(self, checkpoint: Path, rows: list[dict] = ()):
+        self.path = checkpoint.with_suffix(".rows")
+        self.count = len(rows)
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self._add(_lines(rows))
+
+    def encode(self, state: dict[str, Any]) -> bytes:
+        """The checkpoint file's bytes for ``state`` (a run's, with ``history["rows"]``): first
+        the rows that the file does not have yet are appended to it and synced to disk, then the
+        checkpoint refers to them instead of holding them."""
+        rows = state["history"]["rows"]
+        new = _lines(rows[self.count :])
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            # Cut back to this run's rows: a run killed after an append, or another run before.
+            os.ftruncate(descriptor, self.size)
+            os.lseek(descriptor, self.size, os.SEEK_SET)
+            view = memoryview(new)
+            while view:
+                view = view[os.write(descriptor, view) :]
+            os.fsync(descriptor)  # on disk before the checkpoint that counts on it
+        except OSError as error:
+            raise InputError(str(self.path), "", f"cannot write: {error.strerror}") from None
+        finally:
+            os.close(descriptor)
+        self.count = len(rows)
+        self._add(new)
+        history = {key: value for key, value in state["history"].items() if key != "rows"}
+        reference = {"bytes": self.size, "sha256": self.digest.hexdigest()}
+        return encode_checkpoint({**state, "history": history, _JOURNAL: reference})
+
+    def _add(self, data: bytes) -> None:
+        self.size += len(data)
+        self.digest.update(data)
+
+
+def _lines(rows) -> bytes:
+    """JSON lines: floats as ``repr`` writes them, so they read back bit for bit."""
+    return b"".join(json.dumps(row).encode("utf-8") + b"\n" for row in rows)
+
+
+def _with_journal_rows(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` read from checkpoint ``path`` with its history's rows back from its journal."""
+    reference = state.pop(_JOURNAL)
+    journal = Journal(path).path
+    try:
+        size, digest = reference["bytes"], reference["sha256"]
+        history = dict(state["history"])
+    except (TypeError, KeyError):
+        raise InputError(str(path), "", "holds no state of a microdr optimize run") from None
+    data = read_bytes(journal)[:size]
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        raise InputError(
+            str(journal), "", f"does not match {path.name} (truncated or changed since)"
+        )
+    history["rows"] = [json.loads(line) for line in data.splitlines()]
+    return {**state, "history": history}

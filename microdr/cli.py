@@ -14,6 +14,7 @@ import importlib.metadata
 import math
 import platform
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -36,14 +37,14 @@ from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import check_writable_file, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
-from .optimize import NonFiniteError
+from .optimize import NonFiniteError, stop_signals
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
 from .raster import backend_status, describe_backend, resolve_backend
 from .raster.cpu import cpu_target
-from .result import Step
 from .raster.cpu_build import build_info
 from .render import opaque_inside, render_scene
+from .result import Step
 from .scene import (
     MAX_IMAGE_SIDE,
     OPTIMIZABLE,
@@ -63,8 +64,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: How long one turntable orbit lasts, whatever its number of frames.
 TURNTABLE_SECONDS = 3.0
 
-#: The exit code of a run stopped by Ctrl-C, as shells report a process ended by SIGINT.
-INTERRUPTED_EXIT_CODE = 130
 #: The exit code of a run stopped by a NaN or an infinity in its loss, a gradient or an update
 #: (distinct from 2, bad input: the input was valid, the run went wrong).
 NON_FINITE_EXIT_CODE = 1
@@ -98,6 +97,12 @@ class _Commands(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as error:  # before a run started (a run reports its own)
+            if ctx.params.get("debug"):
+                raise
+            number = getattr(error, "signal", signal.SIGINT)
+            typer.echo(_stopped_by(number), err=True)
+            raise typer.Exit(_signal_exit_code(number)) from None
         except MicroDRError as error:
             if ctx.params.get("debug"):
                 raise
@@ -106,6 +111,18 @@ class _Commands(TyperGroup):
             if ctx.params.get("debug"):
                 raise _usage_problem(error) from error
             _exit_with(_usage_problem(error))
+
+
+def _stopped_by(number: int) -> str:
+    """How the one line about a stop signal starts: ``interrupted`` for Ctrl-C, else ``stopped
+    by SIGTERM`` and the like."""
+    return "interrupted" if number == signal.SIGINT else f"stopped by {signal.Signals(number).name}"
+
+
+def _signal_exit_code(number: int) -> int:
+    """The exit code of a command stopped by signal ``number``: 128 + the number, as shells
+    report a process that the signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + number
 
 
 def _exit_with(problem: MicroDRError) -> NoReturn:
@@ -442,7 +459,9 @@ def optimize(
         Optional[str],
         typer.Option(
             metavar="OUTDIR",
-            help="Continue the run in OUTDIR from its checkpoint (same scene, targets, options).",
+            help="Continue the run in OUTDIR from its checkpoint (same scene, targets, options). "
+            "With --iterations N it runs on to N in all, finished or not; a cosine lr or a sigma "
+            "schedule then follows N's from where the run is.",
             show_default=False,
         ),
     ] = None,
@@ -464,39 +483,45 @@ def optimize(
 
     Writes into OUTDIR: the optimized mesh and scene, renders, sheets, a GIF, loss curves, metrics.
 
-    Ctrl-C stops cleanly, writing all that and a checkpoint (exit code 130); --resume continues.
+    Ctrl-C stops cleanly, writing all that and a checkpoint (exit code 130); so do SIGTERM (exit
+    code 143) and SIGHUP (129). --resume continues. A stop during the final writes waits for them.
     A NaN or an infinity in the loss, a gradient or an update stops the run, writing all that as
     of the last good iteration (exit code 1). A second run into an OUTDIR in use is refused
     (exit code 2) unless --force.
     """
-    if backend is not None:
-        _check_choice("--backend", backend, BACKENDS)
-    _check_at_least("--checkpoint-every", checkpoint_every, 0)
-    _check_at_least("--log-every", log_every, 1)
-    _check_seed(seed)
-    if (
-        resume is not None
-        and output is not None
-        and Path(output).resolve() != Path(resume).resolve()
-    ):
-        raise InputError("-o", "", "a resumed run writes into the folder it resumes: leave -o out")
-    loaded = load_scene(scene)
-    settings = _optimize_settings(loaded, iterations=iterations, lr=lr, params=params)
-    size = (loaded.render.width, loaded.render.height)
-    images = read_targets(
-        targets, len(loaded.cameras), size, resize=resize, background=loaded.render.background
-    )
-    outdir = Path(resume or output or default_outdir(scene))
-    with _progress(settings.iterations, log_every) as progress:
-        try:
-            result = optimize_scene(
-                loaded, images, settings, seed=seed, backend=backend, callback=progress,
-                on_start=lambda run: progress.start(run.backend), outdir=outdir, resume=resume is not None, checkpoint_every=checkpoint_every,
-                force=force,
-            )  # fmt: skip
-            stopped = None
-        except NonFiniteError as error:  # an outcome of a valid run, reported like Ctrl-C
-            result, stopped = error.result, error
+    # From the start: a stop signal while the scene and targets load is one line too.
+    with stop_signals() as received:
+        if backend is not None:
+            _check_choice("--backend", backend, BACKENDS)
+        _check_at_least("--checkpoint-every", checkpoint_every, 0)
+        _check_at_least("--log-every", log_every, 1)
+        _check_seed(seed)
+        if (
+            resume is not None
+            and output is not None
+            and Path(output).resolve() != Path(resume).resolve()
+        ):
+            raise InputError(
+                "-o", "", "a resumed run writes into the folder it resumes: leave -o out"
+            )
+        loaded = load_scene(scene)
+        settings = _optimize_settings(loaded, iterations=iterations, lr=lr, params=params)
+        size = (loaded.render.width, loaded.render.height)
+        images = read_targets(
+            targets, len(loaded.cameras), size, resize=resize,
+            background=loaded.render.background,
+        )  # fmt: skip
+        outdir = Path(resume or output or default_outdir(scene))
+        with _progress(settings.iterations, log_every) as progress:
+            try:
+                result = optimize_scene(
+                    loaded, images, settings, seed=seed, backend=backend, callback=progress,
+                    on_start=lambda run: progress.start(run.backend), outdir=outdir,
+                    resume=resume is not None, checkpoint_every=checkpoint_every, force=force,
+                )  # fmt: skip
+                stopped = None
+            except NonFiniteError as error:  # an outcome of a valid run, reported like Ctrl-C
+                result, stopped = error.result, error
     typer.echo(f"wrote {outdir}")
     quality = [
         f"{name} {_number(final, unit)} (start {_number(start, unit)})"
@@ -509,12 +534,14 @@ def optimize(
     run = f"{result.iterations} iterations, {result.seconds:.1f} s, backend {result.backend}"
     typer.echo(", ".join([*quality, run]))
     if result.interrupted:
+        # A KeyboardInterrupt that no signal raised (a callback's) is Ctrl-C's.
+        number = received[0] if received else signal.SIGINT
         typer.echo(
-            f"interrupted after {result.iterations} of {settings.iterations} iterations; "
-            f"continue with --resume {outdir}",
+            f"{_stopped_by(number)} after {result.iterations} of {settings.iterations} "
+            f"iterations; continue with --resume {outdir}",
             err=True,
         )
-        raise typer.Exit(INTERRUPTED_EXIT_CODE)
+        raise typer.Exit(_signal_exit_code(number))
     if stopped is not None:
         typer.echo(
             f"stopped at {stopped}; {outdir} holds the last good state, after "

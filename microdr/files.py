@@ -7,13 +7,19 @@ file or the new one, never a part.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 
 from .errors import InputError
+
+#: The name of a temporary file of :func:`write_files` (and of the output folder's lock), beside
+#: the file it becomes: ``.<name>.<pid of the writer>.<8 hex digits>.tmp``.
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -90,6 +96,32 @@ def _is_a_folder(path: Path) -> InputError:
     return InputError(str(path), "", "cannot write: is a folder")
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` (:data:`TEMPORARY`) of processes that no longer
+    exist, and return their paths: a process killed while writing leaves its own. For a run that
+    holds the folder's lock, so that no live process can be about to rename one."""
+    removed = []
+    with contextlib.suppress(OSError):  # no folder, or not readable: nothing of ours there
+        for entry in os.scandir(folder):
+            match = TEMPORARY.fullmatch(entry.name)
+            if match and not process_exists(int(match["pid"])) and entry.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # none has it, or none could
+        return False
+    except OSError:  # it exists, but is another user's
+        return True
+    return True
+
+
 def write_files(files: dict[Path, bytes]) -> None:
     """Write every file atomically, and either all of them or (barring a crash) none.
 
@@ -110,6 +142,11 @@ def write_files(files: dict[Path, bytes]) -> None:
             temporary.unlink(missing_ok=True)
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new name :data:`TEMPORARY` for a temporary file of this process that becomes ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _write_temporary(path: Path, data: bytes) -> Path:
     """Write ``data`` to a new temporary file in ``path``'s folder (created if missing)."""
     try:
@@ -118,7 +155,7 @@ def _write_temporary(path: Path, data: bytes) -> Path:
         raise InputError(str(path.parent), "", f"cannot create folder: {error.strerror}") from None
     if path.is_dir():  # found now, before any file is renamed into place
         raise _is_a_folder(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temporary = temporary_beside(path)
     try:
         # "x" never clobbers an existing file; the umask sets permissions as for any new file.
         with open(temporary, "xb") as handle:

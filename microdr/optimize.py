@@ -61,9 +61,9 @@ import torch
 
 from .adam import Adam
 from .camera import CameraTensors
-from .checkpoint import encode_checkpoint, read_checkpoint
+from .checkpoint import Journal, read_checkpoint
 from .errors import InputError, MicroDRError
-from .files import write_files
+from .files import remove_stale_temporaries, write_files
 from .images import to_uint8
 from .losses import Evaluation, MeshTopology, Metrics, loss_terms
 from .mesh import Mesh
@@ -98,6 +98,15 @@ GIF_FRAMES = 50
 COLOR_MARGIN = 1e-4
 #: The name of the checkpoint file in an output folder.
 CHECKPOINT = "checkpoint.pt"
+#: The signals that stop a run at the end of its last finished iteration: Ctrl-C (SIGINT), and,
+#: under :func:`stop_signals`, SIGTERM (``kill``, ``timeout``, ``docker stop``, systemd, batch
+#: schedulers) and SIGHUP (the terminal closed). Windows has no SIGHUP.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+# Notes for the user (a signal deferred); with no logging set up, Python prints them on stderr.
+logger = logging.getLogger(__name__)
 
 LossFunction = Callable[[Evaluation], "torch.Tensor | dict[str, torch.Tensor]"]
 
@@ -714,7 +723,16 @@ class Optimization:
 
     def load_state_dict(self, state: dict, source: str) -> None:
         """Continue from ``state`` (from :meth:`state_dict`); ``source`` names it in the error
-        raised when it was made by a different run, or is no state of a run at all."""
+        raised when it was made by a different run, or is no state of a run at all.
+
+        The state may be of a run of another number of iterations, finished or not, as long as it
+        has done no more than this one's: this run goes on to its own number. The iterations
+        still to run follow the schedules for that number: where they depend on it (a cosine
+        learning rate, a sigma schedule), the values jump at the seam, and the result differs
+        from that of an uninterrupted run of that many iterations; otherwise it is the same, bit
+        for bit (but for the progress animation's frames, taken as often as each part's number
+        of iterations said).
+        """
         # A checkpoint with a good checksum but other contents was not written by microDR.
         keys = self.state_dict().keys()
         if not (isinstance(state, dict) and keys <= state.keys()) or not isinstance(
@@ -723,7 +741,7 @@ class Optimization:
             raise InputError(source, "", "holds no state of a microdr optimize run")
         for key, value in self.fingerprint().items():
             theirs = state["fingerprint"].get(key)
-            if theirs != value:
+            if theirs != value and key != "iterations":  # a run may be extended, or cut short
                 what = (
                     f"a different {key}"
                     if key in ("scene", "targets")
@@ -734,6 +752,14 @@ class Optimization:
                     "",
                     f"made by another run ({what}); resume with the same scene, targets, options",
                 )
+        if state["iteration"] > self.settings.iterations:
+            raise InputError(
+                source,
+                "",
+                f"{state['iteration']} iterations are done, more than the "
+                f"{self.settings.iterations} to run; resume with --iterations "
+                f"{state['iteration']} or more",
+            )
         self.parameters.load_state_dict(state["parameters"])
         self.optimizer.load_state_dict(state["adam"])
         self.generator.set_state(state["generator"])
@@ -753,9 +779,50 @@ def _scene_digest(scene: Scene) -> str:
     return digest.hexdigest()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (:data:`STOP_SIGNALS`) raised where Ctrl-C raises KeyboardInterrupt, so that
+    a run stops at the end of its last finished iteration as it does for Ctrl-C. signal: its
+    number."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.signal = number
+
+
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back until the block has run, so that what it changes changes whole.
+def stop_signals() -> Iterator[list[int]]:
+    """While the block runs in the main thread, each of :data:`STOP_SIGNALS` raises
+    :class:`Interrupted` there; yields the list of the numbers of those received, in order.
+
+    A signal that the program ignores (``nohup`` ignores SIGHUP) or handles itself stays so. The
+    handlers are restored when the block ends.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(number: int, frame) -> None:
+        received.append(number)
+        raise Interrupted(number)
+
+    previous = {}
+    for number in STOP_SIGNALS:
+        if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[number] = signal.signal(number, stop)
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def _interrupts_held(*, deliver: bool = True, note: str | None = None) -> Iterator[None]:
+    """Hold the stop signals (:data:`STOP_SIGNALS` that Python handles) back until the block has
+    run, so that what it changes changes whole; then deliver the first that came to the handler it
+    was held from, or, unless ``deliver``, drop them all (the block was the run's end). ``note``
+    is logged when the first comes, to say why the process goes on.
 
     Only the main thread receives signals, so elsewhere there is nothing to hold.
     """
@@ -763,13 +830,24 @@ def _interrupts_held() -> Iterator[None]:
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(frame))
+
+    def hold(number: int, frame) -> None:
+        if not caught and note is not None:
+            logger.warning(note)
+        caught.append((number, frame))
+
+    previous = {}
+    for number in STOP_SIGNALS:
+        if callable(signal.getsignal(number)):
+            previous[number] = signal.signal(number, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, caught[-1])
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught and deliver:
+        number, frame = caught[0]
+        previous[number](number, frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,12 +874,16 @@ def optimize(
     """Run an :class:`Optimization` to its end and return its :class:`Result`.
 
     ``on_start(run)`` runs once the run has checked its inputs (and read its checkpoint), before
-    its first iteration; ``callback(step)`` runs after each iteration. Ctrl-C (a KeyboardInterrupt, also one raised
-    by the callback) stops the run at the end of its last finished iteration: the result then
-    has ``interrupted`` set, instead of the exception propagating.
+    its first iteration; ``callback(step)`` runs after each iteration. Ctrl-C (a
+    KeyboardInterrupt, also one raised by the callback; under :func:`stop_signals` also SIGTERM
+    and SIGHUP) stops the run at the end of its last finished iteration: the result then has
+    ``interrupted`` set, instead of the exception propagating. The final render and the writing
+    of the files are not interrupted: a stop signal then is dropped (with a note logged), and the
+    run ends as it would have.
 
     With ``outdir``, the run's files (:func:`microdr.outputs.output_files`) are written there at
-    the end, interrupted or not, with a checkpoint; also a checkpoint every ``checkpoint_every``
+    the end, interrupted or not, with a checkpoint (and its journal of the history's rows,
+    :class:`microdr.checkpoint.Journal`); also a checkpoint every ``checkpoint_every``
     iterations (0: none besides the last). ``resume`` continues from ``outdir``'s checkpoint,
     which must come from the same scene, targets and options; the result is the same as that of
     an uninterrupted run.
@@ -811,7 +893,8 @@ def optimize(
 
     The run holds ``outdir``'s lock (:func:`microdr.outputs.outdir_lock`) from before it reads
     the checkpoint until it has written its files, so a second run into the same folder is
-    refused meanwhile; ``force`` takes the lock anyway.
+    refused meanwhile; ``force`` takes the lock anyway. Holding it, the run first removes the
+    temporary files that killed runs left there (:func:`microdr.files.remove_stale_temporaries`).
     """
     if resume and outdir is None:
         raise ValueError("resume needs outdir")
@@ -823,8 +906,11 @@ def optimize(
         outdir = Path(outdir)
         check_outdir(outdir, scene, targets)
     with contextlib.nullcontext() if outdir is None else outdir_lock(outdir, force=force):
+        if outdir is not None:
+            remove_stale_temporaries(outdir)
         if resume:
             run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
+        journal = None if outdir is None else Journal(outdir / CHECKPOINT, run.history.rows)
         if on_start is not None:
             on_start(run)
         interrupted, stopped = False, None
@@ -832,17 +918,22 @@ def optimize(
             for step in run.steps():
                 due = checkpoint_every and run.iteration % checkpoint_every == 0
                 if outdir is not None and due:
-                    write_files({outdir / CHECKPOINT: encode_checkpoint(run.state_dict())})
+                    write_files({outdir / CHECKPOINT: journal.encode(run.state_dict())})
                 if callback is not None:
                     callback(step)
         except KeyboardInterrupt:
-            interrupted = True
+            # A stop that came after the last iteration, while the loop was ending, stops nothing.
+            interrupted = run.iteration < run.settings.iterations
         except NonFiniteError as error:
             stopped = error
-        result = run.result(interrupted, None if stopped is None else str(stopped))
-        if outdir is not None:
-            checkpoint = {CHECKPOINT: encode_checkpoint(run.state_dict())}
-            write_outputs(outdir, result, targets, checkpoint)
+        # The files are the run's state: a stop signal now would leave some written and others
+        # not, and no checkpoint to resume from. It waits, and the run ends as it was ending.
+        note = "finishing the final render" + ("" if outdir is None else f" and {outdir}'s files")
+        with _interrupts_held(deliver=False, note=f"{note} before stopping"):
+            result = run.result(interrupted, None if stopped is None else str(stopped))
+            if outdir is not None:
+                checkpoint = {CHECKPOINT: journal.encode(run.state_dict())}
+                write_outputs(outdir, result, targets, checkpoint)
     if stopped is not None:
         stopped.result = result
         raise stopped

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import logging
@@ -39,7 +41,7 @@ import torch
 
 from .drawing import Panel, Series, labeled_grid, line_charts
 from .errors import InputError
-from .files import check_writable_folder, write_files
+from .files import check_writable_folder, process_exists, temporary_beside, write_files
 from .images import encode_gif, encode_png, to_uint8
 from .losses import Metrics
 from .mesh import save_obj
@@ -84,63 +86,133 @@ def check_outdir(outdir: Path, scene: Scene, targets: Targets) -> None:
 def outdir_lock(outdir: Path, *, force: bool = False) -> Iterator[None]:
     """Hold ``outdir``'s lock while the block runs, so that two runs never write into one folder.
 
-    The lock is the file ``outdir/.microdr.lock``, created (with the folder if missing) only if
-    it does not exist (``O_EXCL``), holding the JSON ``{"pid", "host", "since"}`` of its run.
-    A lock whose process no longer exists on this host is stale: it is taken over, with a note
-    logged. Another lock raises :class:`InputError`, unless ``force``, which takes it over with a
-    note. However the block ends, the lock is removed, unless another run has taken it over
-    meanwhile; a folder that this created and nothing was written into is removed too.
+    The lock is the file ``outdir/.microdr.lock`` (the folder is created if missing), holding the
+    JSON ``{"pid", "host", "since"}`` of its run, and locked with ``flock`` by that run for as
+    long as it runs: the kernel releases that when the process ends, however it ends. So a lock
+    file that no process has locked, and whose run no longer exists on this host, is stale: it is
+    taken over, with a note logged; of several runs that try at once, exactly one does (the
+    ``flock``), and the others are refused. Another lock raises :class:`InputError`, unless
+    ``force``, which takes it over with a note. However the block ends, the lock is removed,
+    unless another run has taken it over meanwhile; a folder that this created and nothing was
+    written into is removed too.
     """
     path = outdir / LOCK
     created = not outdir.exists()
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
-    _acquire(path, mine.encode("utf-8"), force)
+    descriptor = _acquire(path, mine.encode("utf-8"), force)
     try:
         yield
     finally:
-        # Compared first: a run that took the lock over with force holds it now.
+        # Compared first: a run that took the lock over with force holds it now. Removed before
+        # it is unlocked: a run waiting on this file then finds it gone, and tries again.
         with contextlib.suppress(OSError):
             if path.read_bytes() == mine.encode("utf-8"):
                 path.unlink()
+        os.close(descriptor)
         if created:
             with contextlib.suppress(OSError):  # not empty: the run wrote something
                 outdir.rmdir()
 
 
-def _acquire(path: Path, mine: bytes, force: bool) -> None:
-    """Create lock file ``path`` holding ``mine``, or replace a stale one, or with ``force`` any
-    other one; else raise :class:`InputError` naming the folder and the run that holds it."""
+def _acquire(path: Path, mine: bytes, force: bool) -> int:
+    """Put a lock file holding ``mine`` at ``path``, locked, in place of none, of a stale one, or
+    with ``force`` of any other one; return its open descriptor, which holds the ``flock``. Else
+    raise :class:`InputError` naming the folder and the run that holds it."""
     outdir = path.parent
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+    while True:
         try:
-            held = path.read_bytes()
-        except FileNotFoundError:  # its run ended just now
-            return _acquire(path, mine, force)
+            outdir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            descriptor = _take_over(path, mine, force)
+            if descriptor is None:  # its run ended just now: try again
+                continue
+            return descriptor
+        except OSError as error:
+            raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
+        try:
+            # Waits, if at all, for a run that saw the file still empty: it refuses (an
+            # unreadable lock), or with --force takes it over; either way at once.
+            _flock(descriptor, wait=True)
+            os.write(descriptor, mine)
+        except OSError as error:  # a full disk
+            os.close(descriptor)
+            path.unlink(missing_ok=True)
+            raise InputError(str(outdir), "", f"cannot write {LOCK}: {error.strerror}") from None
+        return descriptor
+
+
+def _take_over(path: Path, mine: bytes, force: bool) -> int | None:
+    """Replace lock file ``path`` by a new one holding ``mine`` if it is stale, or with
+    ``force``, and return the new one's descriptor; ``None`` if ``path`` went away meanwhile;
+    else raise."""
+    try:
+        theirs = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        live = not _flock(theirs, wait=False)  # its run is running, or taking it over
+        if not live and os.fstat(theirs).st_ino != _inode(path):
+            return None  # its run removed it just before we locked it: a new one may be there
+        try:
+            holder = _lock_holder(path.read_bytes())
+        except FileNotFoundError:
+            return None
         except OSError:
-            held = b""
-        holder = _lock_holder(held)
-        if not force and not _is_gone(holder):
+            holder = None
+        # A lock file that nobody has locked may still be a live run's: one on another host (a
+        # shared folder), or of a microDR from before the flock.
+        if not force and (live or not _is_gone(holder)):
             raise InputError(
-                str(outdir),
+                str(path.parent),
                 "",
                 f"in use by {_describe(holder)} ({LOCK}); wait for it to end, or give --force to "
                 "write into the folder anyway",
             ) from None
         why = "--force" if force else "that run no longer exists"
-        logger.warning("%s: taking over the lock of %s: %s", outdir, _describe(holder), why)
-        # Replaced whole (write_files renames): a reader never sees a half-written lock. Two runs
-        # taking over one stale lock at the same instant could both succeed; a lock cannot
-        # prevent that without the kernel's help, and crashed runs are rare enough.
-        write_files({path: mine})
-        return
+        logger.warning("%s: taking over the lock of %s: %s", path.parent, _describe(holder), why)
+        # Written and locked under another name, then renamed over it: no run sees it half
+        # written, and one that opened the old file finds, once it locks that, that it is no
+        # longer the lock file, and tries again.
+        temporary = temporary_beside(path)
+        descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(descriptor, mine)
+            _flock(descriptor, wait=False)  # nobody else knows the file yet
+            os.replace(temporary, path)
+        except BaseException:
+            os.close(descriptor)
+            temporary.unlink(missing_ok=True)
+            raise
+        return descriptor
     except OSError as error:
-        raise InputError(str(outdir), "", f"cannot create {LOCK}: {error.strerror}") from None
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(mine)
+        raise InputError(str(path.parent), "", f"cannot replace {LOCK}: {error.strerror}") from None
+    finally:
+        os.close(theirs)
+
+
+def _flock(descriptor: int, *, wait: bool) -> bool:
+    """Lock the file of ``descriptor`` (``flock``, exclusive) for as long as it is open; return
+    ``False`` if another open file holds it and not ``wait``. Where the filesystem has no
+    ``flock`` (some network and FUSE ones), nothing is locked: the pid in the file is all there
+    is, as with a microDR from before the flock."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
+    return True
+
+
+def _inode(path: Path) -> int | None:
+    """The inode number of ``path``, ``None`` if there is no such file."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _lock_holder(data: bytes) -> dict | None:
@@ -160,13 +232,7 @@ def _is_gone(holder: dict | None) -> bool:
     has its pid. (A pid reused since by another process keeps the lock: --force takes it.)"""
     if holder is None or holder.get("host") != socket.gethostname():
         return False
-    try:
-        os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
-    except (ProcessLookupError, OverflowError):  # none has it, or none could
-        return True
-    except OSError:  # it exists, but is another user's
-        return False
-    return False
+    return not process_exists(holder["pid"])
 
 
 def _describe(holder: dict | None) -> str:

@@ -30,6 +30,11 @@ Vec3 = tuple[float, float, float]
 
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 2**26
+#: The most cameras a scene may have. Each camera is a target image to read, a render and a
+#: sheet PNG to write, and a slice of the final render of all cameras at once (``(N, 4, H, W)``
+#: float32: 4 GiB for 1024 cameras at 512 x 512). Multi-view data sets have tens to a few hundred
+#: views (SoftRas's ShapeNet renders 24, DTU 49 to 64, NeRF's synthetic scenes 100 to 300).
+MAX_CAMERAS = 1024
 PROJECTIONS = ("perspective", "orthographic")
 PRIMITIVES = ("icosphere", "cube", "plane")
 OPTIMIZABLE = ("vertices", "translation", "scale", "colors", "light", "camera")
@@ -274,7 +279,9 @@ def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
     # In file order, so that the first mistake is the one reported.
     render = _render_settings(root["image"], root["render"])
     meshes = tuple(_scene_mesh(node, base_dir) for node in root["meshes"].array())
-    cameras = tuple(_camera(node) for node in root["cameras"].array(min_length=1))
+    cameras = tuple(
+        _camera(node) for node in root["cameras"].array(min_length=1, max_length=MAX_CAMERAS)
+    )
     return Scene(
         source=source,
         render=render,
@@ -850,8 +857,11 @@ class _Node:
         if self.given:
             self.fail(reason)
 
-    def array(self, *, min_length: int = 0, required: bool = True) -> list[_Node]:
-        """The items of an array of at least ``min_length``; a missing optional one is empty."""
+    def array(
+        self, *, min_length: int = 0, max_length: int | None = None, required: bool = True
+    ) -> list[_Node]:
+        """The items of an array of ``min_length`` to ``max_length`` items; a missing optional one
+        is empty."""
         if not self.given:
             if required:
                 self.missing()
@@ -860,6 +870,9 @@ class _Node:
             self.expected("an array")
         if len(self.value) < min_length:
             self.expected(f"an array of at least {min_length} item{'s' * (min_length > 1)}")
+        if max_length is not None and len(self.value) > max_length:
+            # The items themselves would make a line of megabytes: their count says it.
+            self.fail(f"expected at most {max_length} items, got {len(self.value)}")
         return [_Node(item, self.source, f"{self.path}[{i}]") for i, item in enumerate(self.value)]
 
     def object(self, keys: tuple[str, ...], *, required: bool = True) -> _Object:

@@ -52,7 +52,7 @@ from microdr.verify import shrink
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = {
     "mesh.obj", "scene.json", "progress.gif", "loss.png", "metrics.csv", "metrics.json",
-    CHECKPOINT,
+    CHECKPOINT, "checkpoint.rows",
 }  # fmt: skip
 
 

@@ -373,6 +373,8 @@ INVALID = [
      "optimize.sigma_schedule: expected an object, got 0.001"),
     ("views_per_step_0", scene(optimize={"views_per_step": 0}),
      "optimize.views_per_step: expected an integer >= 1, got 0"),
+    ("too_many_cameras", scene(cameras=[{"eye": [0, 0, 3]}] * 1025),
+     "cameras: expected at most 1024 items, got 1025"),
     ("views_per_step_too_many", scene(optimize={"views_per_step": 2}),
      "optimize.views_per_step: expected at most the number of cameras (1), got 2"),
 ]  # fmt: skip
