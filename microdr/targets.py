@@ -8,8 +8,8 @@ What a target holds depends on its channels, file or tensor alike (:func:`classi
 - 3 channels (RGB): color only, no silhouette.
 
 Color is compared with the renderer's blended color ``I`` as it is (not premultiplied or
-divided by alpha): the same as ``microdr render --alpha`` writes. Files are PNG (8 or 16 bits,
-any color type) or anything else imageio reads.
+divided by alpha): the same as ``microdr render --alpha`` writes. PNG files are read exactly,
+every color type and bit depth (1 to 16; white is 1 at each).
 """
 
 from __future__ import annotations
@@ -161,13 +161,17 @@ def read_image(path: Path) -> torch.Tensor:
         raise InputError(source, "", problem)
     try:
         # Pillow (imageio's PNG reader) cuts 16-bit color to 8 bits; pypng reads any PNG exactly.
-        pixels = _decode_png(data) if is_png else iio.imread(data, index=0)
+        if is_png:
+            pixels, scale = _decode_png(data)
+        else:
+            pixels = iio.imread(data, index=0)
     except Exception as error:  # decoders raise many types for one cause: bytes they cannot read
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise InputError(source, "", f"not a readable image ({reason})") from None
-    scale = _PIXEL_SCALE.get(pixels.dtype)
-    if scale is None:
-        raise InputError(source, "", f"pixels of type {pixels.dtype}: expected 8 or 16 bits")
+    if not is_png:
+        scale = _PIXEL_SCALE.get(pixels.dtype)
+        if scale is None:
+            raise InputError(source, "", f"pixels of type {pixels.dtype}: expected 8 or 16 bits")
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or not 1 <= pixels.shape[-1] <= 4:
@@ -185,12 +189,30 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return struct.unpack(">II", data[16:24])
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    """``(H, W, C)`` uint8 or uint16 pixels of PNG bytes (palettes and low bit depths expanded)."""
-    width, height, rows, info = png.Reader(bytes=data).asDirect()
-    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
-    pixels = np.vstack([np.asarray(row, dtype=dtype) for row in rows])
-    return pixels.reshape(height, width, info["planes"])
+def _decode_png(data: bytes) -> tuple[np.ndarray, int]:
+    """``(H, W, C)`` uint8 or uint16 pixels of PNG bytes and the value that stands for 1:
+    ``2**bits - 1`` at the file's bit depth (1, 2, 4, 8 or 16), 255 for palette colors.
+
+    Palette indices become their colors (RGBA if a tRNS chunk gives the palette alphas); a tRNS
+    color key becomes an alpha channel (0 where a pixel is the key). An sBIT chunk (how many
+    bits were significant before the values were scaled to the file's depth) changes nothing:
+    the stored values are the image, as PNG's specification and Pillow read them.
+    """
+    reader = png.Reader(bytes=data)
+    width, height, rows, info = reader.read()
+    bits = info["bitdepth"]
+    samples = np.vstack([np.asarray(row, dtype=np.uint16 if bits > 8 else np.uint8) for row in rows])
+    pixels = samples.reshape(height, width, info["planes"])
+    if info.get("palette"):
+        palette = np.asarray(reader.palette(), dtype=np.uint8)  # (entries, 3 or 4)
+        if int(pixels.max(initial=0)) >= len(palette):
+            raise ValueError(f"a pixel's palette index is beyond the {len(palette)} colors")
+        return palette[pixels[..., 0]], 255
+    if reader.transparent is not None:
+        opaque = (pixels != np.asarray(reader.transparent, dtype=pixels.dtype)).any(axis=-1)
+        alpha = opaque.astype(pixels.dtype) * (2**bits - 1)
+        pixels = np.concatenate([pixels, alpha[..., None]], axis=-1)
+    return pixels, 2**bits - 1
 
 
 def _fit(image: torch.Tensor, source: str, size: tuple[int, int], resize: bool) -> torch.Tensor:
