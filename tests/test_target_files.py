@@ -110,3 +110,75 @@ def test_an_sbit_chunk_does_not_rescale_the_stored_values(tmp_path):
         png.Writer(SHAPE[1], SHAPE[0], greyscale=True, bitdepth=5).write(handle, values.tolist())
     assert b"sBIT" in (tmp_path / "t.png").read_bytes()
     check(tmp_path / "t.png", "L")
+
+
+# --- other formats, through Pillow ------------------------------------------------------------
+
+
+def test_a_cmyk_jpeg_reads_as_rgb(tmp_path):
+    cmyk = np.zeros((8, 8, 4), dtype=np.uint8)
+    cmyk[:4] = (0, 255, 255, 0)  # red
+    cmyk[4:] = (128, 0, 0, 128)  # (1 - C)(1 - K): R 63, G and B 127
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "t.jpg", quality=100)
+    image = check(tmp_path / "t.jpg", "RGB")
+    assert image.shape[0] == 3
+    assert (image[:, 1, 1] * 255 - torch.tensor([255.0, 0, 0])).abs().max() <= 2
+    assert (image[:, 6, 6] * 255 - torch.tensor([63.0, 127, 127])).abs().max() <= 2
+
+
+def test_a_cmyk_jpeg_with_a_color_profile_is_refused(tmp_path):
+    Image.new("CMYK", (4, 4)).save(tmp_path / "t.jpg", icc_profile=b"a print profile")
+    with pytest.raises(InputError, match=r"t\.jpg: CMYK with a color profile .*save it as RGB"):
+        read_image(tmp_path / "t.jpg")
+
+
+def test_an_rgba_bmp_keeps_its_alpha(tmp_path):
+    pixels = RNG.integers(0, 256, (*SHAPE, 4)).astype(np.uint8)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "t.bmp")  # 32 bits, alpha in the 4th byte
+    image = read_image(tmp_path / "t.bmp")
+    assert torch.equal(image, torch.from_numpy(pixels / np.float32(255)).permute(2, 0, 1))
+
+
+def test_a_32_bit_bmp_whose_4th_bytes_are_all_zero_is_opaque_rgb(tmp_path):
+    pixels = RNG.integers(0, 256, (*SHAPE, 4)).astype(np.uint8)
+    pixels[..., 3] = 0  # the usual meaning: unused padding, not a fully transparent image
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "t.bmp")
+    image = read_image(tmp_path / "t.bmp")
+    assert torch.equal(image, torch.from_numpy(pixels[..., :3] / np.float32(255)).permute(2, 0, 1))
+
+
+def test_a_gif_with_a_transparent_color_reads_as_rgba(tmp_path):
+    image = Image.fromarray(RNG.integers(0, 4, SHAPE).astype(np.uint8), "P")
+    image.putpalette(bytes(range(12)))
+    image.save(tmp_path / "t.gif", transparency=2)
+    check(tmp_path / "t.gif", "RGBA")
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("x.jpg", b"", "x.jpg: empty file (0 bytes)"),
+        ("x.png", b"", "x.png: empty file (0 bytes)"),
+        (
+            "x.svg",
+            b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+            "x.svg: SVG is a vector format: export a PNG",
+        ),
+        (
+            "x.jpg",
+            b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+            "x.jpg: SVG is a vector format: export a PNG",
+        ),
+        (
+            "x.jpg",
+            b"hello",
+            "x.jpg: not an image format microDR reads (PNG, JPEG, BMP, TIFF, GIF, WebP)",
+        ),
+    ],
+)
+def test_files_that_are_no_image_say_what_they_are(tmp_path, monkeypatch, name, data, message):
+    monkeypatch.chdir(tmp_path)
+    Path(name).write_bytes(data)
+    with pytest.raises(InputError) as error:
+        read_image(Path(name))
+    assert str(error.value) == message
