@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,17 +110,41 @@ _INT = re.compile(r"[+-]?[0-9]+")
 def load_obj(path: str | os.PathLike) -> Mesh:
     """Read a Wavefront OBJ file into a :class:`Mesh`.
 
-    Reads ``v x y z`` and ``v x y z r g b`` (colors in ``[0, 1]``, all vertices or none) and ``f``
-    with ``i``, ``i/t``, ``i//n`` or ``i/t/n`` corners, 1-based or negative (relative) indices;
-    polygons are fan-triangulated as ``(v0, vi, vi+1)``. Other valid OBJ statements are ignored.
-    Every problem raises :class:`InputError` naming the file and the line.
+    Reads ``v x y z``, ``v x y z w`` and ``v x y z r g b`` (colors in ``[0, 1]``, all vertices or
+    none) and ``f`` with ``i``, ``i/t``, ``i//n`` or ``i/t/n`` corners, 1-based or negative
+    (relative) indices; polygons are fan-triangulated as ``(v0, vi, vi+1)``. Other valid OBJ
+    statements are ignored. The weight ``w`` is read and ignored: OBJ's specification gives it
+    to rational curves and surfaces only, not to polygon vertices (it is no homogeneous divisor).
+    Lines end with LF, CR LF or CR; a backslash at the end of a line continues the statement on
+    the next; a UTF-8 byte order mark at the start is skipped. Every problem raises
+    :class:`InputError` naming the file and the line (a statement's first line).
     """
     source = str(path)
     text = read_text(path)
     parser = _ObjParser(source)
-    for number, line in enumerate(text.split("\n"), start=1):
-        parser.parse_line(line, number)
+    for number, statement in obj_statements(text):
+        parser.parse_line(statement, number)
     return parser.finish()
+
+
+def obj_statements(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, statement)`` of OBJ ``text``, 1-based: what each line holds, with lines
+    ending in a backslash (and spaces) joined to the next by a space, numbered by their first."""
+    text = text.removeprefix("\ufeff")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    continued, first = "", 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.rstrip(" \t").endswith("\\"):
+            first = first or number
+            continued += line.rstrip(" \t")[:-1] + " "
+        elif continued:
+            yield first, continued + line
+            continued, first = "", 0
+        else:
+            yield number, line
+    if continued:
+        yield first, continued
 
 
 class _ObjParser:
@@ -150,11 +175,14 @@ class _ObjParser:
             raise self.fail(number, f"unknown statement {show_value(keyword)} (not OBJ)")
 
     def parse_vertex(self, args: list[str], number: int) -> None:
-        if len(args) not in (3, 6):
+        if len(args) not in (3, 4, 6):
             raise self.fail(
-                number, f'expected "v x y z" or "v x y z r g b", got {len(args)} values'
+                number,
+                f'expected "v x y z", "v x y z w" or "v x y z r g b", got {len(args)} values',
             )
         values = [self.parse_float(arg, number) for arg in args]
+        if len(values) == 4:
+            values = values[:3]  # w: a weight of rational curves and surfaces, none here
         if not self.positions:
             self.first_vertex_line = number
         elif (len(values) == 6) != bool(self.colors):

@@ -79,6 +79,33 @@ def test_ignores_other_statements_comments_and_keeps_unused_vertices(tmp_path):
     assert mesh.num_vertices == 4 and mesh.faces.tolist() == [[0, 1, 2]]
 
 
+def test_a_vertex_weight_w_is_read_and_ignored(tmp_path):
+    mesh = load_obj(write(tmp_path, "v 0 0 0 1\nv 2 0 0 0.5\nv 0 2 0 2\nf 1 2 3\n"))
+    assert mesh.vertices.tolist() == [[0, 0, 0], [2, 0, 0], [0, 2, 0]]
+    assert mesh.vertex_colors is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        TRIANGLE.replace("\n", "\r") + "f 1 2 3\r",  # classic Mac OS line endings
+        TRIANGLE.replace("\n", "\r\n") + "f 1 2 3\r\n",
+        "\ufeff" + TRIANGLE + "f 1 2 3\n",  # a UTF-8 byte order mark, as some Windows tools write
+        "v 0 0 0\nv 1 \\\n  0 0\nv 0 1 0\nf 1 \\  \n 2 \\\n3\n",  # line continuations
+    ],
+)
+def test_line_endings_continuations_and_a_byte_order_mark(tmp_path, text):
+    mesh = load_obj(write(tmp_path, text))
+    assert mesh.vertices.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0]]
+    assert mesh.faces.tolist() == [[0, 1, 2]]
+
+
+def test_errors_after_a_continued_line_name_the_right_line(tmp_path):
+    with pytest.raises(InputError) as caught:
+        load_obj(write(tmp_path, "v 0 0 \\\n0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n"))
+    assert caught.value.where == "line 5"
+
+
 def test_forward_references_are_allowed(tmp_path):
     assert load_obj(write(tmp_path, "f 1 2 3\n" + TRIANGLE)).faces.tolist() == [[0, 1, 2]]
 
@@ -113,8 +140,24 @@ def test_forward_references_are_allowed(tmp_path):
         ("v 0 0 0\nv 1 zero 0\n", "line 2", '"zero" is not a number'),
         ("v 0 0 0\nv 1 nan 0\n", "line 2", '"nan" is not a finite number'),
         ("v 0 0 0\nv 1 0 -inf\n", "line 2", '"-inf" is not a finite number'),
-        ("v 0 0\n", "line 1", 'expected "v x y z" or "v x y z r g b", got 2 values'),
-        ("v 0 0 0 1 1\n", "line 1", 'expected "v x y z" or "v x y z r g b", got 5 values'),
+        ("v 0 0\n", "line 1", 'expected "v x y z", "v x y z w" or "v x y z r g b", got 2 values'),
+        (
+            "v 0 0 0 1 1\n",
+            "line 1",
+            'expected "v x y z", "v x y z w" or "v x y z r g b", got 5 values',
+        ),
+        (
+            "v 0 0 \\\n 0 1 \\\n 1\n",
+            "line 1",
+            'expected "v x y z", "v x y z w" or "v x y z r g b", got 5 values',
+        ),
+        ("v 0 0 0 w\n", "line 1", '"w" is not a number'),
+        (
+            "v 0 0 0\rv 1 0 0\rv 1 1\r",
+            "line 3",
+            'expected "v x y z", "v x y z w" or "v x y z r g b", got 2 values',
+        ),
+        ("\ufeffv 0 0 0\r\nf 1 1 2\r\n", "line 2", "face index 2 out of range (the file has 1 vertex)"),
         ("v 0 0 0 0 255 0\n", "line 1", "vertex color 255 is outside [0, 1]"),
         (
             "# colors\nv 0 0 0 1 1 1\nv 1 0 0\n",
