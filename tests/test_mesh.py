@@ -8,8 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
 from microdr.errors import InputError
-from microdr.mesh import Mesh, cube, icosphere, load_obj, plane, save_obj
+from microdr.mesh import (
+    Mesh,
+    _load_common_obj,
+    _ObjParser,
+    _obj_lines,
+    cube,
+    icosphere,
+    load_obj,
+    obj_statements,
+    plane,
+    save_obj,
+)
 
 SOFTRAS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "softras"
 needs_softras = pytest.mark.skipif(
@@ -104,6 +118,94 @@ def test_errors_after_a_continued_line_name_the_right_line(tmp_path):
     with pytest.raises(InputError) as caught:
         load_obj(write(tmp_path, "v 0 0 \\\n0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n"))
     assert caught.value.where == "line 5"
+
+
+def read_line_by_line(text: str) -> Mesh:
+    """What the line-by-line parser makes of ``text`` (load_obj's fallback and its errors)."""
+    parser = _ObjParser("mesh.obj")
+    for number, statement in obj_statements(_obj_lines(text)):
+        parser.parse_line(statement, number)
+    return parser.finish()
+
+
+def same_mesh(a: Mesh, b: Mesh) -> bool:
+    colors = (a.vertex_colors is None) == (b.vertex_colors is None) and (
+        a.vertex_colors is None or torch.equal(a.vertex_colors, b.vertex_colors)
+    )
+    return torch.equal(a.vertices, b.vertices) and torch.equal(a.faces, b.faces) and colors
+
+
+# Pieces of OBJ lines: mostly the common form, now and then (1 in 200) a flaw.
+SPACE = st.sampled_from([" ", " ", "\t", "  "])
+FLAWED_NUMBERS = ["1e39", "nan", "1_0", "0x1", "1e", "--1", "inf", "2.5.1"]
+FLAWED_CORNERS = ["0", "-1", "-2", "+1", "99999999999999999999", "1/x", "1/2/3/4", "1/2/"]
+FLAWED_LINES = ["f 1 2 3 # c", "v 0 0 0 # c", " v 0 0 0", "v 0 0", "f 1 2", "o", "hello", "f 1 2 \\"]
+
+
+def sometimes(draw, flaws: list[str], value: str) -> str:
+    return draw(st.sampled_from(flaws)) if draw(st.integers(0, 199)) == 0 else value
+
+
+@st.composite
+def obj_texts(draw):
+    count = draw(st.sampled_from([3, 3, 4, 6]))
+    vertices = draw(st.integers(1, 8))
+    numbers = st.one_of(
+        st.floats(-1e6, 1e6).map(repr),
+        st.sampled_from(["0", "-0", "+1.5", ".5", "5.", "1e-3", "2E+2", "3.4e38", "-3.4e38"]),
+    )
+    lines = []
+    for _ in range(vertices):
+        values = [sometimes(draw, FLAWED_NUMBERS, draw(numbers)) for _ in range(count)]
+        if count == 6:
+            colors = st.sampled_from(["0", "1", "0.25", "1.5" if draw(st.integers(0, 199)) == 0 else "1."])
+            values[3:] = [draw(colors) for _ in range(3)]
+        lines.append("v" + "".join(draw(SPACE) + v for v in values) + draw(st.sampled_from(["", " "])))
+    for _ in range(draw(st.integers(1, 6))):
+        corners = [
+            sometimes(draw, FLAWED_CORNERS, str(draw(st.integers(1, vertices))))
+            + draw(st.sampled_from(["", "", "/1", "//2", "/3/4", "/"]))
+            for _ in range(draw(st.integers(3, 6)))
+        ]
+        lines.append("f" + "".join(draw(SPACE) + c for c in corners))
+    extras = ["# a comment", "", "vt 0.5 0.5", "vn 0 0 1", "g part", "s off"]
+    for _ in range(draw(st.integers(0, 3))):
+        line = sometimes(draw, FLAWED_LINES, draw(st.sampled_from(extras)))
+        lines.insert(draw(st.integers(0, len(lines))), line)
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj_texts())
+def test_the_bulk_reader_makes_what_the_line_by_line_parser_makes(text):
+    fast = _load_common_obj(_obj_lines(text)) if "\\" not in text else None
+    if fast is not None:  # what the bulk reader takes, the parser takes alike
+        assert same_mesh(fast, read_line_by_line(text))
+    else:  # what it declines, load_obj parses line by line: no flaw can pass unreported
+        event("line by line")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        TRIANGLE + "f 1 2 3\n",
+        "# comment\nv 0\t0 0\nv 1 0\t 0 \nv 0 1 0\n" + "vt 0 0\nvn 0 0 1\ng x\nf 1/1/1 2//1 3/1\n",
+        "v 0 0 0 1\nv 1 0 0 1\nv 1 1 0 1\nv 0 1 0 1\nf 1 2 3 4\nf 1 2 3 4 1 2\n",
+        "v 0 0 0 1 0 0\nv 1 0 0 0 1 0\nv 0 1 0 0 0 1\nf 1 2 3\n",
+    ],
+)
+def test_common_files_are_read_in_bulk_exactly(text):
+    fast = _load_common_obj(_obj_lines(text))
+    assert fast is not None and same_mesh(fast, read_line_by_line(text))
+
+
+def test_a_large_mesh_is_read_in_bulk_exactly(tmp_path):
+    mesh = icosphere(3)
+    save_obj(mesh, tmp_path / "s.obj", vertex_colors=torch.rand(mesh.vertices.shape))
+    text = (tmp_path / "s.obj").read_text()
+    fast = _load_common_obj(_obj_lines(text))
+    assert fast is not None and same_mesh(fast, read_line_by_line(text))
+    assert torch.equal(fast.vertices, mesh.vertices) and torch.equal(fast.faces, mesh.faces)
 
 
 def test_forward_references_are_allowed(tmp_path):
