@@ -27,6 +27,16 @@ from .files import read_text, write_files
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: How errors say that a number, or what is made of numbers, does not fit in float32.
 BEYOND_FLOAT32 = "beyond float32's range (magnitude at most 3.4e38)"
+#: The largest OBJ file read, checked before reading it: reading takes about 3x its size in
+#: memory (its bytes, its text, its lines) on top of the mesh.
+MAX_OBJ_BYTES = 2**30
+#: The most vertices and faces (triangles, after splitting polygons) of an OBJ mesh, checked
+#: before their numbers are parsed. At 2**23 faces reading peaks near 2 GB (about 260 bytes a
+#: face) and the kernels add about 100 bytes a face to their (face, corner) inputs (70 at 1.3M
+#: faces, 256 x 256): a few GB in all, and 100x the largest benchmarked mesh (81,920 faces);
+#: the kernels' own hard limit is 2**31 faces (int32 indices).
+MAX_MESH_VERTICES = 2**23
+MAX_MESH_FACES = 2**23
 
 
 @dataclass
@@ -120,10 +130,10 @@ def load_obj(path: str | os.PathLike) -> Mesh:
     :class:`InputError` naming the file and the line (a statement's first line).
     """
     source = str(path)
-    text = read_text(path)
+    text = read_text(path, max_bytes=MAX_OBJ_BYTES)
     lines = _obj_lines(text)
     # A backslash may continue any line, a comment too, and change what the next one is.
-    mesh = _load_common_obj(lines) if "\\" not in text else None
+    mesh = _load_common_obj(lines, source) if "\\" not in text else None
     if mesh is not None:
         return mesh
     parser = _ObjParser(source)
@@ -172,11 +182,13 @@ _FACE_LINES = re.compile(r"(?:f(?:[ \t]++[0-9]++(?:/[0-9]*+(?:/[0-9]++)?+)?+){3,
 _TEXTURE_AND_NORMAL = re.compile(r"/[0-9]*(?:/[0-9]+)?")
 
 
-def _load_common_obj(lines: list[str]) -> Mesh | None:
+def _load_common_obj(lines: list[str], source: str) -> Mesh | None:
     """The mesh of an OBJ file of the common form (above), parsed in bulk by numpy: the same
     :class:`Mesh` as :class:`_ObjParser` makes, about 10x as fast; or ``None`` for any other file
     (relative indices, a comment after a statement, an error...), which :class:`_ObjParser`
-    then reads line by line and reports on. Lines must not be continued (no backslash)."""
+    then reads line by line and reports on. Lines must not be continued (no backslash).
+    More vertices or faces than the limits raise :class:`InputError` before numbers are parsed.
+    """
     vertex_lines, face_lines = [], []
     for line in lines:
         key = line[:2]
@@ -190,8 +202,12 @@ def _load_common_obj(lines: list[str]) -> Mesh | None:
                 return None
     if not vertex_lines or not face_lines:
         return None
+    if len(vertex_lines) > MAX_MESH_VERTICES:
+        raise _too_many_vertices(source, _line_of(lines, "v", MAX_MESH_VERTICES + 1))
+    if len(face_lines) > MAX_MESH_FACES:
+        raise _too_many_faces(source, _line_of(lines, "f", MAX_MESH_FACES + 1))
     values = _common_vertices(vertex_lines)
-    triangles = _common_faces(face_lines, len(vertex_lines))
+    triangles = _common_faces(face_lines, len(vertex_lines), source, lines)
     if values is None or triangles is None:
         return None
     colors = values[:, 3:] if values.shape[1] == 6 else None
@@ -219,9 +235,12 @@ def _common_vertices(vertex_lines: list[str]) -> np.ndarray | None:
     return values if (np.abs(values[:, :3]) <= FLOAT32_MAX).all() else None
 
 
-def _common_faces(face_lines: list[str], vertices: int) -> np.ndarray | None:
+def _common_faces(
+    face_lines: list[str], vertices: int, source: str, lines: list[str]
+) -> np.ndarray | None:
     """``(F, 3)`` int64 0-based triangles of ``f`` lines of indices in 1 to ``vertices``, polygons
-    fan-triangulated as :meth:`_ObjParser.parse_face` does."""
+    fan-triangulated as :meth:`_ObjParser.parse_face` does; ``lines`` (the whole file's) name
+    the face past :data:`MAX_MESH_FACES` triangles, if any."""
     text = "\n".join(face_lines) + "\n"
     if not _FACE_LINES.fullmatch(text):
         return None
@@ -236,10 +255,38 @@ def _common_faces(face_lines: list[str], vertices: int) -> np.ndarray | None:
         return corners.reshape(-1, 3)
     counts = np.array([len(line.split()) - 1 for line in face_lines], dtype=np.int64)
     fans = counts - 2  # triangles per polygon: (v0, vi, vi+1) for i = 1 .. count - 2
+    if fans.sum() > MAX_MESH_FACES:
+        polygon = int(np.searchsorted(np.cumsum(fans), MAX_MESH_FACES + 1))
+        raise _too_many_faces(source, _line_of(lines, "f", polygon + 1))
     polygon_start = np.repeat(np.cumsum(counts) - counts, fans)
     i = np.arange(fans.sum()) - np.repeat(np.cumsum(fans) - fans, fans) + 1
     return np.stack(
         [corners[polygon_start], corners[polygon_start + i], corners[polygon_start + i + 1]], axis=1
+    )
+
+
+def _line_of(lines: list[str], keyword: str, occurrence: int) -> int:
+    """The 1-based number of the line that holds the ``occurrence``-th ``keyword`` statement."""
+    seen = 0
+    for number, line in enumerate(lines, start=1):
+        words = line.split(None, 1)
+        seen += bool(words) and words[0] == keyword
+        if seen == occurrence:
+            return number
+    raise ValueError(f"fewer than {occurrence} {keyword!r} lines")
+
+
+def _too_many_vertices(source: str, line: int) -> InputError:
+    return InputError(
+        source, f"line {line}", f"more than {MAX_MESH_VERTICES:,} vertices, the limit for a mesh"
+    )
+
+
+def _too_many_faces(source: str, line: int) -> InputError:
+    return InputError(
+        source,
+        f"line {line}",
+        f"more than {MAX_MESH_FACES:,} faces (triangles), the limit for a mesh",
     )
 
 
@@ -288,6 +335,8 @@ class _ObjParser:
                 f"this vertex {has} color but the first vertex (line {self.first_vertex_line}) "
                 f"{first}; give every vertex a color or none",
             )
+        if len(self.positions) == MAX_MESH_VERTICES:
+            raise _too_many_vertices(self.source, number)
         self.positions.append(values[:3])
         if len(values) == 6:
             for value in values[3:]:
@@ -309,6 +358,8 @@ class _ObjParser:
         if len(args) < 3:
             raise self.fail(number, f"a face needs at least 3 vertices, got {len(args)}")
         corners = [self.parse_corner(arg, number) for arg in args]
+        if len(self.triangles) + len(corners) - 2 > MAX_MESH_FACES:
+            raise _too_many_faces(self.source, number)
         for i in range(1, len(corners) - 1):
             self.triangles.append((corners[0], corners[i], corners[i + 1]))
             self.triangle_lines.append(number)

@@ -11,8 +11,10 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from microdr import mesh as mesh_module
 from microdr.errors import InputError
 from microdr.mesh import (
+    MAX_OBJ_BYTES,
     Mesh,
     _load_common_obj,
     _ObjParser,
@@ -178,7 +180,7 @@ def obj_texts(draw):
 @settings(max_examples=300, deadline=None)
 @given(obj_texts())
 def test_the_bulk_reader_makes_what_the_line_by_line_parser_makes(text):
-    fast = _load_common_obj(_obj_lines(text)) if "\\" not in text else None
+    fast = _load_common_obj(_obj_lines(text), "mesh.obj") if "\\" not in text else None
     if fast is not None:  # what the bulk reader takes, the parser takes alike
         assert same_mesh(fast, read_line_by_line(text))
     else:  # what it declines, load_obj parses line by line: no flaw can pass unreported
@@ -195,7 +197,7 @@ def test_the_bulk_reader_makes_what_the_line_by_line_parser_makes(text):
     ],
 )
 def test_common_files_are_read_in_bulk_exactly(text):
-    fast = _load_common_obj(_obj_lines(text))
+    fast = _load_common_obj(_obj_lines(text), "mesh.obj")
     assert fast is not None and same_mesh(fast, read_line_by_line(text))
 
 
@@ -203,9 +205,43 @@ def test_a_large_mesh_is_read_in_bulk_exactly(tmp_path):
     mesh = icosphere(3)
     save_obj(mesh, tmp_path / "s.obj", vertex_colors=torch.rand(mesh.vertices.shape))
     text = (tmp_path / "s.obj").read_text()
-    fast = _load_common_obj(_obj_lines(text))
+    fast = _load_common_obj(_obj_lines(text), "mesh.obj")
     assert fast is not None and same_mesh(fast, read_line_by_line(text))
     assert torch.equal(fast.vertices, mesh.vertices) and torch.equal(fast.faces, mesh.faces)
+
+
+def test_an_obj_file_over_the_size_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.obj"
+    with open(path, "wb") as handle:  # sparse: no disk used, and never read
+        handle.truncate(MAX_OBJ_BYTES + 1)
+    with pytest.raises(InputError) as caught:
+        load_obj(path)
+    assert str(caught.value) == (
+        f"{path}: 1,073,741,825 bytes: more than the limit of 1,073,741,824 bytes"
+    )
+
+
+# The limits, lowered so that small files cross them; "# x" after a statement makes the file
+# go line by line.
+@pytest.mark.parametrize("bulk", [True, False])
+@pytest.mark.parametrize(
+    ("limit", "text", "where", "message"),
+    [
+        ("MAX_MESH_VERTICES", TRIANGLE + "v 1 1 0\nf 1 2 3\n", "line 4", "more than 3 vertices"),
+        ("MAX_MESH_FACES", TRIANGLE + "f 1 2 3\nf 1 2 3\nf 1 2 3\n", "line 6", "more than 2 faces"),
+        ("MAX_MESH_FACES", TRIANGLE + "f 1 2 3\nf 1 2 3 1\n", "line 5", "more than 2 faces"),
+    ],
+)
+def test_meshes_over_the_vertex_and_face_limits_are_refused(
+    tmp_path, monkeypatch, bulk, limit, text, where, message
+):
+    monkeypatch.setattr(mesh_module, limit, 3 if limit == "MAX_MESH_VERTICES" else 2)
+    path = write(tmp_path, text if bulk else "# x\n" + text.replace("\nf", " # x\nf", 1))
+    with pytest.raises(InputError) as caught:
+        load_obj(path)
+    shift = 0 if bulk else 1
+    assert caught.value.where == f"line {int(where.split()[1]) + shift}"
+    assert caught.value.message.startswith(message)
 
 
 def test_forward_references_are_allowed(tmp_path):
