@@ -27,14 +27,16 @@ from .files import read_text, write_files
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: How errors say that a number, or what is made of numbers, does not fit in float32.
 BEYOND_FLOAT32 = "beyond float32's range (magnitude at most 3.4e38)"
-#: The largest OBJ file read, checked before reading it: reading takes about 3x its size in
-#: memory (its bytes, its text, its lines) on top of the mesh.
+#: The largest OBJ file read, checked before reading it. Reading takes up to about 6x the
+#: file's size in memory (its bytes, its text, its lines, the joined "v" and "f" lines): a
+#: 222 MB file of 5.2M faces peaked at 1.3 GB. The face limit below is usually reached first
+#: (2**23 triangles with texture and normal indices are about 0.8 GB of text).
 MAX_OBJ_BYTES = 2**30
 #: The most vertices and faces (triangles, after splitting polygons) of an OBJ mesh, checked
-#: before their numbers are parsed. At 2**23 faces reading peaks near 2 GB (about 260 bytes a
-#: face) and the kernels add about 100 bytes a face to their (face, corner) inputs (70 at 1.3M
-#: faces, 256 x 256): a few GB in all, and 100x the largest benchmarked mesh (81,920 faces);
-#: the kernels' own hard limit is 2**31 faces (int32 indices).
+#: before their numbers are parsed. At 2**23 faces reading peaks near 2 GB (about 250 bytes a
+#: face); a forward + backward on the CPU kernels grew the resident set by 70 to 170 bytes a
+#: face beyond its inputs (1.3M to 82k faces at 256 x 256). So a few GB in all, for 100x the
+#: largest benchmarked mesh (81,920 faces); the kernels' hard limit is 2**31 (int32 indices).
 MAX_MESH_VERTICES = 2**23
 MAX_MESH_FACES = 2**23
 
@@ -184,7 +186,7 @@ _TEXTURE_AND_NORMAL = re.compile(r"/[0-9]*(?:/[0-9]+)?")
 
 def _load_common_obj(lines: list[str], source: str) -> Mesh | None:
     """The mesh of an OBJ file of the common form (above), parsed in bulk by numpy: the same
-    :class:`Mesh` as :class:`_ObjParser` makes, about 10x as fast; or ``None`` for any other file
+    :class:`Mesh` as :class:`_ObjParser` makes, about 6x as fast; or ``None`` for any other file
     (relative indices, a comment after a statement, an error...), which :class:`_ObjParser`
     then reads line by line and reports on. Lines must not be continued (no backslash).
     More vertices or faces than the limits raise :class:`InputError` before numbers are parsed.
