@@ -221,7 +221,8 @@ def _decode_with_pillow(data: bytes, source: str) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise InputError(source, "", f"not an image format microDR reads ({READ_FORMATS})") from None
+        message = f"not an image format microDR reads ({READ_FORMATS})"
+        raise InputError(source, "", message) from None
     except Exception as error:  # Pillow raises many types for one cause: bytes it cannot read
         raise _unreadable(source, error) from None
     _check_size(image.size, source)
@@ -276,7 +277,8 @@ def _decode_png(data: bytes) -> tuple[np.ndarray, int]:
     reader = png.Reader(bytes=data)
     width, height, rows, info = reader.read()
     bits = info["bitdepth"]
-    samples = np.vstack([np.asarray(row, dtype=np.uint16 if bits > 8 else np.uint8) for row in rows])
+    dtype = np.uint16 if bits > 8 else np.uint8
+    samples = np.vstack([np.asarray(row, dtype=dtype) for row in rows])
     pixels = samples.reshape(height, width, info["planes"])
     if info.get("palette"):
         palette = np.asarray(reader.palette(), dtype=np.uint8)  # (entries, 3 or 4)

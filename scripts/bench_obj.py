@@ -24,17 +24,24 @@ mesh = load_obj(sys.argv[1])
 seconds = time.perf_counter() - start
 print(mesh.num_faces, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-IMPORT = "import resource; import microdr.mesh; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+IMPORT = """
+import resource
+import microdr.mesh
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
 
 
 def run(code: str, *args: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", code, *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return done.stdout.split()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--level", type=int, default=8, help="icosphere subdivisions (20 * 4**level faces)")
+    parser.add_argument(
+        "--level", type=int, default=8, help="icosphere subdivisions (20 * 4**level faces)"
+    )
     parser.add_argument("--repeat", type=int, default=2, help="reads of each file")
     options = parser.parse_args()
 

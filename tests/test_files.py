@@ -56,7 +56,8 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
     assert read_bytes(tmp_path / "big", max_bytes=1001) == b"x" * 1001
     with pytest.raises(InputError) as caught:
         read_bytes(tmp_path / "big", max_bytes=1000)
-    assert str(caught.value) == f"{tmp_path / 'big'}: 1,001 bytes: more than the limit of 1,000 bytes"
+    message = "1,001 bytes: more than the limit of 1,000 bytes"
+    assert str(caught.value) == f"{tmp_path / 'big'}: {message}"
 
 
 @pytest.mark.parametrize("role", ["scene", "mesh", "target"])

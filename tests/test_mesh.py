@@ -141,7 +141,9 @@ def same_mesh(a: Mesh, b: Mesh) -> bool:
 SPACE = st.sampled_from([" ", " ", "\t", "  "])
 FLAWED_NUMBERS = ["1e39", "nan", "1_0", "0x1", "1e", "--1", "inf", "2.5.1"]
 FLAWED_CORNERS = ["0", "-1", "-2", "+1", "99999999999999999999", "1/x", "1/2/3/4", "1/2/"]
-FLAWED_LINES = ["f 1 2 3 # c", "v 0 0 0 # c", " v 0 0 0", "v 0 0", "f 1 2", "o", "hello", "f 1 2 \\"]
+FLAWED_LINES = [
+    "f 1 2 3 # c", "v 0 0 0 # c", " v 0 0 0", "v 0 0", "f 1 2", "o", "hello", "f 1 2 \\",
+]  # fmt: skip
 
 
 def sometimes(draw, flaws: list[str], value: str) -> str:
@@ -160,9 +162,10 @@ def obj_texts(draw):
     for _ in range(vertices):
         values = [sometimes(draw, FLAWED_NUMBERS, draw(numbers)) for _ in range(count)]
         if count == 6:
-            colors = st.sampled_from(["0", "1", "0.25", "1.5" if draw(st.integers(0, 199)) == 0 else "1."])
-            values[3:] = [draw(colors) for _ in range(3)]
-        lines.append("v" + "".join(draw(SPACE) + v for v in values) + draw(st.sampled_from(["", " "])))
+            colors = ["0", "1", "0.25", sometimes(draw, ["1.5"], "1.")]
+            values[3:] = [draw(st.sampled_from(colors)) for _ in range(3)]
+        end = draw(st.sampled_from(["", " "]))
+        lines.append("v" + "".join(draw(SPACE) + v for v in values) + end)
     for _ in range(draw(st.integers(1, 6))):
         corners = [
             sometimes(draw, FLAWED_CORNERS, str(draw(st.integers(1, vertices))))
@@ -295,7 +298,11 @@ def test_forward_references_are_allowed(tmp_path):
             "line 3",
             'expected "v x y z", "v x y z w" or "v x y z r g b", got 2 values',
         ),
-        ("\ufeffv 0 0 0\r\nf 1 1 2\r\n", "line 2", "face index 2 out of range (the file has 1 vertex)"),
+        (
+            "\ufeffv 0 0 0\r\nf 1 1 2\r\n",
+            "line 2",
+            "face index 2 out of range (the file has 1 vertex)",
+        ),
         ("v 0 0 0 0 255 0\n", "line 1", "vertex color 255 is outside [0, 1]"),
         (
             "# colors\nv 0 0 0 1 1 1\nv 1 0 0\n",

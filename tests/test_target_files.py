@@ -89,9 +89,8 @@ def test_a_transparent_color_key_becomes_an_alpha_channel(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
 def test_8_bit_pngs_read_exactly(tmp_path, mode):
-    Image.fromarray(RNG.integers(0, 256, (*SHAPE, len(mode))).astype(np.uint8).squeeze(), mode).save(
-        tmp_path / "t.png"
-    )
+    pixels = RNG.integers(0, 256, (*SHAPE, len(mode))).astype(np.uint8).squeeze()
+    Image.fromarray(pixels, mode).save(tmp_path / "t.png")
     check(tmp_path / "t.png", mode)
 
 
