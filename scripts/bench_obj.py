@@ -24,6 +24,11 @@ mesh = load_obj(sys.argv[1])
 seconds = time.perf_counter() - start
 print(mesh.num_faces, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
+WRITE = """
+import sys
+from microdr.mesh import icosphere, save_obj
+save_obj(icosphere(int(sys.argv[1])), sys.argv[2])
+"""
 IMPORT = """
 import resource
 import microdr.mesh
@@ -45,12 +50,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="reads of each file")
     options = parser.parse_args()
 
-    from microdr.mesh import icosphere, save_obj
-
+    # Everything runs in child processes: Linux carries a parent's peak resident set over to
+    # the children it forks, so a parent that built the mesh would inflate every reading.
     baseline_kb = int(run(IMPORT)[0])
     with tempfile.TemporaryDirectory() as folder:
         common = Path(folder) / "common.obj"
-        save_obj(icosphere(options.level), common)
+        run(WRITE, str(options.level), str(common))
         text = common.read_text()
         first_vertex = text.index("\nv ") + 1
         end_of_line = text.index("\n", first_vertex)
