@@ -22,41 +22,64 @@ from .errors import InputError
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """A file's contents; a missing or unreadable file raises :class:`InputError` naming
-    ``str(path)``."""
+#: What a path that names no regular file names instead, as errors say it.
+_NOT_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """A regular file's contents; a missing or unreadable file, anything that is not a regular
+    file (checked before opening it: a named pipe would block forever, a device never end), or
+    a file of more than ``max_bytes`` raises :class:`InputError` naming ``str(path)``."""
     source = str(path)
+    status = _status(path)
+    if isinstance(status, str):
+        raise InputError(source, "", status)
+    if max_bytes is not None and status.st_size > max_bytes:
+        raise InputError(
+            source, "", f"{status.st_size:,} bytes: more than the limit of {max_bytes:,} bytes"
+        )
     try:
         return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(source, "", "no such file") from None
-    except IsADirectoryError:
-        raise InputError(source, "", "is a directory, not a file") from None
     except OSError as error:
         raise InputError(source, "", f"cannot read: {error.strerror}") from None
 
 
 def file_problem(path: Path) -> str | None:
-    """Why ``path`` names no file that could be read (``"no such file: PATH"``, a folder, a name
-    the system refuses), or ``None``; for callers that report the problem where the path was
-    written, such as a scene's mesh entry."""
+    """Why ``path`` names no regular file that could be read (``"PATH: no such file"``, a
+    folder, a device, a name the system refuses), or ``None``; for callers that report the
+    problem where the path was written, such as a scene's mesh entry."""
+    status = _status(path)
+    return f"{path}: {status}" if isinstance(status, str) else None
+
+
+def _status(path: str | os.PathLike) -> os.stat_result | str:
+    """``os.stat(path)`` of a regular file, or why there is none (``"no such file"``)."""
     try:
-        status = path.stat()
+        status = os.stat(path)
     except FileNotFoundError:
-        return f"no such file: {path}"
+        return "no such file"
     except OSError as error:  # a name too long, a file used as a folder, a loop of links...
-        return f"cannot read {path}: {error.strerror}"
+        return f"cannot read: {error.strerror}"
     except ValueError:  # a NUL character, which no file name can hold
-        return f"no such file: {path}"
-    return f"{path} is a directory, not a file" if stat.S_ISDIR(status.st_mode) else None
+        return "no such file"
+    if stat.S_ISREG(status.st_mode):
+        return status
+    kind = next((name for test, name in _NOT_FILES if test(status.st_mode)), "no regular file")
+    return f"is {kind}, not a file"
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; a missing or unreadable file, or bytes that are not UTF-8,
-    raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
+def read_text(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """A UTF-8 text file's contents; the problems of :func:`read_bytes`, or bytes that are not
+    UTF-8, raise :class:`InputError` naming ``str(path)`` (and the line of the first bad byte).
     """
     source = str(path)
-    data = read_bytes(path)
+    data = read_bytes(path, max_bytes)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,18 @@ from .files import read_text, write_files
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: How errors say that a number, or what is made of numbers, does not fit in float32.
 BEYOND_FLOAT32 = "beyond float32's range (magnitude at most 3.4e38)"
+#: The largest OBJ file read, checked before reading it. Reading takes up to about 6x the
+#: file's size in memory (its bytes, its text, its lines, the joined "v" and "f" lines): a
+#: 222 MB file of 5.2M faces peaked at 1.3 GB. The face limit below is usually reached first
+#: (2**23 triangles with texture and normal indices are about 0.8 GB of text).
+MAX_OBJ_BYTES = 2**30
+#: The most vertices and faces (triangles, after splitting polygons) of an OBJ mesh, checked
+#: before their numbers are parsed. At 2**23 faces reading peaks near 2 GB (about 250 bytes a
+#: face); a forward + backward on the CPU kernels grew the resident set by 70 to 170 bytes a
+#: face beyond its inputs (1.3M to 82k faces at 256 x 256). So a few GB in all, for 100x the
+#: largest benchmarked mesh (81,920 faces); the kernels' hard limit is 2**31 (int32 indices).
+MAX_MESH_VERTICES = 2**23
+MAX_MESH_FACES = 2**23
 
 
 @dataclass
@@ -109,17 +122,174 @@ _INT = re.compile(r"[+-]?[0-9]+")
 def load_obj(path: str | os.PathLike) -> Mesh:
     """Read a Wavefront OBJ file into a :class:`Mesh`.
 
-    Reads ``v x y z`` and ``v x y z r g b`` (colors in ``[0, 1]``, all vertices or none) and ``f``
-    with ``i``, ``i/t``, ``i//n`` or ``i/t/n`` corners, 1-based or negative (relative) indices;
-    polygons are fan-triangulated as ``(v0, vi, vi+1)``. Other valid OBJ statements are ignored.
-    Every problem raises :class:`InputError` naming the file and the line.
+    Reads ``v x y z``, ``v x y z w`` and ``v x y z r g b`` (colors in ``[0, 1]``, all vertices or
+    none) and ``f`` with ``i``, ``i/t``, ``i//n`` or ``i/t/n`` corners, 1-based or negative
+    (relative) indices; polygons are fan-triangulated as ``(v0, vi, vi+1)``. Other valid OBJ
+    statements are ignored. The weight ``w`` is read and ignored: OBJ's specification gives it
+    to rational curves and surfaces only, not to polygon vertices (it is no homogeneous divisor).
+    Lines end with LF, CR LF or CR; a backslash at the end of a line continues the statement on
+    the next; a UTF-8 byte order mark at the start is skipped. Every problem raises
+    :class:`InputError` naming the file and the line (a statement's first line).
     """
     source = str(path)
-    text = read_text(path)
+    text = read_text(path, max_bytes=MAX_OBJ_BYTES)
+    lines = _obj_lines(text)
+    # A backslash may continue any line, a comment too, and change what the next one is.
+    mesh = _load_common_obj(lines, source) if "\\" not in text else None
+    if mesh is not None:
+        return mesh
     parser = _ObjParser(source)
-    for number, line in enumerate(text.split("\n"), start=1):
-        parser.parse_line(line, number)
+    for number, statement in obj_statements(lines):
+        parser.parse_line(statement, number)
     return parser.finish()
+
+
+def _obj_lines(text: str) -> list[str]:
+    """The lines of OBJ ``text``: a leading byte order mark dropped, LF, CR LF or CR ending each."""
+    text = text.removeprefix("\ufeff")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.split("\n")
+
+
+def obj_statements(lines: list[str]) -> Iterator[tuple[int, str]]:
+    """``(line number, statement)`` of OBJ ``lines``, 1-based: what each line holds, with lines
+    ending in a backslash (and spaces) joined to the next by a space, numbered by their first."""
+    continued, first = "", 0
+    for number, line in enumerate(lines, start=1):
+        if line.rstrip(" \t").endswith("\\"):
+            first = first or number
+            continued += line.rstrip(" \t")[:-1] + " "
+        elif continued:
+            yield first, continued + line
+            continued, first = "", 0
+        else:
+            yield number, line
+    if continued:
+        yield first, continued
+
+
+# The common form of OBJ files, which _load_common_obj reads in bulk: "v" lines of one length
+# (3, 4 or 6 numbers) and "f" lines of positive indices, at the start of their lines, numbers
+# separated by spaces or tabs, no comment after a statement.
+# Each pattern matches whole lines, joined by "\n" and ending with one. The grammar is
+# deterministic, so possessive quantifiers (++, *+, ?+) match the same lines, without keeping
+# the backtracking state that makes a pattern over millions of lines slow.
+_FLOAT_TEXT = r"[+-]?+(?:[0-9]++\.?+[0-9]*+|\.[0-9]++)(?:[eE][+-]?+[0-9]++)?+"
+_VERTEX_LINES = {
+    count: re.compile(rf"(?:v(?:[ \t]++{_FLOAT_TEXT}){{{count}}}+[ \t]*+\n)*+")
+    for count in (3, 4, 6)
+}
+_FACE_LINES = re.compile(r"(?:f(?:[ \t]++[0-9]++(?:/[0-9]*+(?:/[0-9]++)?+)?+){3,}+[ \t]*+\n)*+")
+_TEXTURE_AND_NORMAL = re.compile(r"/[0-9]*(?:/[0-9]+)?")
+
+
+def _load_common_obj(lines: list[str], source: str) -> Mesh | None:
+    """The mesh of an OBJ file of the common form (above), parsed in bulk by numpy: the same
+    :class:`Mesh` as :class:`_ObjParser` makes, about 6x as fast; or ``None`` for any other file
+    (relative indices, a comment after a statement, an error...), which :class:`_ObjParser`
+    then reads line by line and reports on. Lines must not be continued (no backslash).
+    More vertices or faces than the limits raise :class:`InputError` before numbers are parsed.
+    """
+    vertex_lines, face_lines = [], []
+    for line in lines:
+        key = line[:2]
+        if key == "v " or key == "v\t":
+            vertex_lines.append(line)
+        elif key == "f " or key == "f\t":
+            face_lines.append(line)
+        elif line and line[0] != "#":
+            words = line.split(None, 1)
+            if words and words[0] not in _IGNORED_STATEMENTS:
+                return None
+    if not vertex_lines or not face_lines:
+        return None
+    if len(vertex_lines) > MAX_MESH_VERTICES:
+        raise _too_many_vertices(source, _line_of(lines, "v", MAX_MESH_VERTICES + 1))
+    if len(face_lines) > MAX_MESH_FACES:
+        raise _too_many_faces(source, _line_of(lines, "f", MAX_MESH_FACES + 1))
+    values = _common_vertices(vertex_lines)
+    triangles = _common_faces(face_lines, len(vertex_lines), source, lines)
+    if values is None or triangles is None:
+        return None
+    colors = values[:, 3:] if values.shape[1] == 6 else None
+    if colors is not None and not ((colors >= 0) & (colors <= 1)).all():
+        return None
+    return Mesh(
+        vertices=torch.from_numpy(values[:, :3].astype(np.float32)),
+        faces=torch.from_numpy(triangles),
+        vertex_colors=torch.from_numpy(colors.astype(np.float32)) if colors is not None else None,
+    )
+
+
+def _common_vertices(vertex_lines: list[str]) -> np.ndarray | None:
+    """``(V, 3, 4 or 6)`` float64 numbers of ``v`` lines of one length, within float32's range."""
+    count = len(vertex_lines[0].split()) - 1
+    text = "\n".join(vertex_lines) + "\n"
+    if count not in _VERTEX_LINES or not _VERTEX_LINES[count].fullmatch(text):
+        return None
+    # Checked above: the only letter "v" is each line's keyword, and every number is decimal.
+    # numpy's text parser rounds correctly, as float() does.
+    values = np.fromstring(text.replace("v", " "), dtype=np.float64, sep=" ")
+    if values.size != len(vertex_lines) * count:
+        return None
+    values = values.reshape(-1, count)
+    return values if (np.abs(values[:, :3]) <= FLOAT32_MAX).all() else None
+
+
+def _common_faces(
+    face_lines: list[str], vertices: int, source: str, lines: list[str]
+) -> np.ndarray | None:
+    """``(F, 3)`` int64 0-based triangles of ``f`` lines of indices in 1 to ``vertices``, polygons
+    fan-triangulated as :meth:`_ObjParser.parse_face` does; ``lines`` (the whole file's) name
+    the face past :data:`MAX_MESH_FACES` triangles, if any."""
+    text = "\n".join(face_lines) + "\n"
+    if not _FACE_LINES.fullmatch(text):
+        return None
+    text = text.replace("f", " ")
+    if "/" in text:
+        text = _TEXTURE_AND_NORMAL.sub("", text)
+    # An index beyond int64 is read as int64's largest (strtoll saturates): out of range below.
+    corners = np.fromstring(text, dtype=np.int64, sep=" ") - 1
+    if corners.min() < 0 or corners.max() >= vertices:
+        return None
+    if corners.size == 3 * len(face_lines):  # all triangles: at least 3 corners each
+        return corners.reshape(-1, 3)
+    counts = np.array([len(line.split()) - 1 for line in face_lines], dtype=np.int64)
+    fans = counts - 2  # triangles per polygon: (v0, vi, vi+1) for i = 1 .. count - 2
+    if fans.sum() > MAX_MESH_FACES:
+        polygon = int(np.searchsorted(np.cumsum(fans), MAX_MESH_FACES + 1))
+        raise _too_many_faces(source, _line_of(lines, "f", polygon + 1))
+    polygon_start = np.repeat(np.cumsum(counts) - counts, fans)
+    i = np.arange(fans.sum()) - np.repeat(np.cumsum(fans) - fans, fans) + 1
+    return np.stack(
+        [corners[polygon_start], corners[polygon_start + i], corners[polygon_start + i + 1]], axis=1
+    )
+
+
+def _line_of(lines: list[str], keyword: str, occurrence: int) -> int:
+    """The 1-based number of the line that holds the ``occurrence``-th ``keyword`` statement."""
+    seen = 0
+    for number, line in enumerate(lines, start=1):
+        words = line.split(None, 1)
+        seen += bool(words) and words[0] == keyword
+        if seen == occurrence:
+            return number
+    raise ValueError(f"fewer than {occurrence} {keyword!r} lines")
+
+
+def _too_many_vertices(source: str, line: int) -> InputError:
+    return InputError(
+        source, f"line {line}", f"more than {MAX_MESH_VERTICES:,} vertices, the limit for a mesh"
+    )
+
+
+def _too_many_faces(source: str, line: int) -> InputError:
+    return InputError(
+        source,
+        f"line {line}",
+        f"more than {MAX_MESH_FACES:,} faces (triangles), the limit for a mesh",
+    )
 
 
 class _ObjParser:
@@ -150,11 +320,14 @@ class _ObjParser:
             raise self.fail(number, f"unknown statement {show_value(keyword)} (not OBJ)")
 
     def parse_vertex(self, args: list[str], number: int) -> None:
-        if len(args) not in (3, 6):
+        if len(args) not in (3, 4, 6):
             raise self.fail(
-                number, f'expected "v x y z" or "v x y z r g b", got {len(args)} values'
+                number,
+                f'expected "v x y z", "v x y z w" or "v x y z r g b", got {len(args)} values',
             )
         values = [self.parse_float(arg, number) for arg in args]
+        if len(values) == 4:
+            values = values[:3]  # w: a weight of rational curves and surfaces, none here
         if not self.positions:
             self.first_vertex_line = number
         elif (len(values) == 6) != bool(self.colors):
@@ -164,6 +337,8 @@ class _ObjParser:
                 f"this vertex {has} color but the first vertex (line {self.first_vertex_line}) "
                 f"{first}; give every vertex a color or none",
             )
+        if len(self.positions) == MAX_MESH_VERTICES:
+            raise _too_many_vertices(self.source, number)
         self.positions.append(values[:3])
         if len(values) == 6:
             for value in values[3:]:
@@ -185,6 +360,8 @@ class _ObjParser:
         if len(args) < 3:
             raise self.fail(number, f"a face needs at least 3 vertices, got {len(args)}")
         corners = [self.parse_corner(arg, number) for arg in args]
+        if len(self.triangles) + len(corners) - 2 > MAX_MESH_FACES:
+            raise _too_many_faces(self.source, number)
         for i in range(1, len(corners) - 1):
             self.triangles.append((corners[0], corners[i], corners[i + 1]))
             self.triangle_lines.append(number)

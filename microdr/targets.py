@@ -9,23 +9,25 @@ What a target holds depends on its channels, file or tensor alike (:func:`classi
   given (the scene's ``render.background``; :func:`derive_silhouette`), else color only.
 
 Color is compared with the renderer's blended color ``I`` as it is (not premultiplied or
-divided by alpha): the same as ``microdr render --alpha`` writes. Files are PNG (8 or 16 bits,
-any color type) or anything else imageio reads.
+divided by alpha): the same as ``microdr render --alpha`` writes. PNG files are read exactly,
+every color type and bit depth (1 to 16; white is 1 at each).
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import re
 import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import png
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 from .files import read_bytes
@@ -33,8 +35,17 @@ from .scene import too_many_pixels
 
 #: The files a folder given as a target contributes (by suffix, any case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-#: How a file's pixels map to [0, 1]: by their numpy dtype.
-_PIXEL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(bool): 1.0}
+#: What the image formats microDR reads are, as errors list them (PNG and what Pillow reads).
+READ_FORMATS = "PNG, JPEG, BMP, TIFF, GIF, WebP"
+#: The sample value that stands for 1, by sample type (in native byte order).
+_FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+#: The color mode each Pillow mode is read in; other modes are refused. Integer and float
+#: samples ("I", "F") are kept so that their refusal can name their type.
+_PILLOW_MODES = {
+    "1": "L", "L": "L", "La": "LA", "LA": "LA", "P": "RGB", "PA": "RGBA", "RGB": "RGB",
+    "RGBX": "RGB", "RGBa": "RGBA", "RGBA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB",
+    "I;16": "I;16", "I;16L": "I;16L", "I;16B": "I;16B", "I;16N": "I;16N", "I": "I", "F": "F",
+}  # fmt: skip
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Where the command line's target arguments are named in errors.
 SOURCE = "TARGET"
@@ -250,34 +261,103 @@ def _natural_key(path: Path) -> list:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """An image file as float32 ``(C, H, W)`` in ``[0, 1]``; 8- and 16-bit PNGs are exact."""
+    """An image file as float32 ``(C, H, W)`` in ``[0, 1]``.
+
+    PNGs are read exactly by pypng (Pillow cuts 16-bit color to 8 bits); other formats by
+    Pillow (:func:`_decode_with_pillow`). Every problem is one :class:`InputError` naming the file.
+    """
     source = str(path)
     data = read_bytes(path)
+    if not data:
+        raise InputError(source, "", "empty file (0 bytes)")
+    if _is_svg(data):
+        raise InputError(source, "", "SVG is a vector format: export a PNG")
     is_png = data.startswith(_PNG_SIGNATURE)
     if not is_png and path.suffix.lower() == ".png":
-        # The usual unreadable "image": say so rather than what imageio's probing found.
+        # The usual unreadable "image": say so rather than what a decoder's probing found.
         raise InputError(source, "", "not a PNG file (it does not start with the PNG signature)")
-    # From the header, before any pixel is decoded: a small file can claim a huge image.
-    size = _png_size(data) if is_png else None
+    if is_png:
+        # From the header, before any pixel is decoded: a small file can claim a huge image.
+        _check_size(_png_size(data), source)
+        try:
+            pixels, scale = _decode_png(data)
+        except Exception as error:  # pypng raises many types for one cause: bytes it cannot read
+            raise _unreadable(source, error) from None
+    else:
+        pixels = _decode_with_pillow(data, source)
+        scale = _FULL_SCALE.get(pixels.dtype.newbyteorder("="))
+        if scale is None:
+            raise InputError(source, "", f"pixels of type {pixels.dtype}: expected 8 or 16 bits")
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)
+
+
+def _is_svg(data: bytes) -> bool:
+    """Whether ``data`` looks like SVG: markup whose first kilobyte opens an ``<svg`` element."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<") and b"<svg" in head
+
+
+def _check_size(size: tuple[int, int] | None, source: str) -> None:
     problem = too_many_pixels(*size) if size else None
     if problem:
         raise InputError(source, "", problem)
+
+
+def _unreadable(source: str, error: Exception) -> InputError:
+    reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return InputError(source, "", f"not a readable image ({reason})")
+
+
+def _decode_with_pillow(data: bytes, source: str) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, C)`` pixels of a non-PNG image file's first frame, in the file's
+    own sample type (uint8, uint16, or another that the caller refuses).
+
+    Palettes become RGB, or RGBA with a transparent color; CMYK becomes RGB by the uncalibrated
+    ``R = (1 - C)(1 - K)`` (Pillow's), unless the file embeds a color profile, which would give
+    other colors: that is refused. A 32-bit BMP without channel masks keeps its 4th bytes as
+    alpha unless they are all 0 (then they are padding, as Windows writes them).
+    """
     try:
-        # Pillow (imageio's PNG reader) cuts 16-bit color to 8 bits; pypng reads any PNG exactly.
-        pixels = _decode_png(data) if is_png else iio.imread(data, index=0)
-    except Exception as error:  # decoders raise many types for one cause: bytes they cannot read
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise InputError(source, "", f"not a readable image ({reason})") from None
-    scale = _PIXEL_SCALE.get(pixels.dtype)
-    if scale is None:
-        raise InputError(source, "", f"pixels of type {pixels.dtype}: expected 8 or 16 bits")
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if pixels.ndim != 3 or not 1 <= pixels.shape[-1] <= 4:
+        with warnings.catch_warnings():  # the pixel limit below is ours, and it is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        message = f"not an image format microDR reads ({READ_FORMATS})"
+        raise InputError(source, "", message) from None
+    except Exception as error:  # Pillow raises many types for one cause: bytes it cannot read
+        raise _unreadable(source, error) from None
+    _check_size(image.size, source)
+    mode = _PILLOW_MODES.get(image.mode)
+    if mode is None:
         raise InputError(
-            source, "", f"expected one image of 1 to 4 channels, got an array {pixels.shape}"
+            source, "", f"color mode {image.mode}: expected grayscale, RGB, palette or CMYK"
         )
-    return torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)
+    if image.mode == "CMYK" and image.info.get("icc_profile"):
+        raise InputError(
+            source,
+            "",
+            "CMYK with a color profile (a print file): its colors depend on the profile, which "
+            "microDR does not apply; save it as RGB",
+        )
+    if "transparency" in image.info and mode in ("L", "RGB"):
+        mode += "A"
+    try:
+        if image.format == "BMP" and image.tile and image.tile[0][3][0] == "BGRX":
+            return _bmp_with_alpha(image, data)
+        return np.asarray(image if image.mode == mode else image.convert(mode))
+    except Exception as error:  # truncated or damaged pixel data
+        raise _unreadable(source, error) from None
+
+
+def _bmp_with_alpha(image: Image.Image, data: bytes) -> np.ndarray:
+    """The ``(H, W, 3 or 4)`` pixels of a 32-bit BMP that Pillow reads as RGB plus padding."""
+    _, _, offset, (_, stride, orientation) = image.tile[0]
+    rgba = np.asarray(
+        Image.frombuffer("RGBA", image.size, data[offset:], "raw", "BGRA", stride, orientation)
+    )
+    return rgba if rgba[..., 3].any() else rgba[..., :3]
 
 
 def _png_size(data: bytes) -> tuple[int, int] | None:
@@ -288,12 +368,31 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return struct.unpack(">II", data[16:24])
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    """``(H, W, C)`` uint8 or uint16 pixels of PNG bytes (palettes and low bit depths expanded)."""
-    width, height, rows, info = png.Reader(bytes=data).asDirect()
-    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
-    pixels = np.vstack([np.asarray(row, dtype=dtype) for row in rows])
-    return pixels.reshape(height, width, info["planes"])
+def _decode_png(data: bytes) -> tuple[np.ndarray, int]:
+    """``(H, W, C)`` uint8 or uint16 pixels of PNG bytes and the value that stands for 1:
+    ``2**bits - 1`` at the file's bit depth (1, 2, 4, 8 or 16), 255 for palette colors.
+
+    Palette indices become their colors (RGBA if a tRNS chunk gives the palette alphas); a tRNS
+    color key becomes an alpha channel (0 where a pixel is the key). An sBIT chunk (how many
+    bits were significant before the values were scaled to the file's depth) changes nothing:
+    the stored values are the image, as PNG's specification and Pillow read them.
+    """
+    reader = png.Reader(bytes=data)
+    width, height, rows, info = reader.read()
+    bits = info["bitdepth"]
+    dtype = np.uint16 if bits > 8 else np.uint8
+    samples = np.vstack([np.asarray(row, dtype=dtype) for row in rows])
+    pixels = samples.reshape(height, width, info["planes"])
+    if info.get("palette"):
+        palette = np.asarray(reader.palette(), dtype=np.uint8)  # (entries, 3 or 4)
+        if int(pixels.max(initial=0)) >= len(palette):
+            raise ValueError(f"a pixel's palette index is beyond the {len(palette)} colors")
+        return palette[pixels[..., 0]], 255
+    if reader.transparent is not None:
+        opaque = (pixels != np.asarray(reader.transparent, dtype=pixels.dtype)).any(axis=-1)
+        alpha = opaque.astype(pixels.dtype) * (2**bits - 1)
+        pixels = np.concatenate([pixels, alpha[..., None]], axis=-1)
+    return pixels, 2**bits - 1
 
 
 def _fit(image: torch.Tensor, source: str, size: tuple[int, int], resize: bool) -> torch.Tensor:

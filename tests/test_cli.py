@@ -145,7 +145,7 @@ INVALID = {
     "missing mesh file": (
         {"s.json": json.dumps({"meshes": [{"file": "gone.obj"}], "cameras": [{"eye": [0, 0, 5]}]})},
         ["render", "{tmp}/s.json", "-o", "{tmp}/o.png"],
-        "{tmp}/s.json: meshes[0].file: no such file: {tmp}/gone.obj",
+        "{tmp}/s.json: meshes[0].file: {tmp}/gone.obj: no such file",
     ),
     "missing scene file": (
         {},

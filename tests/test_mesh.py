@@ -8,8 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from microdr import mesh as mesh_module
 from microdr.errors import InputError
-from microdr.mesh import Mesh, cube, icosphere, load_obj, plane, save_obj
+from microdr.mesh import (
+    MAX_OBJ_BYTES,
+    Mesh,
+    _load_common_obj,
+    _ObjParser,
+    _obj_lines,
+    cube,
+    icosphere,
+    load_obj,
+    obj_statements,
+    plane,
+    save_obj,
+)
 
 SOFTRAS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "softras"
 needs_softras = pytest.mark.skipif(
@@ -79,6 +95,158 @@ def test_ignores_other_statements_comments_and_keeps_unused_vertices(tmp_path):
     assert mesh.num_vertices == 4 and mesh.faces.tolist() == [[0, 1, 2]]
 
 
+def test_a_vertex_weight_w_is_read_and_ignored(tmp_path):
+    mesh = load_obj(write(tmp_path, "v 0 0 0 1\nv 2 0 0 0.5\nv 0 2 0 2\nf 1 2 3\n"))
+    assert mesh.vertices.tolist() == [[0, 0, 0], [2, 0, 0], [0, 2, 0]]
+    assert mesh.vertex_colors is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        TRIANGLE.replace("\n", "\r") + "f 1 2 3\r",  # classic Mac OS line endings
+        TRIANGLE.replace("\n", "\r\n") + "f 1 2 3\r\n",
+        "\ufeff" + TRIANGLE + "f 1 2 3\n",  # a UTF-8 byte order mark, as some Windows tools write
+        "v 0 0 0\nv 1 \\\n  0 0\nv 0 1 0\nf 1 \\  \n 2 \\\n3\n",  # line continuations
+    ],
+)
+def test_line_endings_continuations_and_a_byte_order_mark(tmp_path, text):
+    mesh = load_obj(write(tmp_path, text))
+    assert mesh.vertices.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0]]
+    assert mesh.faces.tolist() == [[0, 1, 2]]
+
+
+def test_errors_after_a_continued_line_name_the_right_line(tmp_path):
+    with pytest.raises(InputError) as caught:
+        load_obj(write(tmp_path, "v 0 0 \\\n0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n"))
+    assert caught.value.where == "line 5"
+
+
+def read_line_by_line(text: str) -> Mesh:
+    """What the line-by-line parser makes of ``text`` (load_obj's fallback and its errors)."""
+    parser = _ObjParser("mesh.obj")
+    for number, statement in obj_statements(_obj_lines(text)):
+        parser.parse_line(statement, number)
+    return parser.finish()
+
+
+def same_mesh(a: Mesh, b: Mesh) -> bool:
+    colors = (a.vertex_colors is None) == (b.vertex_colors is None) and (
+        a.vertex_colors is None or torch.equal(a.vertex_colors, b.vertex_colors)
+    )
+    return torch.equal(a.vertices, b.vertices) and torch.equal(a.faces, b.faces) and colors
+
+
+# Pieces of OBJ lines: mostly the common form, now and then (1 in 200) a flaw.
+SPACE = st.sampled_from([" ", " ", "\t", "  "])
+FLAWED_NUMBERS = ["1e39", "nan", "1_0", "0x1", "1e", "--1", "inf", "2.5.1"]
+FLAWED_CORNERS = ["0", "-1", "-2", "+1", "99999999999999999999", "1/x", "1/2/3/4", "1/2/"]
+FLAWED_LINES = [
+    "f 1 2 3 # c", "v 0 0 0 # c", " v 0 0 0", "v 0 0", "f 1 2", "o", "hello", "f 1 2 \\",
+]  # fmt: skip
+
+
+def sometimes(draw, flaws: list[str], value: str) -> str:
+    return draw(st.sampled_from(flaws)) if draw(st.integers(0, 199)) == 0 else value
+
+
+@st.composite
+def obj_texts(draw):
+    count = draw(st.sampled_from([3, 3, 4, 6]))
+    vertices = draw(st.integers(1, 8))
+    numbers = st.one_of(
+        st.floats(-1e6, 1e6).map(repr),
+        st.sampled_from(["0", "-0", "+1.5", ".5", "5.", "1e-3", "2E+2", "3.4e38", "-3.4e38"]),
+    )
+    lines = []
+    for _ in range(vertices):
+        values = [sometimes(draw, FLAWED_NUMBERS, draw(numbers)) for _ in range(count)]
+        if count == 6:
+            colors = ["0", "1", "0.25", sometimes(draw, ["1.5"], "1.")]
+            values[3:] = [draw(st.sampled_from(colors)) for _ in range(3)]
+        end = draw(st.sampled_from(["", " "]))
+        lines.append("v" + "".join(draw(SPACE) + v for v in values) + end)
+    for _ in range(draw(st.integers(1, 6))):
+        corners = [
+            sometimes(draw, FLAWED_CORNERS, str(draw(st.integers(1, vertices))))
+            + draw(st.sampled_from(["", "", "/1", "//2", "/3/4", "/"]))
+            for _ in range(draw(st.integers(3, 6)))
+        ]
+        lines.append("f" + "".join(draw(SPACE) + c for c in corners))
+    extras = ["# a comment", "", "vt 0.5 0.5", "vn 0 0 1", "g part", "s off"]
+    for _ in range(draw(st.integers(0, 3))):
+        line = sometimes(draw, FLAWED_LINES, draw(st.sampled_from(extras)))
+        lines.insert(draw(st.integers(0, len(lines))), line)
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj_texts())
+def test_the_bulk_reader_makes_what_the_line_by_line_parser_makes(text):
+    fast = _load_common_obj(_obj_lines(text), "mesh.obj") if "\\" not in text else None
+    if fast is not None:  # what the bulk reader takes, the parser takes alike
+        assert same_mesh(fast, read_line_by_line(text))
+    else:  # what it declines, load_obj parses line by line: no flaw can pass unreported
+        event("line by line")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        TRIANGLE + "f 1 2 3\n",
+        "# comment\nv 0\t0 0\nv 1 0\t 0 \nv 0 1 0\n" + "vt 0 0\nvn 0 0 1\ng x\nf 1/1/1 2//1 3/1\n",
+        "v 0 0 0 1\nv 1 0 0 1\nv 1 1 0 1\nv 0 1 0 1\nf 1 2 3 4\nf 1 2 3 4 1 2\n",
+        "v 0 0 0 1 0 0\nv 1 0 0 0 1 0\nv 0 1 0 0 0 1\nf 1 2 3\n",
+    ],
+)
+def test_common_files_are_read_in_bulk_exactly(text):
+    fast = _load_common_obj(_obj_lines(text), "mesh.obj")
+    assert fast is not None and same_mesh(fast, read_line_by_line(text))
+
+
+def test_a_large_mesh_is_read_in_bulk_exactly(tmp_path):
+    mesh = icosphere(3)
+    save_obj(mesh, tmp_path / "s.obj", vertex_colors=torch.rand(mesh.vertices.shape))
+    text = (tmp_path / "s.obj").read_text()
+    fast = _load_common_obj(_obj_lines(text), "mesh.obj")
+    assert fast is not None and same_mesh(fast, read_line_by_line(text))
+    assert torch.equal(fast.vertices, mesh.vertices) and torch.equal(fast.faces, mesh.faces)
+
+
+def test_an_obj_file_over_the_size_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.obj"
+    with open(path, "wb") as handle:  # sparse: no disk used, and never read
+        handle.truncate(MAX_OBJ_BYTES + 1)
+    with pytest.raises(InputError) as caught:
+        load_obj(path)
+    assert str(caught.value) == (
+        f"{path}: 1,073,741,825 bytes: more than the limit of 1,073,741,824 bytes"
+    )
+
+
+# The limits, lowered so that small files cross them; "# x" after a statement makes the file
+# go line by line.
+@pytest.mark.parametrize("bulk", [True, False])
+@pytest.mark.parametrize(
+    ("limit", "text", "where", "message"),
+    [
+        ("MAX_MESH_VERTICES", TRIANGLE + "v 1 1 0\nf 1 2 3\n", "line 4", "more than 3 vertices"),
+        ("MAX_MESH_FACES", TRIANGLE + "f 1 2 3\nf 1 2 3\nf 1 2 3\n", "line 6", "more than 2 faces"),
+        ("MAX_MESH_FACES", TRIANGLE + "f 1 2 3\nf 1 2 3 1\n", "line 5", "more than 2 faces"),
+    ],
+)
+def test_meshes_over_the_vertex_and_face_limits_are_refused(
+    tmp_path, monkeypatch, bulk, limit, text, where, message
+):
+    monkeypatch.setattr(mesh_module, limit, 3 if limit == "MAX_MESH_VERTICES" else 2)
+    path = write(tmp_path, text if bulk else "# x\n" + text.replace("\nf", " # x\nf", 1))
+    with pytest.raises(InputError) as caught:
+        load_obj(path)
+    shift = 0 if bulk else 1
+    assert caught.value.where == f"line {int(where.split()[1]) + shift}"
+    assert caught.value.message.startswith(message)
+
+
 def test_forward_references_are_allowed(tmp_path):
     assert load_obj(write(tmp_path, "f 1 2 3\n" + TRIANGLE)).faces.tolist() == [[0, 1, 2]]
 
@@ -113,8 +281,28 @@ def test_forward_references_are_allowed(tmp_path):
         ("v 0 0 0\nv 1 zero 0\n", "line 2", '"zero" is not a number'),
         ("v 0 0 0\nv 1 nan 0\n", "line 2", '"nan" is not a finite number'),
         ("v 0 0 0\nv 1 0 -inf\n", "line 2", '"-inf" is not a finite number'),
-        ("v 0 0\n", "line 1", 'expected "v x y z" or "v x y z r g b", got 2 values'),
-        ("v 0 0 0 1 1\n", "line 1", 'expected "v x y z" or "v x y z r g b", got 5 values'),
+        ("v 0 0\n", "line 1", 'expected "v x y z", "v x y z w" or "v x y z r g b", got 2 values'),
+        (
+            "v 0 0 0 1 1\n",
+            "line 1",
+            'expected "v x y z", "v x y z w" or "v x y z r g b", got 5 values',
+        ),
+        (
+            "v 0 0 \\\n 0 1 \\\n 1\n",
+            "line 1",
+            'expected "v x y z", "v x y z w" or "v x y z r g b", got 5 values',
+        ),
+        ("v 0 0 0 w\n", "line 1", '"w" is not a number'),
+        (
+            "v 0 0 0\rv 1 0 0\rv 1 1\r",
+            "line 3",
+            'expected "v x y z", "v x y z w" or "v x y z r g b", got 2 values',
+        ),
+        (
+            "\ufeffv 0 0 0\r\nf 1 1 2\r\n",
+            "line 2",
+            "face index 2 out of range (the file has 1 vertex)",
+        ),
         ("v 0 0 0 0 255 0\n", "line 1", "vertex color 255 is outside [0, 1]"),
         (
             "# colors\nv 0 0 0 1 1 1\nv 1 0 0\n",

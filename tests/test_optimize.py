@@ -549,7 +549,7 @@ BAD_TARGETS = {
         files={"t/1.png": lambda path: path.write_text("hello")},
     ),
     "not an image": case(
-        "{tmp}/t/1.jpg: not a readable image (",
+        "{tmp}/t/1.jpg: not an image format microDR reads (PNG, JPEG, BMP, TIFF, GIF, WebP)",
         ["t/0.png", "t/1.jpg"],
         files={"t/1.jpg": lambda path: path.write_text("hello")},
     ),

@@ -285,7 +285,7 @@ INVALID = [
      'got "red"'),
     ("color_both", mesh(primitive="cube", color={"per_vertex": [], "per_face": []}),
      'meshes[0].color: give "per_vertex" or "per_face", not both'),
-    ("missing_mesh_file", mesh(file="missing.obj"), "meshes[0].file: no such file: missing.obj"),
+    ("missing_mesh_file", mesh(file="missing.obj"), "meshes[0].file: missing.obj: no such file"),
     ("empty_file_name", mesh(file=""), 'meshes[0].file: expected a non-empty string, got ""'),
     ("file_and_primitive", mesh(file="a.obj", primitive="cube"),
      'meshes[0]: give "file" or "primitive", not both'),
