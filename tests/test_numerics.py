@@ -26,10 +26,11 @@ from microdr.raster.reference import coordinate_limit
 from microdr.render import render_faces
 from microdr.scene import Camera, DirectionalLight, Lights, RenderSettings
 from microdr.shading import shade
-from microdr.verify import TOLERANCES
 
 F32, F64 = torch.float32, torch.float64
-FORWARD_ATOL, GRAD_RTOL = TOLERANCES[F64]
+# float64 CPU kernels against the float64 reference on these hand-made cases: the image (absolute)
+# and the gradients (relative to the largest magnitude), far above their few-ulp differences.
+FORWARD_ATOL, GRAD_RTOL = 1e-9, 1e-7
 BACKENDS = ("reference", "cpu")
 DEFAULT = SoftRasSettings(sigma=1e-3, gamma=1e-2, background=(0.2, 0.4, 0.6))
 
@@ -408,7 +409,7 @@ def agreement_tolerances(case: Case) -> tuple[float, float, bool]:
     - distance: d = |r|^2 carries an absolute error ~ e |r| R (R the face's extent plus the
       cut-off reach), and D = sigmoid(d / sigma) with d / sigma below the cut-off (~9) then has a
       relative error ~ e R / sqrt(sigma).
-    Both are added to the tolerances of microdr.verify (with a factor 64 for the ulps).
+    Both are added to FORWARD_ATOL and GRAD_RTOL (with a factor 64 for the ulps).
     For a sliver thinner than 1e-8 of its length or a speck under 1e-6 across, the signs of E_k
     near the face are rounding noise, so whether a pair counts (inside, some b_k > 0) is decided
     by the order of operations, which two implementations need not share (fused multiply-adds on
