@@ -375,3 +375,18 @@ def test_render_size_refuses_bad_values_in_one_line(tmp_path, size, message):
     assert result.stderr.startswith(f"--size: {message}")
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_render_listing_too_many_tile_face_pairs_is_one_line_before_allocating(tmp_path):
+    # 1,280 faces that each reach every one of 4096 x 4096's 262,144 tiles (sigma 100): 3.4e8
+    # pairs, 5 GiB of lists; an icosphere of subdivision 6 asked for 320 GiB, as a traceback.
+    scene = small_scene(tmp_path, image={"width": 4096, "height": 4096}, render={"sigma": 100},
+                        meshes=[{"primitive": "icosphere", "subdivisions": 3}])
+    result = invoke("render", scene, "-o", tmp_path / "out.png")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "the faces' reach (their screen boxes grown by the cut-off distance sqrt(sigma ln(1/eps_d - 1))) "
+        "overlaps 335544320 (tile of 8 x 8 pixels, face) pairs, more than the limit of 2**28 = 268435456; "
+        "listing them needs 5.0 GiB: lower sigma, the image size or the face count\n"
+    )
+    assert not (tmp_path / "out.png").exists()
