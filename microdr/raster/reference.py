@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..conventions import pixel_centers, signed_area2
+from ..conventions import TIE_DISTANCE, pixel_centers, signed_area2
 from .settings import SoftRasSettings
 
 #: (pixel, face) pairs evaluated at once; bounds the memory of one chunk's graph (~300 MiB in
@@ -148,7 +148,13 @@ def _shade_pixels(
     long_edge = edge_len2 >= finfo.tiny
     t = torch.where(long_edge, (to_p * edge).sum(-1) / torch.where(long_edge, edge_len2, 1.0), 0.0).clamp(0.0, 1.0)
     r = to_p - t[..., None] * edge
-    d = (r * r).sum(-1).min(dim=-1).values  # (B, P, F)
+    d_k = (r * r).sum(-1)  # (B, P, F, 3)
+    d = d_k.min(dim=-1).values  # (B, P, F)
+    # The gradient goes through the lowest-numbered edge within TIE_DISTANCE of the nearest
+    # (microdr.conventions: how every backend breaks ties); the value stays the minimum.
+    tied = d_k <= ((d.detach().sqrt() + TIE_DISTANCE) ** 2)[..., None]
+    d_tie = d_k.gather(-1, tied.to(torch.uint8).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    d = d_tie + (d - d_tie).detach()
 
     # Barycentrics b_k = E_k / area2, E_k the signed area of the triangle (p, v_k+1, v_k+2).
     # Only the signs of b and the ratios of its positive parts are used, so they are taken from
@@ -168,7 +174,9 @@ def _shade_pixels(
     # b_k > 0; only rounding in E_k (a face tiny or thin next to its distance from p) can leave
     # none, and such a pair is skipped (with stand-in weights of 1/3, so that its masked values
     # stay finite).
-    e_clip = e.clamp(min=0.0)
+    # max(e_k, 0) with no gradient at e_k = 0 (a pixel on an edge's line): the kernels' one-sided
+    # derivative there (microdr.conventions, ties); clamp(min=0) would pass the gradient through.
+    e_clip = torch.where(e > 0, e, 0.0)
     clip_ok = e_clip.sum(dim=-1) > 0
     e_clip = torch.where(clip_ok[..., None], e_clip, 1.0)
     b_clip = e_clip / e_clip.sum(dim=-1, keepdim=True)
