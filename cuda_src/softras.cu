@@ -72,8 +72,8 @@ struct Face {
 };
 #define FACE_RECORD 17
 
-// Ties between edges (microdr/conventions.py, TIE_DISTANCE; the host adapter checks the two agree).
-#define TIE_DISTANCE 0x1p-16
+// Ties between edges (microdr/conventions.py, TIE_ULPS; the host adapter checks the two agree).
+#define TIE_ULPS 16
 
 // Tiles are MDR_TILE x MDR_TILE pixels; a tile row holds a whole number of lane groups.
 #define MDR_TILE 8
@@ -194,10 +194,11 @@ MDR_DEVICE bool eval_boundary(const Face<T>& f, T px, T py, const RasterArgs<T>&
     }
     const T d = mdr_min(d_k[0], mdr_min(d_k[1], d_k[2]));
     // The edge the gradient goes through: the lowest-numbered one whose distance is within
-    // TIE_DISTANCE of the nearest's (microdr/conventions.py), so that every backend breaks a tie
-    // the same way however its rounding orders the tied distances. Selected from the highest
-    // edge down, with constant indices (a computed one would put the arrays in memory on a GPU).
-    const T reach = mdr_sqrt(d) + T(TIE_DISTANCE), tied = reach * reach;
+    // TIE_ULPS eps (1 + |p|) of the nearest's (microdr/conventions.py), so that every backend
+    // breaks a tie the same way however its rounding orders the tied distances. Selected from
+    // the highest edge down, with constant indices (a computed one would put the arrays in
+    // memory on a GPU).
+    const T reach = mdr_sqrt(d) + T(TIE_ULPS) * mdr_epsilon<T>() * (T(1) + mdr_abs(px) + mdr_abs(py)), tied = reach * reach;
     T rx = rx_k[2], ry = ry_k[2], share[3] = {t_k[2], T(0), T(1) - t_k[2]};
     for (int k = 1; k >= 0; --k) {
         const bool nearest = d_k[k] <= tied;
@@ -613,7 +614,7 @@ MDR_ENTRY(softras_backward_f64, backward_item<double>, RasterArgs<double>)
 extern "C" long long softras_args_size() { return (long long)sizeof(RasterArgs<float>); }
 extern "C" long long softras_face_record() { return FACE_RECORD; }
 extern "C" long long softras_tile() { return MDR_TILE; }
-extern "C" double softras_tie_distance() { return TIE_DISTANCE; }
+extern "C" long long softras_tie_ulps() { return TIE_ULPS; }
 extern "C" long long softras_lanes() { return MDR_LANES; }
 
 // The CPU target's stable sort of the bin pairs by tile key (microdr/raster/kernels.py,

@@ -10,24 +10,25 @@
 - Front faces wind counter-clockwise on screen (x right, y up), i.e. have positive signed area;
   that is what back-face culling keeps.
 - Images are tensors ``(B, C, H, W)``, row 0 at the top, channels RGB then alpha.
-- Ties between edges: ``d_ij`` is the smallest of the three edges' squared distances, but at a
-  pixel (nearly) equidistant from two edges of a face its derivative depends on which edge is
-  taken. Every backend takes the lowest-numbered edge ``k`` (edge k runs from corner k to
-  corner k+1) with ``sqrt(d_k) <= sqrt(d_ij) + TIE_DISTANCE``: ``TIE_DISTANCE`` screen units
-  (1.5e-5, ~1/2000 of a pixel at 64 x 64) is far above the rounding of a distance in float32 or
-  float64, so the choice does not depend on a backend's order of operations. The value of
-  ``d_ij`` stays the smallest distance. Likewise for a pixel exactly on an edge's line
-  (``b_k = 0``): the clipping ``max(b_k, 0)`` passes no gradient to ``b_k`` there (the
-  derivative from outside the face).
+- Ties, where a derivative is one-sided (MODEL.md lets a backend take either side; these are
+  the sides every backend takes). A pixel ``p`` (nearly) equidistant from two edges of a face:
+  ``d_ij`` is the smallest edge distance, but its gradient goes through the lowest-numbered
+  edge ``k`` (edge k runs from corner k to corner k+1) with
+  ``sqrt(d_k) <= sqrt(d_ij) + TIE_ULPS eps (1 + |p_x| + |p_y|)`` (``eps`` the dtype's machine
+  epsilon): a band above the rounding of a distance, so the choice does not depend on a
+  backend's order of operations, yet thin enough (a wedge ~``sqrt(eps)`` wide) to leave finite
+  differences alone. A pixel exactly on an edge's line (``b_k = 0``) gets no gradient through
+  the clipping ``max(b_k, 0)`` (the side outside the face).
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Edges whose distances to a pixel differ by at most this (screen units) are tied; see above.
-#: Mirrored by TIE_DISTANCE in cuda_src/softras.cu.
-TIE_DISTANCE = 2.0**-16
+#: Edges whose distances to a pixel differ by at most this many ulps (of the pixel's
+#: coordinates) are tied; see above. Mirrored by TIE_ULPS in cuda_src/softras.cu.
+TIE_ULPS = 16
+
 
 
 def pixel_centers(height: int, width: int, *, dtype=torch.float32, device=None) -> torch.Tensor:

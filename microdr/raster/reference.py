@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..conventions import TIE_DISTANCE, pixel_centers, signed_area2
+from ..conventions import TIE_ULPS, pixel_centers, signed_area2
 from .settings import SoftRasSettings
 
 #: (pixel, face) pairs evaluated at once; bounds the memory of one chunk's graph (~300 MiB in
@@ -150,9 +150,10 @@ def _shade_pixels(
     r = to_p - t[..., None] * edge
     d_k = (r * r).sum(-1)  # (B, P, F, 3)
     d = d_k.min(dim=-1).values  # (B, P, F)
-    # The gradient goes through the lowest-numbered edge within TIE_DISTANCE of the nearest
-    # (microdr.conventions: how every backend breaks ties); the value stays the minimum.
-    tied = d_k <= ((d.detach().sqrt() + TIE_DISTANCE) ** 2)[..., None]
+    # The gradient goes through the lowest-numbered edge tied with the nearest (microdr.conventions:
+    # how every backend breaks ties); the value stays the minimum.
+    band = TIE_ULPS * finfo.eps * (1.0 + p.abs().sum(-1))  # (1, P, 1)
+    tied = d_k <= ((d.detach().sqrt() + band) ** 2)[..., None]
     d_tie = d_k.gather(-1, tied.to(torch.uint8).argmax(dim=-1, keepdim=True)).squeeze(-1)
     d = d_tie + (d - d_tie).detach()
 
