@@ -109,8 +109,6 @@ MDR_DEVICE double mdr_abs(double x) { return fabs(x); }
 template <typename T>
 MDR_DEVICE T mdr_tiny() { return sizeof(T) == 4 ? T(FLT_MIN) : T(DBL_MIN); }
 template <typename T>
-MDR_DEVICE T mdr_epsilon() { return sizeof(T) == 4 ? T(FLT_EPSILON) : T(DBL_EPSILON); }
-template <typename T>
 MDR_DEVICE T mdr_largest() { return sizeof(T) == 4 ? T(FLT_MAX) : T(DBL_MAX); }
 template <typename T>
 MDR_DEVICE T mdr_min(T a, T b) { return b < a ? b : a; }

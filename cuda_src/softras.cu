@@ -72,9 +72,6 @@ struct Face {
 };
 #define FACE_RECORD 17
 
-// Ties between edges (microdr/conventions.py, TIE_ULPS; the host adapter checks the two agree).
-#define TIE_ULPS 16
-
 // Tiles are MDR_TILE x MDR_TILE pixels; a tile row holds a whole number of lane groups.
 #define MDR_TILE 8
 static_assert(MDR_TILE % MDR_LANES == 0, "a tile row must hold whole lane groups");
@@ -183,27 +180,17 @@ MDR_DEVICE bool eval_boundary(const Face<T>& f, T px, T py, const RasterArgs<T>&
 
     // d: squared distance to the nearest of the three edge segments; edge k runs from v_k to
     // v_k+1, and its nearest point to p is v_k + t (v_k+1 - v_k).
-    T d_k[3], t_k[3], rx_k[3], ry_k[3];
+    T d = T(0), rx = T(0), ry = T(0), share[3] = {0, 0, 0};
     for (int k = 0; k < 3; ++k) {
         const int n = k == 2 ? 0 : k + 1;
         const T ex = f.x[n] - f.x[k], ey = f.y[n] - f.y[k];
         const T tx = px - f.x[k], ty = py - f.y[k];
-        t_k[k] = mdr_min(mdr_max((tx * ex + ty * ey) * f.inv_len2[k], T(0)), T(1));
-        rx_k[k] = tx - t_k[k] * ex, ry_k[k] = ty - t_k[k] * ey;
-        d_k[k] = rx_k[k] * rx_k[k] + ry_k[k] * ry_k[k];
-    }
-    const T d = mdr_min(d_k[0], mdr_min(d_k[1], d_k[2]));
-    // The edge the gradient goes through: the lowest-numbered one whose distance is within
-    // TIE_ULPS eps (1 + |p|) of the nearest's (microdr/conventions.py), so that every backend
-    // breaks a tie the same way however its rounding orders the tied distances. Selected from
-    // the highest edge down, with constant indices (a computed one would put the arrays in
-    // memory on a GPU).
-    const T reach = mdr_sqrt(d) + T(TIE_ULPS) * mdr_epsilon<T>() * (T(1) + mdr_abs(px) + mdr_abs(py)), tied = reach * reach;
-    T rx = rx_k[2], ry = ry_k[2], share[3] = {t_k[2], T(0), T(1) - t_k[2]};
-    for (int k = 1; k >= 0; --k) {
-        const bool nearest = d_k[k] <= tied;
-        rx = nearest ? rx_k[k] : rx, ry = nearest ? ry_k[k] : ry;
-        for (int l = 0; l < 3; ++l) share[l] = nearest ? (l == k ? T(1) - t_k[k] : l == k + 1 ? t_k[k] : T(0)) : share[l];
+        const T t = mdr_min(mdr_max((tx * ex + ty * ey) * f.inv_len2[k], T(0)), T(1));
+        const T rx_k = tx - t * ex, ry_k = ty - t * ey;
+        const T d_k = rx_k * rx_k + ry_k * ry_k;
+        const bool nearer = k == 0 || d_k < d;
+        d = nearer ? d_k : d, rx = nearer ? rx_k : rx, ry = nearer ? ry_k : ry;
+        for (int l = 0; l < 3; ++l) share[l] = nearer ? (l == k ? T(1) - t : l == n ? t : T(0)) : share[l];
     }
     q.d[lane] = d, q.rx[lane] = rx, q.ry[lane] = ry;
     for (int k = 0; k < 3; ++k) q.share[k][lane] = share[k];
@@ -614,7 +601,6 @@ MDR_ENTRY(softras_backward_f64, backward_item<double>, RasterArgs<double>)
 extern "C" long long softras_args_size() { return (long long)sizeof(RasterArgs<float>); }
 extern "C" long long softras_face_record() { return FACE_RECORD; }
 extern "C" long long softras_tile() { return MDR_TILE; }
-extern "C" long long softras_tie_ulps() { return TIE_ULPS; }
 extern "C" long long softras_lanes() { return MDR_LANES; }
 
 // The CPU target's stable sort of the bin pairs by tile key (microdr/raster/kernels.py,

@@ -11,23 +11,17 @@
   that is what back-face culling keeps.
 - Images are tensors ``(B, C, H, W)``, row 0 at the top, channels RGB then alpha.
 - Ties, where a derivative is one-sided (MODEL.md lets a backend take either side; these are
-  the sides every backend takes). A pixel ``p`` (nearly) equidistant from two edges of a face:
-  ``d_ij`` is the smallest edge distance, but its gradient goes through the lowest-numbered
-  edge ``k`` (edge k runs from corner k to corner k+1) with
-  ``sqrt(d_k) <= sqrt(d_ij) + TIE_ULPS eps (1 + |p_x| + |p_y|)`` (``eps`` the dtype's machine
-  epsilon): a band above the rounding of a distance, so the choice does not depend on a
-  backend's order of operations, yet thin enough (a wedge ~``sqrt(eps)`` wide) to leave finite
-  differences alone. A pixel exactly on an edge's line (``b_k = 0``) gets no gradient through
-  the clipping ``max(b_k, 0)`` (the side outside the face).
+  the sides every backend takes): a pixel equidistant from two edges of a face takes the
+  lowest-numbered nearest edge (edge k runs from corner k to corner k+1); a pixel exactly on an
+  edge's line (``b_k = 0``) gets no gradient through the clipping ``max(b_k, 0)`` (the side
+  outside the face). The second holds exactly; the first where the backends' roundings agree
+  on which distance is smaller, which float32 and float64 need not.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Edges whose distances to a pixel differ by at most this many ulps (of the pixel's
-#: coordinates) are tied; see above. Mirrored by TIE_ULPS in cuda_src/softras.cu.
-TIE_ULPS = 16
 
 
 

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..conventions import TIE_ULPS
 from ..errors import MicroDRError
 from .cpu_build import load_library
 from .kernels import ARGS_DTYPE, FACE_RECORD, TILE, TileBins
@@ -85,8 +84,6 @@ class CpuTarget:
                                ("softras_tile", TILE)):
             if self._constant(name) != expected:
                 raise MicroDRError(f"kernels.py disagrees with softras.cu: {name} is {self._constant(name)}, expected {expected}")
-        if self._constant("softras_tie_ulps") != TIE_ULPS:
-            raise MicroDRError(f"conventions.py disagrees with softras.cu: TIE_ULPS is {self._constant('softras_tie_ulps')}, expected {TIE_ULPS}")
         self.lanes = self._constant("softras_lanes")
         self._library.softras_sort_by_tile.restype = None
         self._library.softras_sort_by_tile.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_longlong] * 2

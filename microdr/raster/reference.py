@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..conventions import TIE_ULPS, pixel_centers, signed_area2
+from ..conventions import pixel_centers, signed_area2
 from .settings import SoftRasSettings
 
 #: (pixel, face) pairs evaluated at once; bounds the memory of one chunk's graph (~300 MiB in
@@ -148,14 +148,9 @@ def _shade_pixels(
     long_edge = edge_len2 >= finfo.tiny
     t = torch.where(long_edge, (to_p * edge).sum(-1) / torch.where(long_edge, edge_len2, 1.0), 0.0).clamp(0.0, 1.0)
     r = to_p - t[..., None] * edge
-    d_k = (r * r).sum(-1)  # (B, P, F, 3)
-    d = d_k.min(dim=-1).values  # (B, P, F)
-    # The gradient goes through the lowest-numbered edge tied with the nearest (microdr.conventions:
-    # how every backend breaks ties); the value stays the minimum.
-    band = TIE_ULPS * finfo.eps * (1.0 + p.abs().sum(-1))  # (1, P, 1)
-    tied = d_k <= ((d.detach().sqrt() + band) ** 2)[..., None]
-    d_tie = d_k.gather(-1, tied.to(torch.uint8).argmax(dim=-1, keepdim=True)).squeeze(-1)
-    d = d_tie + (d - d_tie).detach()
+    # At a tie the gradient goes to the first nearest edge (torch.min's index), as in the
+    # kernels (microdr.conventions, ties).
+    d = (r * r).sum(-1).min(dim=-1).values  # (B, P, F)
 
     # Barycentrics b_k = E_k / area2, E_k the signed area of the triangle (p, v_k+1, v_k+2).
     # Only the signs of b and the ratios of its positive parts are used, so they are taken from
