@@ -501,7 +501,10 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                     T g_zhat = T(0), g_w_hat[3] = {0, 0, 0};
                     if constexpr (CH > 0) {
                         const T m = aux[lane], inv_weight_sum = T(1) / aux[HW + lane];
-                        const T w = q.D[lane] * mdr_exp((q.zhat[lane] - m) * inv_gamma);
+                        // zhat_ij <= m_i for a pair that counts, but this zhat_ij may round an ulp
+                        // above the forward's (the compiler may fuse its multiply-adds differently
+                        // here), and for a small gamma exp(ulp / gamma) overflows: clamp to m_i.
+                        const T w = q.D[lane] * mdr_exp(mdr_min(q.zhat[lane] - m, T(0)) * inv_gamma);
                         const T g_color = w * inv_weight_sum;  // dL/dC_ij / gI
                         T g_w = T(0);
                         for (int c = 0; c < CH; ++c) {

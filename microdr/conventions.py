@@ -10,11 +10,19 @@
 - Front faces wind counter-clockwise on screen (x right, y up), i.e. have positive signed area;
   that is what back-face culling keeps.
 - Images are tensors ``(B, C, H, W)``, row 0 at the top, channels RGB then alpha.
+- Ties, where a derivative is one-sided (MODEL.md lets a backend take either side; these are
+  the sides every backend takes): a pixel equidistant from two edges of a face takes the
+  lowest-numbered nearest edge (edge k runs from corner k to corner k+1); a pixel exactly on an
+  edge's line (``b_k = 0``) gets no gradient through the clipping ``max(b_k, 0)`` (the side
+  outside the face). The second holds exactly; the first where the backends' roundings agree
+  on which distance is smaller, which float32 and float64 need not.
 """
 
 from __future__ import annotations
 
 import torch
+
+
 
 
 def pixel_centers(height: int, width: int, *, dtype=torch.float32, device=None) -> torch.Tensor:

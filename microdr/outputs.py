@@ -30,6 +30,7 @@ import fcntl
 import io
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -389,7 +390,19 @@ def _metrics_json(metrics: Metrics) -> dict:
 
 
 def _json(data: dict) -> bytes:
-    return (_dumps(data) + "\n").encode("utf-8")
+    """Strict JSON (RFC 8259 has no NaN or Infinity, and strict parsers refuse them): a
+    non-finite number, e.g. the PSNR of a run that diverged, is written as ``null``."""
+    return (_dumps(_finite_or_null(data)) + "\n").encode("utf-8")
+
+
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _dumps(value, level: int = 0) -> str:
@@ -403,6 +416,6 @@ def _dumps(value, level: int = 0) -> str:
     elif isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
         items = [pad + _dumps(item, level + 1) for item in value]
     else:
-        return json.dumps(value)
+        return json.dumps(value, allow_nan=False)
     opening, closing = ("{", "}") if isinstance(value, dict) else ("[", "]")
     return opening + "\n" + ",\n".join(items) + "\n" + "  " * level + closing

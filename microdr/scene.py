@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA
+from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA, SMALLEST_EPS_D, SMALLEST_GAMMA
 from .errors import InputError, show_value
 from .files import file_problem, read_text
 from .mesh import BEYOND_FLOAT32, FLOAT32_MAX, Mesh, cube, icosphere, load_obj, plane
@@ -56,10 +56,11 @@ class RenderSettings:
     - ``width``, ``height`` (``image.width``, ``image.height``): pixels, integers in
       ``[1, 16384]``, at most ``2**26`` pixels in all; default 256 x 256.
     - ``sigma``: sharpness of the soft edges in screen units squared, > 0; default ``1e-4``.
-    - ``gamma``: depth softmax temperature, > 0; default ``1e-4``.
+    - ``gamma``: depth softmax temperature, >= ``1e-30`` (``defaults.SMALLEST_GAMMA``);
+      default ``1e-4``.
     - ``eps``: the background's normalized inverse depth, in ``[0, 1)``; default ``1e-3``.
     - ``eps_d``: faces whose coverage of a pixel is below this are skipped there, in
-      ``(0, 0.5)``; default ``1e-4``.
+      ``[1e-30, 0.5)`` (``defaults.SMALLEST_EPS_D``); default ``1e-4``.
     - ``background``: RGB, each in ``[0, 1]``; default ``[0, 0, 0]``.
     - ``cull_backfaces``: drop faces that wind clockwise on screen; default ``false``.
     - ``backend``: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"reference"``; default ``"auto"``.
@@ -316,9 +317,9 @@ def _render_settings(image_node: _Node, render_node: _Node) -> RenderSettings:
         width=width,
         height=height,
         sigma=render["sigma"].number(_POSITIVE, default=default.sigma),
-        gamma=render["gamma"].number(_POSITIVE, default=default.gamma),
+        gamma=render["gamma"].number(_Interval(SMALLEST_GAMMA), default=default.gamma),
         eps=render["eps"].number(_Interval(0, 1, open_hi=True), default=default.eps),
-        eps_d=render["eps_d"].number(_Interval(0, 0.5, True, True), default=default.eps_d),
+        eps_d=render["eps_d"].number(_Interval(SMALLEST_EPS_D, 0.5, open_hi=True), default=default.eps_d),
         background=render["background"].vector(3, _UNIT, default=default.background),
         cull_backfaces=render["cull_backfaces"].boolean(default=default.cull_backfaces),
         backend=render["backend"].choice(BACKENDS, default=default.backend),

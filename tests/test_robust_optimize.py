@@ -33,7 +33,7 @@ from test_optimize import (
     scene_data,
 )
 
-from microdr import cli
+from microdr import cli, outputs
 from microdr.checkpoint import read_checkpoint
 from microdr.errors import InputError
 from microdr.mesh import load_obj
@@ -103,6 +103,15 @@ class LossWithNaN:
 
 
 # --- a NaN or an infinity stops the run -----------------------------------------------------------
+
+
+def test_output_json_writes_non_finite_numbers_as_null():
+    # metrics.json once held NaN (the metrics of NaN pixels) and Infinity (the PSNR of a perfect
+    # fit) literals, which strict JSON parsers refuse.
+    metrics = {"iou": math.nan, "psnr": math.inf, "views": [{"iou": 0.5, "psnr": -math.inf}], "seconds": 1.5}
+    text = outputs._json({"final": metrics}).decode()
+    parsed = json.loads(text, parse_constant=lambda literal: pytest.fail(f"{literal} is not strict JSON"))
+    assert parsed == {"final": {"iou": None, "psnr": None, "views": [{"iou": 0.5, "psnr": None}], "seconds": 1.5}}
 
 
 def test_a_nan_loss_stops_the_run_at_its_last_good_state_which_resumes_exactly(tmp_path, task):

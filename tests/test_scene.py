@@ -326,7 +326,11 @@ INVALID = [
      f'render.backend: expected one of {BACKENDS}, got "gpu"'),
     ("eps_1", scene(render={"eps": 1}), "render.eps: expected a number in [0, 1), got 1"),
     ("eps_d_half", scene(render={"eps_d": 0.5}),
-     "render.eps_d: expected a number in (0, 0.5), got 0.5"),
+     "render.eps_d: expected a number in [1e-30, 0.5), got 0.5"),
+    # Below float32's normal range the kernels' weights or 1 / gamma break down (NaN pixels).
+    ("eps_d_tiny", scene(render={"eps_d": 1e-40}),
+     "render.eps_d: expected a number in [1e-30, 0.5), got 1e-40"),
+    ("gamma_tiny", scene(render={"gamma": 1e-40}), "render.gamma: expected a number >= 1e-30, got 1e-40"),
     ("background", scene(render={"background": [0, 0, -0.1]}),
      "render.background[2]: expected a number in [0, 1], got -0.1"),
     ("cull_string", scene(render={"cull_backfaces": "yes"}),

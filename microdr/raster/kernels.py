@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..errors import MicroDRError
 from .settings import SoftRasSettings
 
 #: Mirrors ``RasterArgs`` in cuda_src/softras.cu, field by field (C layout: align=True).
@@ -39,6 +40,12 @@ FACE_RECORD = 17
 TILE = 8
 #: Threads per block on the GPU, and work items per scheduling chunk on the CPU.
 BLOCK = 128
+#: The most (tile, face) pairs a render may list: each takes 16 bytes (a tile key, its face,
+#: and the face again sorted by tile), 4 GiB at the limit. Ordinary renders list far fewer
+#: (81,920 faces at 1024 x 1024 with a one-pixel sigma: ~4e5 per view); a sigma so large that
+#: every face reaches every tile lists faces x tiles.
+MAX_LISTED_PAIRS = 2**28
+BYTES_PER_LISTED_PAIR = 16
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -109,12 +116,28 @@ def bin_faces(target: KernelTarget, args: np.ndarray, face_tiles: torch.Tensor, 
     """After setup: the pair list of every face (bin kernel), sorted stably by tile."""
     ends_by_face = torch.cumsum(face_tiles.flatten(), 0, dtype=torch.int64)
     pairs = int(ends_by_face[-1]) if ends_by_face.numel() else 0
+    problem = too_many_pairs(pairs)
+    if problem:
+        raise MicroDRError(problem)
     bin_starts = ends_by_face - face_tiles.flatten()
     bin_keys = torch.empty(pairs, dtype=torch.int64, device=face_tiles.device)
     bin_faces = torch.empty(pairs, dtype=torch.int32, device=face_tiles.device)
     args["bin_starts"], args["bin_keys"], args["bin_faces"] = (_pointer(t) for t in (bin_starts, bin_keys, bin_faces))
     _launch(target, "bin", dtype, args, face_tiles.numel())
     return target.sort_by_tile(bin_keys, bin_faces, batch * tiles)
+
+
+def too_many_pairs(pairs: int) -> str | None:
+    """Why listing ``pairs`` (tile, face) pairs is refused before they are allocated (one line,
+    with the memory they would take), or ``None`` if it is not."""
+    if pairs <= MAX_LISTED_PAIRS:
+        return None
+    gib = pairs * BYTES_PER_LISTED_PAIR / 2**30
+    return (
+        f"the faces' reach (their screen boxes grown by the cut-off distance sqrt(sigma ln(1/eps_d - 1))) "
+        f"overlaps {pairs} (tile of {TILE} x {TILE} pixels, face) pairs, more than the limit of 2**28 = "
+        f"{MAX_LISTED_PAIRS}; listing them needs {gib:.1f} GiB: lower sigma, the image size or the face count"
+    )
 
 
 def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:

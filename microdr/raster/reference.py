@@ -1,9 +1,12 @@
 """The reference soft rasterizer: MODEL.md written out in PyTorch, differentiated by autograd.
 
 This is the oracle every kernel is tested against, so it is written to be read next to MODEL.md,
-not to be fast: every (pixel, face) pair is evaluated as a dense ``(B, P, F)`` tensor over a chunk
-of ``P`` pixels. Each chunk runs under activation checkpointing, so memory stays bounded by one
-chunk's graph however large the image is.
+not to be fast: every (pixel, face) pair is evaluated as a dense ``(1, P, F)`` tensor over a chunk
+of ``P`` pixels. The only shortcut is exact: a chunk is a tile of pixels, one batch element at a
+time, and sees only the faces whose screen box, grown by the cut-off distance and a pixel, meets
+the tile (every other pair is outside and beyond the cut-off: skipped, so it contributes exactly
+nothing). Each chunk runs under activation checkpointing, so memory stays bounded by one chunk's
+graph however large the image is.
 
 Skipped pairs are masked with ``torch.where``. Inputs to operations that could overflow or divide
 by zero are made safe *before* the operation on masked pairs too (the "double where"), because a
@@ -14,13 +17,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..conventions import pixel_centers, signed_area2
 from .settings import SoftRasSettings
 
-#: (pixel, face) pairs evaluated at once; bounds the memory of one chunk (~1 GiB in float64).
-PAIRS_PER_CHUNK = 1 << 20
+#: (pixel, face) pairs evaluated at once; bounds the memory of one chunk's graph (~300 MiB in
+#: float64, recomputed in the backward).
+PAIRS_PER_CHUNK = 1 << 18
+#: Chunks are tiles of TILE x TILE pixels (split further when they meet too many faces).
+TILE = 8
 
 
 def rasterize_reference(
@@ -29,21 +34,70 @@ def rasterize_reference(
     """Soft-rasterize; see :func:`microdr.raster.rasterize` for the tensor contract."""
     batch, faces = face_verts.shape[:2]
     channels = face_attrs.shape[-1]
-    centers = pixel_centers(height, width, dtype=face_verts.dtype, device=face_verts.device).reshape(-1, 2)
+    centers = pixel_centers(height, width, dtype=face_verts.dtype, device=face_verts.device)
     background = face_attrs.new_tensor(settings.background_values(channels))
-    pixels_per_chunk = max(1, PAIRS_PER_CHUNK // max(1, batch * faces))
+    boxes = _reach_boxes(face_verts.detach(), settings, pixel=2.0 / height)  # (B, F, 4)
+    recorded = torch.is_grad_enabled() and (face_verts.requires_grad or face_attrs.requires_grad)
 
     def shade_chunk(points, verts, attrs):
         return _shade_pixels(points, verts, attrs, background, settings)
 
-    outputs = []
-    for points in centers.split(pixels_per_chunk):
-        if torch.is_grad_enabled() and (face_verts.requires_grad or face_attrs.requires_grad):
-            outputs.append(checkpoint(shade_chunk, points, face_verts, face_attrs, use_reentrant=False))
-        else:
-            outputs.append(shade_chunk(points, face_verts, face_attrs))
-    image = torch.cat(outputs, dim=1)  # (B, H*W, C+1)
+    images = []
+    for b in range(batch):
+        outputs, order = [], []
+        for rows in torch.arange(height, device=centers.device).split(TILE):
+            for cols in torch.arange(width, device=centers.device).split(TILE):
+                tile = centers[rows[:, None], cols[None, :]].reshape(-1, 2)
+                lo, hi = tile.amin(dim=0), tile.amax(dim=0)
+                near = (boxes[b, :, 0] <= hi[0]) & (boxes[b, :, 1] >= lo[0]) & (boxes[b, :, 2] <= hi[1]) & (boxes[b, :, 3] >= lo[1])
+                chosen = near.nonzero().flatten()
+                verts, attrs = face_verts[b : b + 1, chosen], face_attrs[b : b + 1, chosen]
+                pixels = (rows[:, None] * width + cols[None, :]).flatten()
+                per_chunk = max(1, PAIRS_PER_CHUNK // max(1, chosen.numel()))
+                for points, indices in zip(tile.split(per_chunk), pixels.split(per_chunk)):
+                    if recorded:
+                        outputs.append(_Recomputed.apply(shade_chunk, points, verts, attrs))
+                    else:
+                        outputs.append(shade_chunk(points, verts, attrs))
+                    order.append(indices)
+        # Back to row-major pixel order: (1, H*W, C+1).
+        images.append(torch.cat(outputs, dim=1)[:, torch.cat(order).argsort()])
+    image = torch.cat(images)  # (B, H*W, C+1)
     return image.transpose(1, 2).reshape(batch, channels + 1, height, width)
+
+
+class _Recomputed(torch.autograd.Function):
+    """Activation checkpointing of one chunk, ``shade(points, verts, attrs)``: the forward keeps
+    only the inputs, the backward recomputes the chunk's graph and differentiates it (once;
+    no double backward). torch.utils.checkpoint does the same, but its first call imports
+    torch._dynamo: seconds on a busy machine, longer than a small gradcheck's reference."""
+
+    @staticmethod
+    def forward(ctx, shade, points, verts, attrs):
+        ctx.shade = shade
+        ctx.save_for_backward(points, verts, attrs)
+        return shade(points, verts, attrs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        points, verts, attrs = ctx.saved_tensors
+        verts, attrs = verts.detach().requires_grad_(), attrs.detach().requires_grad_()
+        with torch.enable_grad():
+            output = ctx.shade(points, verts, attrs)
+        grad_verts, grad_attrs = torch.autograd.grad(output, (verts, attrs), grad_output, allow_unused=True)
+        return None, None, grad_verts, grad_attrs
+
+
+def _reach_boxes(face_verts: torch.Tensor, settings: SoftRasSettings, pixel: float) -> torch.Tensor:
+    """``(B, F, 4)``: each face's screen box ``(x0, x1, y0, y1)`` grown by the distance beyond
+    which an outside pair is cut off, ``sqrt(distance_cutoff)``, and by ``pixel`` (one pixel's
+    width) so that rounding cannot matter. A pixel center outside it is outside the face and
+    farther than the cut-off from it. NaN corners give NaN boxes, which meet no tile (MODEL.md
+    skips such faces anyway)."""
+    grow = settings.distance_cutoff**0.5 + pixel
+    x, y = face_verts[..., 0], face_verts[..., 1]
+    return torch.stack([x.amin(-1) - grow, x.amax(-1) + grow, y.amin(-1) - grow, y.amax(-1) + grow], dim=-1)
 
 
 def coordinate_limit(dtype: torch.dtype) -> float:
@@ -94,6 +148,8 @@ def _shade_pixels(
     long_edge = edge_len2 >= finfo.tiny
     t = torch.where(long_edge, (to_p * edge).sum(-1) / torch.where(long_edge, edge_len2, 1.0), 0.0).clamp(0.0, 1.0)
     r = to_p - t[..., None] * edge
+    # At a tie the gradient goes to the first nearest edge (torch.min's index), as in the
+    # kernels (microdr.conventions, ties).
     d = (r * r).sum(-1).min(dim=-1).values  # (B, P, F)
 
     # Barycentrics b_k = E_k / area2, E_k the signed area of the triangle (p, v_k+1, v_k+2).
@@ -114,7 +170,9 @@ def _shade_pixels(
     # b_k > 0; only rounding in E_k (a face tiny or thin next to its distance from p) can leave
     # none, and such a pair is skipped (with stand-in weights of 1/3, so that its masked values
     # stay finite).
-    e_clip = e.clamp(min=0.0)
+    # max(e_k, 0) with no gradient at e_k = 0 (a pixel on an edge's line): the kernels' one-sided
+    # derivative there (microdr.conventions, ties); clamp(min=0) would pass the gradient through.
+    e_clip = torch.where(e > 0, e, 0.0)
     clip_ok = e_clip.sum(dim=-1) > 0
     e_clip = torch.where(clip_ok[..., None], e_clip, 1.0)
     b_clip = e_clip / e_clip.sum(dim=-1, keepdim=True)
