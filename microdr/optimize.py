@@ -105,14 +105,11 @@ STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
 
-# Notes for the user (a signal deferred); with no logging set up, Python prints them on stderr.
+# Notes for the user (a signal deferred; free vertices without silhouettes); with no logging set
+# up, Python prints them on stderr.
 logger = logging.getLogger(__name__)
 
 LossFunction = Callable[[Evaluation], "torch.Tensor | dict[str, torch.Tensor]"]
-
-# Notes for the user (free vertices without silhouettes); with no logging set up, Python prints
-# them on stderr.
-logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(MicroDRError):

@@ -387,6 +387,7 @@ def test_a_render_listing_too_many_tile_face_pairs_is_one_line_before_allocating
     result = invoke("render", scene, "-o", tmp_path / "out.png")
     assert result.exit_code == 2
     assert result.stderr == (
+        f"microdr: backend {describe_backend(resolve_backend('auto'))}\n"
         "the faces' reach (their screen boxes grown by the cut-off distance sqrt(sigma ln(1/eps_d - 1))) "
         "overlaps 335544320 (tile of 8 x 8 pixels, face) pairs, more than the limit of 2**28 = 268435456; "
         "listing them needs 5.0 GiB: lower sigma, the image size or the face count\n"

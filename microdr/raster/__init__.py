@@ -125,10 +125,11 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
 @functools.cache
 def _warn_of_fallback(wanted: str, reason: str) -> None:
     """Say once per process, on stderr, that "auto" runs the reference backend, and why: it is
-    824x to 11,106x slower than the CPU kernels in scripts/bench.py's cases (the README's
-    table), so a run that would take seconds takes hours and looks hung without a word."""
+    about 100x to 200x slower than the CPU kernels (bench.py --quick; the colors demo: 3.7 s an
+    iteration against 50 a second), so a run of seconds takes many minutes and looks hung
+    without a word."""
     logger.warning(
-        "microdr: falling back to the reference backend, hundreds to thousands of times slower "
+        "microdr: falling back to the reference backend, about a hundred times slower or more "
         "than the %s kernels: %s", wanted, reason
     )
 
