@@ -290,7 +290,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few cases, under 2 minutes")
     parser.add_argument("--csv", type=Path, help="write the table as CSV")
-    parser.add_argument("--plot", type=Path, help="write a log-log plot (needs matplotlib)")
+    parser.add_argument("--plot", type=Path, help="write a log-log plot (needs matplotlib: pip install -e '.[bench]')")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     parser.add_argument("--reference-max-pairs", type=float,
