@@ -234,7 +234,8 @@ def _common_vertices(vertex_lines: list[str]) -> np.ndarray | None:
     if values.size != len(vertex_lines) * count:
         return None
     values = values.reshape(-1, count)
-    return values if (np.abs(values[:, :3]) <= FLOAT32_MAX).all() else None
+    # Every number, w and colors too: the line-by-line parser refuses any beyond float32.
+    return values if (np.abs(values) <= FLOAT32_MAX).all() else None
 
 
 def _common_faces(

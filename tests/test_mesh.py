@@ -204,6 +204,11 @@ def test_common_files_are_read_in_bulk_exactly(text):
     assert fast is not None and same_mesh(fast, read_line_by_line(text))
 
 
+def test_a_w_beyond_float32_is_left_to_the_line_by_line_parser():
+    # Found by hypothesis: the bulk reader took it (w is ignored), the parser refuses it.
+    assert _load_common_obj(_obj_lines("v 0.0 0.0 0.0 1e39\nf 1 1 1"), "mesh.obj") is None
+
+
 def test_a_large_mesh_is_read_in_bulk_exactly(tmp_path):
     mesh = icosphere(3)
     save_obj(mesh, tmp_path / "s.obj", vertex_colors=torch.rand(mesh.vertices.shape))
