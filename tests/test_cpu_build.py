@@ -249,7 +249,11 @@ def test_warm_cache_loads_without_a_compiler(cache, src, monkeypatch, capfd):
 
     # Only a verified library from the same sources will do.
     monkeypatch.setattr(cpu_build, "_loaded", {})
-    built.path.write_bytes(built.path.read_bytes()[:-1])
+    # A new file renamed over it: cutting the loaded library itself short would crash this
+    # process at exit (its pages are mapped).
+    cut = built.path.with_name("cut.so")
+    cut.write_bytes(built.path.read_bytes()[:-1])
+    cut.replace(built.path)
     with pytest.raises(MicroDRError, match="no cached build of these kernels"):
         cpu_build.load("probe", src_dir=src)
     (src / "probe.cu").write_text(PROBE + "// changed\n")
