@@ -606,16 +606,15 @@ class _Progress:
             )
 
     def __call__(self, step: Step) -> None:
+        done = step.iteration + 1
+        self._pace.add(done, time.perf_counter())
         if self._bar is None:
-            done = step.iteration + 1
-            self._pace.add(done, time.perf_counter())
             if done % self.every == 0 or done == self.total:
                 typer.echo(f"iteration {done}/{self.total}  {_status(step, self._pace)}", err=True)
             return
-        self._pace.add(step.iteration + 1, time.perf_counter())
         self._bar.current_item = _status(step, self._pace)  # what item_show_func shows
         # A resumed run starts part of the way.
-        self._bar.update(step.iteration + 1 - self._bar.pos)
+        self._bar.update(done - self._bar.pos)
 
 
 @contextlib.contextmanager
