@@ -135,7 +135,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 
 def process_exists(pid: int) -> bool:
-    """Whether a process with id ``pid`` exists on this host (another user's counts)."""
+    """Whether a process with id ``pid`` exists on this host (another user's counts); assumed
+    where that cannot be asked."""
+    if os.name != "posix":  # os.kill would end the process on Windows
+        return True
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except (ProcessLookupError, OverflowError):  # none has it, or none could

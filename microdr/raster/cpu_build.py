@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from microdr.errors import MicroDRError
+from microdr.files import process_exists
 
 try:
     import fcntl
@@ -396,7 +397,7 @@ def _remove_orphaned_temps(folder: pathlib.Path) -> None:
         if match is None and temp.suffix != ".so":
             continue  # not a temp of ours
         with contextlib.suppress(OSError):  # gone already, or not ours to delete
-            dead = match is not None and match["host"] == _host() and not _pid_alive(int(match["pid"]))
+            dead = match is not None and match["host"] == _host() and not process_exists(int(match["pid"]))
             if dead or now - temp.stat().st_mtime > ORPHAN_SECONDS:
                 temp.unlink()
 
@@ -404,19 +405,6 @@ def _remove_orphaned_temps(folder: pathlib.Path) -> None:
 def _host() -> str:
     """This machine's name as it appears in temp file names."""
     return re.sub(r"[^\w.-]", "_", socket.gethostname())
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (assumed where that cannot be asked)."""
-    if os.name != "posix":  # os.kill would end the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
 
 
 def _flush(path: str) -> None:
