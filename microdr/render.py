@@ -121,6 +121,40 @@ def render_faces(
     return torch.stack(images)
 
 
+#: The sigma (screen units squared) at which :func:`hard_silhouettes` takes MODEL.md's
+#: ``sigma -> 0`` limit: ``D_j = sigmoid(delta_j d_j^2 / sigma)`` is then exactly 1 or 0 in float32
+#: for every pixel center farther than about 1e-8 screen units from face ``j``'s edges (far below
+#: float32's resolution of screen positions, ~6e-8), and the soft reach of faces is nil.
+HARD_SIGMA = 1e-16
+
+
+@torch.no_grad()
+def hard_silhouettes(
+    corners: torch.Tensor,
+    cameras: Sequence[Camera],
+    render: RenderSettings,
+    *,
+    poses: Sequence[CameraTensors] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Exact coverage of pixel centers: ``(N, H, W)`` bool, one image per camera.
+
+    A pixel is covered when the center of the pixel lies inside a drawn face: MODEL.md's
+    silhouette ``A = 1 - prod_j (1 - D_j)`` in the limit ``sigma -> 0`` (:data:`HARD_SIGMA`),
+    thresholded at 1/2. In that limit ``D_j`` is 1 inside face ``j``, 0 outside and 1/2 on its
+    edges, so a center on an edge shared by two drawn faces counts, and one on an outline does
+    not. Drawn faces are those the soft render draws: between the camera's near and far planes,
+    and front-facing when ``render.cull_backfaces``. Not differentiable.
+
+    corners: ``(F, 3, 3)`` world-space face corners, any float dtype and device; poses: optional
+    per-camera poses, as :func:`render_faces` takes them.
+    """
+    hard = replace(render, sigma=HARD_SIGMA)
+    albedo = corners.new_zeros(corners.shape)
+    alpha = render_faces(corners, albedo, cameras, hard, None, poses=poses, backend=backend, colors=False)
+    return alpha[:, 3] > 0.5
+
+
 def render_scene(scene: Scene, *, backend: str | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
     """Render every camera of ``scene``: RGBA ``(N_cameras, 4, H, W)``, values in [0, 1].
 
