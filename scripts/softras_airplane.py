@@ -1,6 +1,7 @@
 """SoftRas's airplane demo as a microDR task: a scene and silhouette targets from its data.
 
     python scripts/softras_airplane.py [--data DIR] [-o OUTDIR] [--views SPEC] [--check]
+    python scripts/softras_airplane.py --score MESH.obj [--views SPEC]
 
 Reads ``source.npy`` (120 RGBA renders, 64 x 64, made by SoftRas), ``camera.npy`` (distance,
 elevation, azimuth per view) and the template ``sphere_1352.obj`` from ``--data`` (default
@@ -14,6 +15,11 @@ elevation, azimuth per view) and the template ``sphere_1352.obj`` from ``--data`
   rather than all of them, for speed.
 
 Then ``microdr optimize OUTDIR/scene.json OUTDIR/targets`` recovers the airplane.
+
+``--score MESH.obj`` writes nothing: it prints the hard silhouette IoU
+(:func:`microdr.render.hard_silhouettes`: exact coverage of pixel centers, against the targets'
+alpha > 0.5) of a mesh, e.g. a result's ``mesh.obj`` or SoftRas's ``plane.obj``, on the views
+``--views`` names (``odd``: the 60 views held out by a fit on the even ones), mean and min.
 
 Camera convention (checked by ``--check``, which renders SoftRas's own result ``plane.obj``
 with these cameras and compares silhouettes): the eye of view ``(d, el, az)`` is at
@@ -31,14 +37,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait policy)
+import torch  # noqa: E402
 
 from microdr.files import write_files  # noqa: E402
 from microdr.images import encode_png  # noqa: E402
 from microdr.mesh import Mesh, load_obj, save_obj  # noqa: E402
-from microdr.render import render_faces  # noqa: E402
+from microdr.render import hard_silhouettes, render_faces  # noqa: E402
 from microdr.scene import Camera, RenderSettings  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "softras"
@@ -60,9 +68,12 @@ def cameras(camera_table: np.ndarray) -> list[Camera]:
 
 
 def parse_views(spec: str, total: int) -> list[int]:
-    """``all``, a count ``N`` (N views spread evenly), or a comma list of indices."""
+    """``all``, ``odd``, ``even``, a count ``N`` (N views spread evenly), or a comma list of
+    indices."""
     if spec == "all":
         return list(range(total))
+    if spec in ("odd", "even"):
+        return list(range(spec == "odd", total, 2))
     if "," not in spec and spec.isdigit() and not spec.startswith("0"):
         count = int(spec)
         if not 1 <= count <= total:
@@ -98,6 +109,15 @@ def scene_json(views: list[int], camera_list: list[Camera], views_per_step: int,
     }
 
 
+def hard_iou(mesh: Mesh, camera_list: list[Camera], targets: np.ndarray) -> np.ndarray:
+    """Per view, the hard silhouette IoU of ``mesh`` seen by ``camera_list`` against ``targets``
+    ``(N, 64, 64)`` (alpha in [0, 1], thresholded at 0.5)."""
+    render = RenderSettings(width=SIZE, height=SIZE, sigma=SIGMA)
+    mine = hard_silhouettes(mesh.vertices[mesh.faces], camera_list, render).numpy()
+    theirs = targets > 0.5
+    return (mine & theirs).sum((1, 2)) / np.maximum((mine | theirs).sum((1, 2)), 1)
+
+
 def check_convention(data: Path, camera_list: list[Camera], targets: np.ndarray) -> None:
     """Render SoftRas's result ``plane.obj`` with these cameras; print the silhouette IoU."""
     plane = load_obj(data / "plane.obj")
@@ -120,6 +140,8 @@ def main() -> None:
                         help="views rendered per iteration, drawn at random (SoftRas renders all 120)")
     parser.add_argument("--iterations", type=int, default=1000, help="optimizer iterations (SoftRas: 2000)")
     parser.add_argument("--check", action="store_true", help="check the camera convention with plane.obj")
+    parser.add_argument("--score", type=Path, metavar="MESH",
+                        help="print the hard IoU of MESH (an OBJ) on --views, then exit")
     args = parser.parse_args()
     if not (args.data / "source.npy").is_file():
         raise SystemExit(f"{args.data}: no SoftRas demo data here (source.npy); give --data")
@@ -128,6 +150,11 @@ def main() -> None:
     if args.check:
         check_convention(args.data, camera_list, targets)
     views = parse_views(args.views, len(camera_list))
+    if args.score is not None:
+        ious = hard_iou(load_obj(args.score), [camera_list[v] for v in views], targets[views])
+        print(f"{args.score}: hard IoU on {len(views)} views ({args.views}): mean {ious.mean():.4f}, "
+              f"min {ious.min():.4f} (view {views[int(ious.argmin())]})")
+        return
     template = load_obj(args.data / "sphere_1352.obj")
     files = {}
     for v in views:

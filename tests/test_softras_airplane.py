@@ -58,3 +58,22 @@ def test_script_writes_a_scene_microdr_loads(tmp_path, monkeypatch):
     first = iio.imread(targets[0])
     assert first.shape == (64, 64, 4) and first[..., 3].max() == 255
     assert json.loads((tmp_path / "scene.json").read_text())["optimize"]["vertex_parametrization"] == "bounded"
+
+
+def test_score_is_the_hard_iou_of_the_mesh_on_the_chosen_views(capsys, monkeypatch):
+    # The hard IoU is thinner than the soft one (SoftRas's soft metric overstated its result), and
+    # "odd" means the 60 views that a fit on the even ones never sees.
+    cameras = softras_airplane.cameras(np.load(DATA / "camera.npy"))
+    targets = softras_airplane.silhouettes(DATA)
+    plane = load_obj(DATA / "plane.obj")
+    odd = softras_airplane.parse_views("odd", 120)
+    assert odd == list(range(1, 120, 2))
+    hard = softras_airplane.hard_iou(plane, [cameras[v] for v in odd], targets[odd])
+    corners = plane.vertices[plane.faces]
+    render = RenderSettings(width=64, height=64, sigma=1e-4)
+    alpha = render_faces(corners, torch.ones_like(corners), [cameras[v] for v in odd], render, None)[:, 3]
+    soft = silhouette_iou(alpha.numpy(), targets[odd])
+    assert 0.7 < hard.mean() < soft.mean() - 0.05
+    monkeypatch.setattr(sys, "argv", ["softras_airplane.py", "--data", str(DATA), "--score", str(DATA / "plane.obj"), "--views", "odd"])
+    softras_airplane.main()
+    assert f"mean {hard.mean():.4f}, min {hard.min():.4f}" in capsys.readouterr().out
