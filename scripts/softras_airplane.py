@@ -131,6 +131,21 @@ def check_convention(data: Path, camera_list: list[Camera], targets: np.ndarray)
         print(f"plane.obj vs targets {name}: mean IoU {iou.mean():.4f}, min {iou.min():.4f}")
 
 
+def write_task(data: Path, output: Path, views: list[int], scene: dict) -> None:
+    """Write ``scene`` (a scene's JSON, one camera per view of ``views``) as ``output/scene.json``,
+    the template and the targets of ``views`` beside it."""
+    targets = silhouettes(data)
+    files = {}
+    for v in views:
+        rgba = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+        rgba[..., 3] = np.round(targets[v] * 255).astype(np.uint8)
+        files[output / "targets" / f"view_{v:03d}.png"] = encode_png(rgba)
+    files[output / "scene.json"] = (json.dumps(scene, indent=2) + "\n").encode()
+    write_files(files)
+    template = load_obj(data / "sphere_1352.obj")
+    save_obj(Mesh(template.vertices * TEMPLATE_SCALE, template.faces), output / "template.obj")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SoftRas demo data folder")
@@ -155,15 +170,7 @@ def main() -> None:
         print(f"{args.score}: hard IoU on {len(views)} views ({args.views}): mean {ious.mean():.4f}, "
               f"min {ious.min():.4f} (view {views[int(ious.argmin())]})")
         return
-    template = load_obj(args.data / "sphere_1352.obj")
-    files = {}
-    for v in views:
-        rgba = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
-        rgba[..., 3] = np.round(targets[v] * 255).astype(np.uint8)
-        files[args.output / "targets" / f"view_{v:03d}.png"] = encode_png(rgba)
-    files[args.output / "scene.json"] = (json.dumps(scene_json(views, camera_list, args.views_per_step, args.iterations), indent=2) + "\n").encode()
-    write_files(files)
-    save_obj(Mesh(template.vertices * TEMPLATE_SCALE, template.faces), args.output / "template.obj")
+    write_task(args.data, args.output, views, scene_json(views, camera_list, args.views_per_step, args.iterations))
     print(f"wrote {args.output}/scene.json, template.obj and {len(views)} targets")
     print(f"next: microdr optimize {args.output}/scene.json {args.output}/targets -o {args.output}/result")
 
