@@ -180,9 +180,9 @@ def test_free_vertices_and_color_targets_end_sharper_than_render_sigma(tmp_path)
 # --- shape and color from one RGB image ----------------------------------------------------
 # At 64 x 64, a quarter of the floors' pixels (scripts/rgb_targets.py measures those at 128).
 # The PSNR floors sit about 1 dB under what was measured before the edge-length default (red
-# disc 27.6 dB, JPEG 29.5, star 24.9, blue disc 30.6), which lifted the 128-pixel disc by 2.4 dB:
-# a few rim pixels decide the last dB, and they move with any change in rounding. The start is
-# about 7 dB.
+# disc 27.6 dB, JPEG 29.5, star 24.9, blue disc 30.6), which lifted the 128-pixel disc by 2.4 dB
+# but left the blue disc on gray at 28.0 (its floor is 1 dB under that): a few rim pixels decide
+# the last dB, and they move with any change in rounding. The start is about 7 dB.
 
 SMALL = 64
 
@@ -213,7 +213,7 @@ def optimized(tmp_path: Path, image: Image.Image, suffix: str = "png", **scene) 
         (disc(radius=18, size=SMALL), "png", BLACK, 26.5),
         (disc(radius=18, size=SMALL), "jpg", BLACK, 28),
         (star(size=SMALL), "png", BLACK, 23),
-        (disc(BLUE, GRAY, radius=18, size=SMALL), "png", GRAY, 28),
+        (disc(BLUE, GRAY, radius=18, size=SMALL), "png", GRAY, 27),
     ],
     ids=["red disc", "red disc JPEG", "star", "blue disc on gray"],
 )
