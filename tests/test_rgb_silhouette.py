@@ -173,7 +173,8 @@ def test_free_vertices_and_color_targets_end_sharper_than_render_sigma(tmp_path)
     ).sigma_schedule
     assert schedule(color) == pytest.approx((1e-4, 1e-5))
     assert schedule(color, parameters=("colors",)) is None
-    assert schedule(silhouette) is None
+    assert schedule(silhouette) == pytest.approx((3e-4, 3e-6))  # silhouettes: towards hard
+    assert schedule(silhouette, parameters=("translation",)) is None
     assert schedule(color, sigma_schedule=(2e-4, 2e-4)) == (2e-4, 2e-4)
 
 

@@ -663,6 +663,10 @@ def test_ctrl_c_thrice_while_the_files_are_written_waits_for_them(tmp_path):
 
 def test_resume_with_more_iterations_extends_a_finished_run_to_the_uninterrupted_result(tmp_path):
     scene_path, targets = silhouette_task(tmp_path)
+    # A sigma that does not follow the number of iterations (the default schedule does).
+    scene = json.loads(scene_path.read_text())
+    scene["optimize"]["sigma_schedule"] = {"start": 1e-4, "end": 1e-4}
+    scene_path.write_text(json.dumps(scene))
     whole, part = tmp_path / "whole", tmp_path / "part"
     total = 2 * ITERATIONS
     uninterrupted = invoke("optimize", scene_path, targets, "-o", whole, "--iterations", total)
