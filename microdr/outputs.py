@@ -416,7 +416,11 @@ def _csv(history: History) -> bytes:
 
 
 def _quality_json(fit: Metrics, held_out: Metrics | None) -> dict:
-    return {"fit": _metrics_json(fit), "held_out": None if held_out is None else _metrics_json(held_out)}
+    """``{"fit": ..., "held_out": ...}`` of metrics.json, ``held_out`` ``None`` without one."""
+    return {
+        "fit": _metrics_json(fit),
+        "held_out": None if held_out is None else _metrics_json(held_out),
+    }
 
 
 def _metrics_json(metrics: Metrics) -> dict:

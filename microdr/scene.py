@@ -567,18 +567,16 @@ def views_problem(settings: OptimizeSettings, cameras: int) -> tuple[str, str] |
     left to fit, more views per step than cameras to fit; ``None`` if nothing is."""
     held_out = held_out_views(settings.holdout, cameras)
     if held_out and held_out[-1] >= cameras:
-        return "holdout", f"camera {held_out[-1]} does not exist: the scene has {_count(cameras, 'camera')}"
+        last = cameras - 1
+        return "holdout", f"camera {held_out[-1]} does not exist: the cameras are 0 to {last}"
     fit = cameras - len(held_out)
     if fit == 0:
-        return "holdout", f"holds out all {_count(cameras, 'camera')}: none is left to fit"
-    if settings.views_per_step is not None and settings.views_per_step > fit:
+        return "holdout", "holds out every camera: none is left to fit"
+    steps = settings.views_per_step
+    if steps is not None and steps > fit:
         what = "cameras to fit, not held out" if held_out else "cameras"
-        return "views_per_step", f"expected at most the number of {what} ({fit}), got {settings.views_per_step}"
+        return "views_per_step", f"expected at most the number of {what} ({fit}), got {steps}"
     return None
-
-
-def _count(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def override_optimize(
@@ -594,7 +592,7 @@ def override_optimize(
         if theirs != key:  # the holdout left too few cameras for the file's views_per_step
             fit = cameras - len(held_out_views(settings.holdout, cameras))
             message = (
-                f"leaves {_count(fit, 'camera')} to fit, fewer than optimize.views_per_step "
+                f"the cameras left to fit ({fit}) are fewer than optimize.views_per_step "
                 f"({settings.views_per_step})"
             )
         raise InputError(source, "", message)

@@ -207,8 +207,8 @@ def test_held_out_views(spec, cameras, held_out):
         ([], "optimize.holdout: expected an array of at least 1 item, got []"),
         ([1, -1], "optimize.holdout[1]: expected an integer >= 0, got -1"),
         ([3, 3], "optimize.holdout[1]: camera 3 is listed twice"),
-        ([6], "optimize.holdout: camera 6 does not exist: the scene has 6 cameras"),
-        ([0, 1, 2, 3, 4, 5], "optimize.holdout: holds out all 6 cameras: none is left to fit"),
+        ([6], "optimize.holdout: camera 6 does not exist: the cameras are 0 to 5"),
+        ([0, 1, 2, 3, 4, 5], "optimize.holdout: holds out every camera: none is left to fit"),
     ],
 )  # fmt: skip
 def test_bad_holdout_in_the_scene(holdout, message):
@@ -229,7 +229,7 @@ def test_views_per_step_is_at_most_the_views_to_fit():
     with pytest.raises(InputError) as caught:
         resolve_settings(scene, Targets.from_images(silhouettes()), OptimizeSettings(holdout=[7]))
     assert str(caught.value) == (
-        "scene.json: optimize.holdout: camera 7 does not exist: the scene has 6 cameras"
+        "scene.json: optimize.holdout: camera 7 does not exist: the cameras are 0 to 5"
     )
 
 
@@ -238,8 +238,8 @@ def test_views_per_step_is_at_most_the_views_to_fit():
     [
         (["--holdout", "3,x"], '--holdout: expected "odd", "even", "every:K" (K an integer >= 2) '
                                'or an array of camera indices, got "3,x"'),
-        (["--holdout", "2,9"], "--holdout: camera 9 does not exist: the scene has 6 cameras"),
-        (["--holdout", "every:2"], "--holdout: leaves 3 cameras to fit, fewer than "
+        (["--holdout", "2,9"], "--holdout: camera 9 does not exist: the cameras are 0 to 5"),
+        (["--holdout", "every:2"], "--holdout: the cameras left to fit (3) are fewer than "
                                    "optimize.views_per_step (4)"),
     ],
 )  # fmt: skip

@@ -82,7 +82,8 @@ def test_score_is_the_hard_iou_of_the_mesh_on_the_chosen_views(capsys, monkeypat
 
 
 def test_holdout_odd_fits_the_even_views_and_scores_the_odd_ones(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["softras_airplane.py", "--data", str(DATA), "-o", str(tmp_path), "--holdout", "odd"])
+    arguments = ["softras_airplane.py", "--data", str(DATA), "-o", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*arguments, "--holdout", "odd"])
     softras_airplane.main()
     scene = load_scene(tmp_path / "scene.json")
     assert len(scene.cameras) == len(list((tmp_path / "targets").iterdir())) == 120
@@ -90,7 +91,6 @@ def test_holdout_odd_fits_the_even_views_and_scores_the_odd_ones(tmp_path, monke
     run = Optimization(scene, read_targets([str(tmp_path / "targets")], 120, (64, 64)))
     assert run.fit == tuple(range(0, 120, 2)) and run.held_out == tuple(range(1, 120, 2))
     # A held-out split that leaves fewer views to fit than are drawn per step draws them all.
-    monkeypatch.setattr(sys, "argv", ["softras_airplane.py", "--data", str(DATA), "-o", str(tmp_path), "--views", "8",
-                                      "--holdout", "every:2"])
+    monkeypatch.setattr(sys, "argv", [*arguments, "--views", "8", "--holdout", "every:2"])
     softras_airplane.main()
     assert load_scene(tmp_path / "scene.json").optimize.views_per_step == 4
