@@ -366,12 +366,13 @@ def _animation_frames(result: Result, targets: Targets) -> np.ndarray:
 
 
 #: The curves of the metrics panels of ``loss.png``: the panel's title, then each curve's key in
-#: the history's rows and its label.
+#: the history's rows and its label. The first is drawn first, under the others: the soft IoU of
+#: each iteration's few views is noisy, and would hide the hard ones.
 METRIC_CURVES = (
     ("IoU", (
+        ("soft_iou", "soft, the iteration's views"),
         ("iou", "hard, fit views"),
         ("held_out_iou", "hard, held-out views"),
-        ("soft_iou", "soft, the iteration's views"),
     )),
     ("PSNR (dB)", (("psnr", "the iteration's views"), ("held_out_psnr", "held-out views"))),
 )  # fmt: skip
