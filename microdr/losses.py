@@ -13,14 +13,15 @@ scalars, per-view values ``(B,)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 #: PSNR of a perfect match: the squared error is floored at 1e-10, i.e. 100 dB.
 PSNR_MAX_DB = 100.0
-#: Pixels whose silhouette is above this count as covered in the IoU metric.
+#: Pixels whose silhouette (a target's alpha, a soft render's) is above this count as covered
+#: in the IoU metrics.
 IOU_THRESHOLD = 0.5
 
 
@@ -207,26 +208,47 @@ def loss_terms(
 
 @dataclass(frozen=True)
 class Metrics:
-    """How well renders match their targets, per view: ``iou`` (:func:`silhouette_iou`) and
-    ``psnr`` (:func:`psnr`, dB), ``None`` where the target has no silhouette / no color."""
+    """How well a mesh matches the targets of some cameras, per view (``None`` where the target
+    has no silhouette / no color):
 
+    - ``iou``: the hard silhouette IoU (:func:`mask_iou`): the pixels whose center a drawn face
+      covers (:func:`microdr.render.hard_silhouettes`, MODEL.md's silhouette in the limit
+      ``sigma -> 0``) against the target's alpha > 0.5.
+    - ``soft_iou``: :func:`silhouette_iou` of the soft render (its alpha > 0.5, which spreads
+      about ``sqrt(sigma)`` past the outline) against the target's alpha > 0.5.
+    - ``psnr``: :func:`psnr` (dB) of the soft render's RGB, clamped to ``[0, 1]``, over all
+      pixels and the 3 channels.
+
+    cameras: the camera index of each view.
+    """
+
+    cameras: tuple[int, ...]
     iou: tuple[float | None, ...]
+    soft_iou: tuple[float | None, ...]
     psnr: tuple[float | None, ...]
 
     @staticmethod
     def of(
-        images: torch.Tensor,
+        cameras: Sequence[int],
+        covered: torch.Tensor | None,
+        images: torch.Tensor | None,
         targets: torch.Tensor,
         has_rgb: torch.Tensor,
         has_silhouette: torch.Tensor,
     ) -> "Metrics":
-        """Metrics of renders ``(B, 4, H, W)`` against targets ``(B, 4, H, W)`` with their
-        ``(B,)`` masks."""
-        ious = silhouette_iou(images[:, 3], targets[:, 3]).tolist()
-        psnrs = psnr(images[:, :3], targets[:, :3]).tolist()
+        """Metrics of cameras ``cameras``: their hard silhouettes ``covered`` ``(B, H, W)`` bool
+        and soft renders ``images`` ``(B, 4, H, W)`` against targets ``(B, 4, H, W)`` with their
+        ``(B,)`` masks. Without ``covered``, ``iou`` is ``None``; without ``images``,
+        ``soft_iou`` and ``psnr`` are."""
+        alpha = targets[:, 3]
+        hard = None if covered is None else mask_iou(covered, alpha > IOU_THRESHOLD)
+        soft = None if images is None else silhouette_iou(images[:, 3], alpha)
+        decibels = None if images is None else psnr(images[:, :3], targets[:, :3])
         return Metrics(
-            iou=tuple(v if has else None for v, has in zip(ious, has_silhouette.tolist())),
-            psnr=tuple(v if has else None for v, has in zip(psnrs, has_rgb.tolist())),
+            cameras=tuple(int(c) for c in cameras),
+            iou=_where(hard, has_silhouette),
+            soft_iou=_where(soft, has_silhouette),
+            psnr=_where(decibels, has_rgb),
         )
 
     @property
@@ -234,8 +256,20 @@ class Metrics:
         return _mean(self.iou)
 
     @property
+    def mean_soft_iou(self) -> float | None:
+        return _mean(self.soft_iou)
+
+    @property
     def mean_psnr(self) -> float | None:
         return _mean(self.psnr)
+
+
+def _where(values: torch.Tensor | None, given: torch.Tensor) -> tuple[float | None, ...]:
+    """Per-view ``values`` ``(B,)`` where ``given`` ``(B,)`` bool, else ``None``; all ``None``
+    without values."""
+    if values is None:
+        return (None,) * len(given)
+    return tuple(value if flag else None for value, flag in zip(values.tolist(), given.tolist()))
 
 
 def _mean(values: tuple[float | None, ...]) -> float | None:
@@ -245,13 +279,19 @@ def _mean(values: tuple[float | None, ...]) -> float | None:
 
 
 @torch.no_grad()
+def mask_iou(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """IoU per view ``(B,)`` float64 of bool masks ``(B, H, W)``: ``|M & T| / |M | T|``; 1 when
+    both are empty."""
+    intersection = (mine & theirs).sum(dim=(1, 2)).double()
+    union = (mine | theirs).sum(dim=(1, 2)).double()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+@torch.no_grad()
 def silhouette_iou(alpha: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU per view ``(B,)`` of silhouettes ``(B, H, W)`` thresholded at 0.5:
-    ``|A > 0.5 & T > 0.5| / |A > 0.5 | T > 0.5|``; 1 when both are empty."""
-    mine, theirs = alpha > IOU_THRESHOLD, target > IOU_THRESHOLD
-    intersection = (mine & theirs).sum(dim=(1, 2)).to(alpha.dtype)
-    union = (mine | theirs).sum(dim=(1, 2)).to(alpha.dtype)
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+    ``|A > 0.5 & T > 0.5| / |A > 0.5 | T > 0.5|`` (:func:`mask_iou`); 1 when both are empty."""
+    return mask_iou(alpha > IOU_THRESHOLD, target > IOU_THRESHOLD).to(alpha.dtype)
 
 
 @torch.no_grad()

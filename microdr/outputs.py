@@ -7,15 +7,19 @@
 - ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``, labeled,
   enlarged to at least 256 pixels a side, the difference multiplied by the power of two (printed
   in its label) that brings it nearest to white, 1 % of it saturating at most; color, or the
-  silhouette in gray where the target has no color.
+  silhouette in gray where the target has no color. A held-out camera's target is labeled
+  ``held out``.
 - ``progress.gif``: the targets of the first cameras (up to four) over their renders, every few
-  iterations, then the result; each frame titled with its iteration.
-- ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has) over the
-  iterations.
+  iterations, then the result; each frame titled with its iteration; held-out targets labeled.
+- ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has, of the fit and
+  the held-out views) over the iterations.
 - ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
-- ``metrics.json``: ``start`` and ``final`` quality, each the mean and per-view ``iou`` and
-  ``psnr``; ``final`` also has ``iterations``, ``seconds``, ``backend``, ``interrupted`` and
-  ``stopped`` (why a NaN or an infinity ended the run early, else ``null``).
+- ``metrics.json``: ``start`` and ``final`` quality (:class:`microdr.losses.Metrics`), each
+  ``{"fit": ..., "held_out": ...}``: for the fit views and the held-out ones (``null`` when none
+  is held out), the means ``iou``, ``soft_iou``, ``psnr`` and ``views``, one
+  ``{"camera", "iou", "soft_iou", "psnr"}`` per view; ``final`` also has ``iterations``,
+  ``seconds``, ``backend``, ``interrupted`` and ``stopped`` (why a NaN or an infinity ended the
+  run early, else ``null``).
 
 While a run writes into the folder it holds the lock file ``.microdr.lock`` there
 (:func:`outdir_lock`).
@@ -269,9 +273,9 @@ def output_files(result: Result, targets: Targets, meshes: list[str]) -> dict[st
     files["metrics.csv"] = _csv(result.history)
     files["metrics.json"] = _json(
         {
-            "start": _metrics_json(result.start_metrics),
+            "start": _quality_json(result.start_metrics, result.start_held_out_metrics),
             "final": {
-                **_metrics_json(result.metrics),
+                **_quality_json(result.metrics, result.held_out_metrics),
                 "iterations": result.iterations,
                 "seconds": result.seconds,
                 "backend": result.backend,
@@ -312,8 +316,16 @@ def _sheet(result: Result, targets: Targets, view: int) -> np.ndarray:
     difference = (final.clamp(0, 1) - target).abs()
     gain = _gain(difference[shown])
     panels = to_uint8(torch.stack([target, start, final, difference * gain]))
-    labels = [f"target (camera {view})", "start", "result", f"|result - target| x {gain}"]
+    labels = [
+        f"target (camera {view}{_held_out(result, view)})", "start", "result",
+        f"|result - target| x {gain}",
+    ]
     return labeled_grid(np.stack([_shown(panel, has_rgb) for panel in panels]), labels, 4)
+
+
+def _held_out(result: Result, view: int) -> str:
+    """``", held out"`` for a held-out camera's labels, else nothing."""
+    return ", held out" if view in result.held_out else ""
 
 
 def _gain(difference: torch.Tensor) -> int:
@@ -338,7 +350,7 @@ def _animation_frames(result: Result, targets: Targets) -> np.ndarray:
     shown_targets = [
         _shown(image, rgb) for image, rgb in zip(to_uint8(targets.images[:views]), has_rgb)
     ]
-    labels = [f"target (camera {view})" for view in range(views)]
+    labels = [f"target (camera {view}{_held_out(result, view)})" for view in range(views)]
     labels += [f"camera {view}" for view in range(views)]
     renders = [
         *zip(result.history.frame_iterations, (frame.numpy() for frame in result.history.frames)),
@@ -353,11 +365,26 @@ def _animation_frames(result: Result, targets: Targets) -> np.ndarray:
     return np.stack(frames)
 
 
+#: The curves of the metrics panels of ``loss.png``: the panel's title, then each curve's key in
+#: the history's rows and its label. The first is drawn first, under the others: the soft IoU of
+#: each iteration's few views is noisy, and would hide the hard ones.
+METRIC_CURVES = (
+    ("IoU", (
+        ("soft_iou", "soft, the iteration's views"),
+        ("iou", "hard, fit views"),
+        ("held_out_iou", "hard, held-out views"),
+    )),
+    ("PSNR (dB)", (("psnr", "the iteration's views"), ("held_out_psnr", "held-out views"))),
+)  # fmt: skip
+
+
 def _loss_plot(history: History) -> bytes:
     """PNG of the loss and its (unweighted) terms, then IoU and PSNR where the run has them, over
-    the iterations; a y axis is logarithmic when its values span more than a decade."""
+    the iterations; a y axis is logarithmic when its values span more than a decade. Metrics
+    measured at some iterations only (the hard IoU) are drawn through those."""
     iterations = [row["iteration"] for row in history.rows]
-    fixed = {"iteration", "iou", "psnr", "lr", "sigma", "seconds"}
+    fixed = {"iteration", "lr", "sigma", "seconds"}
+    fixed |= {key for _, curves in METRIC_CURVES for key, _ in curves}
     first = history.rows[0] if history.rows else {"loss": None}
     names = [name for name in first if name not in fixed]
     losses = [
@@ -366,10 +393,15 @@ def _loss_plot(history: History) -> bytes:
         for name in names
     ]  # fmt: skip
     panels = [Panel("loss and its unweighted terms", "iteration", losses)]
-    for name, title in (("iou", "IoU"), ("psnr", "PSNR (dB)")):
-        values = [row[name] for row in history.rows]
-        if any(value is not None for value in values):
-            panels.append(Panel(title, "iteration", [Series(title, iterations, values)]))
+    for title, curves in METRIC_CURVES:
+        series = []
+        for key, label in curves:
+            points = [(row["iteration"], row.get(key)) for row in history.rows]
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                series.append(Series(label, *zip(*points)))
+        if series:
+            panels.append(Panel(title, "iteration", series))
     return encode_png(line_charts(panels))
 
 
@@ -384,9 +416,27 @@ def _csv(history: History) -> bytes:
     return text.getvalue().encode("utf-8")
 
 
+def _quality_json(fit: Metrics, held_out: Metrics | None) -> dict:
+    """``{"fit": ..., "held_out": ...}`` of metrics.json, ``held_out`` ``None`` without one."""
+    return {
+        "fit": _metrics_json(fit),
+        "held_out": None if held_out is None else _metrics_json(held_out),
+    }
+
+
 def _metrics_json(metrics: Metrics) -> dict:
-    views = [{"iou": iou, "psnr": psnr} for iou, psnr in zip(metrics.iou, metrics.psnr)]
-    return {"iou": metrics.mean_iou, "psnr": metrics.mean_psnr, "views": views}
+    views = [
+        {"camera": camera, "iou": iou, "soft_iou": soft_iou, "psnr": psnr}
+        for camera, iou, soft_iou, psnr in zip(
+            metrics.cameras, metrics.iou, metrics.soft_iou, metrics.psnr
+        )
+    ]
+    return {
+        "iou": metrics.mean_iou,
+        "soft_iou": metrics.mean_soft_iou,
+        "psnr": metrics.mean_psnr,
+        "views": views,
+    }
 
 
 def _json(data: dict) -> bytes:

@@ -25,9 +25,15 @@ class Step:
 
     iteration: its 0-based index; it rendered the parameters after ``iteration`` updates and then
         made one more. views: the cameras it rendered. loss: the weighted total; terms: each
-        term's unweighted value. iou, psnr: means over its views with a silhouette / color (``None``
-        when there is none). lr, sigma: the values it used. seconds: the run's optimization time so
-        far. images: ``(B, 4, H, W)`` its renders, detached.
+        term's unweighted value. soft_iou, psnr: means over its views with a silhouette / color
+        (``None`` when there is none) of the soft render it drew (see
+        :class:`~microdr.losses.Metrics`). iou, held_out_iou, held_out_psnr: the means of
+        :class:`~microdr.losses.Metrics` ``iou`` over every fit view and ``iou`` and ``psnr``
+        over every held-out view, of the parameters it rendered, at the iterations that measure
+        them (the first and about ``microdr.optimize.MEASURES`` more, evenly spaced, the last
+        included), else ``None``. lr, sigma: the
+        values it used. seconds: the run's optimization time so far, the measuring included.
+        images: ``(B, 4, H, W)`` its renders, detached.
     """
 
     iteration: int
@@ -40,6 +46,9 @@ class Step:
     sigma: float
     seconds: float
     images: torch.Tensor = field(repr=False)
+    soft_iou: float | None = None
+    held_out_iou: float | None = None
+    held_out_psnr: float | None = None
 
     def row(self) -> dict[str, float | int | None]:
         """The numbers of one line of ``metrics.csv``."""
@@ -48,7 +57,10 @@ class Step:
             "loss": self.loss,
             **self.terms,
             "iou": self.iou,
+            "soft_iou": self.soft_iou,
             "psnr": self.psnr,
+            "held_out_iou": self.held_out_iou,
+            "held_out_psnr": self.held_out_psnr,
             "lr": self.lr,
             "sigma": self.sigma,
             "seconds": self.seconds,
@@ -74,7 +86,12 @@ class Result:
     scene: the optimized scene (see :meth:`microdr.optimize.Parameters.solved_scene`);
         :attr:`meshes` and :attr:`colors` are its meshes' geometry and albedo.
     images, start_images: ``(N, 4, H, W)`` float32 CPU renders of every camera at the end and at
-        the start, both with the final sigma. metrics, start_metrics: their quality.
+        the start, both with the final sigma.
+    metrics, start_metrics: the quality (:class:`~microdr.losses.Metrics`) of the fit views, the
+        cameras whose targets the loss saw, at the end (the meshes of ``scene``, as written to
+        ``mesh.obj``) and at the start. held_out_metrics, start_held_out_metrics: the same of the
+        held-out views, ``None`` when none is held out.
+    held_out: the cameras whose targets never entered the loss (``optimize.holdout``), increasing.
     history: the run's rows and frames. iterations: how many finished. seconds: optimization
         time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
         Ctrl-C (KeyboardInterrupt). stopped: the message of the
@@ -92,6 +109,9 @@ class Result:
     backend: str
     interrupted: bool
     stopped: str | None = None
+    held_out: tuple[int, ...] = ()
+    held_out_metrics: Metrics | None = None
+    start_held_out_metrics: Metrics | None = None
 
     @property
     def meshes(self) -> list[Mesh]:

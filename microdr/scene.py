@@ -218,7 +218,11 @@ class OptimizeSettings:
       held here as ``(s0, s1)``; default ``None``: chosen by the optimizer
       (``microdr.optimize.resolve_settings``).
     - ``views_per_step``: how many cameras, drawn at random, each iteration renders, an integer
-      from 1 to the number of cameras; default ``None``: all of them.
+      from 1 to the number of cameras to fit (not held out); default ``None``: all of them.
+    - ``holdout``: cameras whose targets never enter the loss, only the metrics (held-out
+      views): ``"odd"`` (cameras 1, 3, 5, ...), ``"even"`` (0, 2, 4, ...), ``"every:K"`` (0, K,
+      2K, ..., K >= 2) or an array of distinct camera indices; at least one camera must be left
+      to fit (:func:`held_out_views`). Default ``None``: none.
     """
 
     parameters: tuple[str, ...] | None = None
@@ -231,6 +235,7 @@ class OptimizeSettings:
     iterations: int = 1000
     sigma_schedule: tuple[float, float] | None = None
     views_per_step: int | None = None
+    holdout: str | tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -537,17 +542,69 @@ def _optimize(node: _Node, cameras: int) -> OptimizeSettings:
     settings = OptimizeSettings(
         **{key: read(optimize[key]) for key, read in _OPTIMIZE_READERS.items()}
     )
-    if settings.views_per_step is not None and settings.views_per_step > cameras:
-        optimize["views_per_step"].expected(f"at most the number of cameras ({cameras})")
+    problem = views_problem(settings, cameras)
+    if problem is not None:
+        key, message = problem
+        optimize[key].fail(message)
     return settings
 
 
+def held_out_views(holdout: str | Sequence[int] | None, cameras: int) -> tuple[int, ...]:
+    """The cameras, increasing, that ``optimize.holdout`` ``holdout`` names among ``cameras``
+    (indices out of range included, for :func:`views_problem` to report)."""
+    if holdout is None:
+        return ()
+    if not isinstance(holdout, str):
+        return tuple(sorted(holdout))
+    if holdout in ("odd", "even"):
+        return tuple(range(holdout == "odd", cameras, 2))
+    return tuple(range(0, cameras, int(holdout.removeprefix("every:"))))
+
+
+def views_problem(settings: OptimizeSettings, cameras: int) -> tuple[str, str] | None:
+    """What is wrong with ``settings``' ``holdout`` or ``views_per_step`` for a scene of
+    ``cameras`` cameras, as ``(key, message)``: a held-out camera that does not exist, no camera
+    left to fit, more views per step than cameras to fit; ``None`` if nothing is."""
+    held_out = held_out_views(settings.holdout, cameras)
+    if held_out and held_out[-1] >= cameras:
+        last = cameras - 1
+        return "holdout", f"camera {held_out[-1]} does not exist: the cameras are 0 to {last}"
+    fit = cameras - len(held_out)
+    if fit == 0:
+        return "holdout", "holds out every camera: none is left to fit"
+    steps = settings.views_per_step
+    if steps is not None and steps > fit:
+        what = "cameras to fit, not held out" if held_out else "cameras"
+        return "views_per_step", f"expected at most the number of {what} ({fit}), got {steps}"
+    return None
+
+
 def override_optimize(
-    settings: OptimizeSettings, key: str, value: object, source: str
+    settings: OptimizeSettings, key: str, value: object, source: str, cameras: int | None = None
 ) -> OptimizeSettings:
     """``settings`` with field ``key`` read from ``value`` as if the ``optimize`` section gave it,
-    with the same checks; errors name ``source`` (a flag such as ``--lr``) instead of the file."""
-    return replace(settings, **{key: _OPTIMIZE_READERS[key](_Node(value, source))})
+    with the same checks (against a scene of ``cameras`` cameras, if given); errors name
+    ``source`` (a flag such as ``--lr``) instead of the file."""
+    settings = replace(settings, **{key: _OPTIMIZE_READERS[key](_Node(value, source))})
+    problem = None if cameras is None else views_problem(settings, cameras)
+    if problem is not None:
+        theirs, message = problem
+        if theirs != key:  # the holdout left too few cameras for the file's views_per_step
+            fit = cameras - len(held_out_views(settings.holdout, cameras))
+            message = (
+                f"the cameras left to fit ({fit}) are fewer than optimize.views_per_step "
+                f"({settings.views_per_step})"
+            )
+        raise InputError(source, "", message)
+    return settings
+
+
+def holdout_from_text(text: str) -> str | list[int]:
+    """``optimize.holdout`` as a command line gives it: ``"3,7,11"`` (or ``"5"``) is the array
+    of those indices, any other text the string as the scene file would have it."""
+    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
+        return [int(index) for index in text.split(",")]
+    return text
 
 
 def _optimized_parameters(node: _Node) -> tuple[str, ...] | None:
@@ -581,6 +638,24 @@ def _sigma_schedule(node: _Node) -> tuple[float, float] | None:
     return schedule["start"].number(_POSITIVE), schedule["end"].number(_POSITIVE)
 
 
+def _holdout(node: _Node) -> str | tuple[int, ...] | None:
+    if not node.given:
+        return _DEFAULT_OPTIMIZE.holdout
+    if isinstance(node.value, list):
+        indices: list[int] = []
+        for item in node.array(min_length=1):
+            index = item.integer(_Interval(0))
+            if index in indices:
+                item.fail(f"camera {index} is listed twice")
+            indices.append(index)
+        return tuple(indices)
+    if isinstance(node.value, str):
+        every = re.fullmatch(r"every:(\d+)", node.value)
+        if node.value in ("odd", "even") or (every and int(every[1]) >= 2):
+            return node.value if not every else f"every:{int(every[1])}"
+    node.expected('"odd", "even", "every:K" (K an integer >= 2) or an array of camera indices')
+
+
 _DEFAULT_OPTIMIZE = OptimizeSettings()
 
 #: One reader per field of the ``optimize`` section (and of :func:`override_optimize`); each
@@ -604,6 +679,7 @@ _OPTIMIZE_READERS: dict[str, Callable[[_Node], Any]] = {
     "views_per_step": lambda node: node.integer(
         _Interval(1), default=_DEFAULT_OPTIMIZE.views_per_step
     ),
+    "holdout": _holdout,
 }
 
 

@@ -29,8 +29,9 @@ works without running this script first. The tasks, and the floors a run must re
 ``out/tasks``), then prints a table and exits 1 if a floor is missed. Held-out views: 8 cameras
 at the distance, field of view and target of the task's first camera, at azimuths halfway between
 the fitting ones (22.5 + 45 k degrees) and elevations 10, 65, -10, -65 degrees in turn, so that
-the shape is also judged from nearly above and below. Their IoU compares the silhouettes (alpha
-thresholded at 0.5) of the truth and the result.
+the shape is also judged from nearly above and below. Every IoU is the hard one of
+``metrics.json`` (:class:`microdr.losses.Metrics`): the pixels whose center the result's mesh
+covers against the target's alpha > 0.5; on the held-out views the target is the truth's render.
 
 ``--pictures`` (implies ``--run``) writes ``scenes/previews/task_<task>.png``: truth | start |
 result, fitting view 0 above held-out view 1 (from 65 degrees up), at 128 x 128. Silhouette
@@ -53,10 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from microdr.files import write_files  # noqa: E402
 from microdr.images import encode_png, grid, to_uint8  # noqa: E402
-from microdr.losses import silhouette_iou  # noqa: E402
+from microdr.losses import IOU_THRESHOLD, mask_iou  # noqa: E402
 from microdr.mesh import Mesh, load_obj, save_obj  # noqa: E402
 from microdr.optimize import Result, optimize  # noqa: E402
-from microdr.render import render_scene  # noqa: E402
+from microdr.render import hard_silhouettes, render_scene, scene_faces  # noqa: E402
 from microdr.scene import Camera, DirectionalLight, Lights, Scene, load_scene  # noqa: E402
 from microdr.targets import read_targets  # noqa: E402
 
@@ -171,11 +172,9 @@ def run_task(task: Task, outdir: Path) -> Measured:
     iou_held_out = None
     if task.min_iou is not None:
         cameras = held_out_cameras(scene.cameras[0])
-        truth, solved = (
-            render_scene(replace(s, cameras=cameras))
-            for s in (load_scene(task.truth), result.scene)
-        )
-        iou_held_out = silhouette_iou(solved[:, 3], truth[:, 3]).mean().item()
+        truth = render_scene(replace(load_scene(task.truth), cameras=cameras))
+        covered = hard_silhouettes(scene_faces(result.scene).corners, cameras, result.scene.render)
+        iou_held_out = mask_iou(covered, truth[:, 3] > IOU_THRESHOLD).mean().item()
     return Measured(
         task=task,
         result=result,

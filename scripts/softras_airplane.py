@@ -1,6 +1,6 @@
 """SoftRas's airplane demo as a microDR task: a scene and silhouette targets from its data.
 
-    python scripts/softras_airplane.py [--data DIR] [-o OUTDIR] [--views SPEC] [--check]
+    python scripts/softras_airplane.py [--data DIR] [-o OUTDIR] [--views SPEC] [--holdout SPEC] [--check]
     python scripts/softras_airplane.py --score MESH.obj [--views SPEC]
 
 Reads ``source.npy`` (120 RGBA renders, 64 x 64, made by SoftRas), ``camera.npy`` (distance,
@@ -12,9 +12,12 @@ elevation, azimuth per view) and the template ``sphere_1352.obj`` from ``--data`
 - ``scene.json``: the template, one camera per chosen view, and an ``optimize`` section with
   SoftRas's settings (negative IoU + Laplacian + flatten, Adam lr 0.01, betas 0.5 / 0.99),
   except that each iteration renders a random subset of the views (``--views-per-step``)
-  rather than all of them, for speed.
+  rather than all of them, for speed; with ``--holdout SPEC``, ``optimize.holdout`` is SPEC
+  (``odd``: the scene's odd cameras never enter the loss, only the metrics).
 
-Then ``microdr optimize OUTDIR/scene.json OUTDIR/targets`` recovers the airplane.
+Then ``microdr optimize OUTDIR/scene.json OUTDIR/targets`` recovers the airplane. With all 120
+views and ``--holdout odd`` it fits the 60 even views and scores the 60 odd ones: ``metrics.json``
+``final.held_out``.
 
 ``--score MESH.obj`` writes nothing: it prints the hard silhouette IoU
 (:func:`microdr.render.hard_silhouettes`: exact coverage of pixel centers, against the targets'
@@ -47,7 +50,15 @@ from microdr.files import write_files  # noqa: E402
 from microdr.images import encode_png  # noqa: E402
 from microdr.mesh import Mesh, load_obj, save_obj  # noqa: E402
 from microdr.render import hard_silhouettes, render_faces  # noqa: E402
-from microdr.scene import Camera, RenderSettings  # noqa: E402
+from microdr.errors import InputError  # noqa: E402
+from microdr.scene import (  # noqa: E402
+    Camera,
+    OptimizeSettings,
+    RenderSettings,
+    held_out_views,
+    holdout_from_text,
+    override_optimize,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "softras"
 FOV = 30.0  # SoftRas's viewing_angle = 15 is the half-angle
@@ -68,21 +79,24 @@ def cameras(camera_table: np.ndarray) -> list[Camera]:
 
 
 def parse_views(spec: str, total: int) -> list[int]:
-    """``all``, ``odd``, ``even``, a count ``N`` (N views spread evenly), or a comma list of
-    indices."""
+    """``all``, a count ``N`` (N views spread evenly), or the views that ``optimize.holdout``
+    would name (:func:`microdr.scene.held_out_views`): ``odd``, ``even``, ``every:K``, or a comma
+    list of indices."""
     if spec == "all":
         return list(range(total))
-    if spec in ("odd", "even"):
-        return list(range(spec == "odd", total, 2))
     if "," not in spec and spec.isdigit() and not spec.startswith("0"):
         count = int(spec)
         if not 1 <= count <= total:
             raise SystemExit(f"--views: expected 1 to {total} views, got {count}")
         return sorted({round(i * total / count) % total for i in range(count)})
-    views = [int(v) for v in spec.split(",")]
+    try:
+        named = override_optimize(OptimizeSettings(), "holdout", holdout_from_text(spec), "--views")
+    except InputError as error:
+        raise SystemExit(str(error)) from None
+    views = held_out_views(named.holdout, total)
     if any(not 0 <= v < total for v in views):
         raise SystemExit(f"--views: indices must be in [0, {total})")
-    return views
+    return list(views)
 
 
 def silhouettes(data: Path) -> np.ndarray:
@@ -91,21 +105,36 @@ def silhouettes(data: Path) -> np.ndarray:
     return source[:, 3, :, ::-1].astype(np.float32) / 255.0
 
 
-def scene_json(views: list[int], camera_list: list[Camera], views_per_step: int, iterations: int) -> dict:
+def scene_json(views: list[int], camera_list: list[Camera], views_per_step: int, iterations: int,
+               holdout: str | None = None) -> dict:
+    """The task's scene: one camera per view of ``views``; ``holdout``: its ``optimize.holdout``
+    (as ``--holdout`` gives it, over the scene's cameras), checked here."""
+    optimize = {
+        "parameters": ["vertices"],
+        "vertex_parametrization": "bounded",
+        "loss": {"silhouette_iou": 1.0, "laplacian": 0.03, "flatten": 0.0003},
+        "lr": 0.01,
+        "betas": [0.5, 0.99],
+        "iterations": iterations,
+    }
+    fit = len(views)
+    if holdout is not None:
+        try:
+            settings = override_optimize(
+                OptimizeSettings(), "holdout", holdout_from_text(holdout), "--holdout", len(views)
+            )
+        except InputError as error:
+            raise SystemExit(str(error)) from None
+        held_out = settings.holdout
+        optimize["holdout"] = held_out if isinstance(held_out, str) else list(held_out)
+        fit -= len(held_out_views(held_out, len(views)))
+    optimize["views_per_step"] = min(views_per_step, fit)
     return {
         "image": {"width": SIZE, "height": SIZE},
         "render": {"sigma": SIGMA, "gamma": 1e-4},
         "meshes": [{"file": "template.obj", "color": [0.8, 0.8, 0.8]}],
         "cameras": [{"eye": list(camera_list[v].eye), "fov": FOV} for v in views],
-        "optimize": {
-            "parameters": ["vertices"],
-            "vertex_parametrization": "bounded",
-            "loss": {"silhouette_iou": 1.0, "laplacian": 0.03, "flatten": 0.0003},
-            "lr": 0.01,
-            "betas": [0.5, 0.99],
-            "iterations": iterations,
-            "views_per_step": min(views_per_step, len(views)),
-        },
+        "optimize": optimize,
     }
 
 
@@ -150,7 +179,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SoftRas demo data folder")
     parser.add_argument("-o", "--output", type=Path, default=Path("out/airplane"), help="output folder")
-    parser.add_argument("--views", default="all", help='"all", a count N (evenly spread), or "0,15,30"')
+    parser.add_argument("--views", default="all",
+                        help='"all", a count N (evenly spread), "odd", "even", "every:K" or "0,15,30"')
+    parser.add_argument("--holdout", metavar="SPEC",
+                        help='optimize.holdout: cameras of the scene scored but never fit ("odd", "even", '
+                        '"every:K", "3,7,11")')
     parser.add_argument("--views-per-step", type=int, default=24,
                         help="views rendered per iteration, drawn at random (SoftRas renders all 120)")
     parser.add_argument("--iterations", type=int, default=1000, help="optimizer iterations (SoftRas: 2000)")
@@ -170,7 +203,8 @@ def main() -> None:
         print(f"{args.score}: hard IoU on {len(views)} views ({args.views}): mean {ious.mean():.4f}, "
               f"min {ious.min():.4f} (view {views[int(ious.argmin())]})")
         return
-    write_task(args.data, args.output, views, scene_json(views, camera_list, args.views_per_step, args.iterations))
+    scene = scene_json(views, camera_list, args.views_per_step, args.iterations, args.holdout)
+    write_task(args.data, args.output, views, scene)
     print(f"wrote {args.output}/scene.json, template.obj and {len(views)} targets")
     print(f"next: microdr optimize {args.output}/scene.json {args.output}/targets -o {args.output}/result")
 

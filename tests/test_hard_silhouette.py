@@ -3,8 +3,6 @@ independent rasterizer: numpy, its own look-at camera and edge functions, nothin
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,37 +10,7 @@ import torch
 from microdr.render import hard_silhouettes
 from microdr.scene import Camera, RenderSettings
 
-
-def numpy_hard_silhouettes(corners: np.ndarray, cameras, width: int, height: int) -> np.ndarray:
-    """``(N, H, W)`` bool: pixel centers strictly inside a triangle's projection (either winding),
-    for look-at perspective cameras (vertical ``fov``, image height spanning 2 screen units)."""
-    rows, cols = np.mgrid[0:height, 0:width]
-    px = (2 * cols + 1 - width) / height
-    py = (height - 2 * rows - 1) / height
-    images = []
-    for camera in cameras:
-        eye, target, up = (np.asarray(v, float) for v in (camera.eye, camera.target, camera.up))
-        forward = (target - eye) / np.linalg.norm(target - eye)
-        right = np.cross(forward, up)
-        right /= np.linalg.norm(right)
-        true_up = np.cross(right, forward)
-        offset = corners - eye
-        depth = offset @ forward
-        focal = 1 / math.tan(math.radians(camera.fov) / 2)
-        sx, sy = focal * (offset @ right) / depth, focal * (offset @ true_up) / depth
-        covered = np.zeros((height, width), bool)
-        for (x0, x1, x2), (y0, y1, y2), z in zip(sx, sy, depth):
-            if not (z > camera.near).all():
-                continue
-
-            def edge(ax, ay, bx, by):
-                return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
-
-            w = edge(x1, y1, x2, y2), edge(x2, y2, x0, y0), edge(x0, y0, x1, y1)
-            covered |= (w[0] > 0) & (w[1] > 0) & (w[2] > 0)
-            covered |= (w[0] < 0) & (w[1] < 0) & (w[2] < 0)
-        images.append(covered)
-    return np.stack(images)
+from helpers import numpy_hard_silhouettes
 
 
 def random_case(seed: int):

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from microdr.mesh import load_obj
+from microdr.optimize import Optimization
 from microdr.render import render_faces
 from microdr.scene import RenderSettings, load_scene
+from microdr.targets import read_targets
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "softras"
@@ -77,3 +79,18 @@ def test_score_is_the_hard_iou_of_the_mesh_on_the_chosen_views(capsys, monkeypat
     monkeypatch.setattr(sys, "argv", ["softras_airplane.py", "--data", str(DATA), "--score", str(DATA / "plane.obj"), "--views", "odd"])
     softras_airplane.main()
     assert f"mean {hard.mean():.4f}, min {hard.min():.4f}" in capsys.readouterr().out
+
+
+def test_holdout_odd_fits_the_even_views_and_scores_the_odd_ones(tmp_path, monkeypatch):
+    arguments = ["softras_airplane.py", "--data", str(DATA), "-o", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*arguments, "--holdout", "odd"])
+    softras_airplane.main()
+    scene = load_scene(tmp_path / "scene.json")
+    assert len(scene.cameras) == len(list((tmp_path / "targets").iterdir())) == 120
+    assert scene.optimize.holdout == "odd" and scene.optimize.views_per_step == 24
+    run = Optimization(scene, read_targets([str(tmp_path / "targets")], 120, (64, 64)))
+    assert run.fit == tuple(range(0, 120, 2)) and run.held_out == tuple(range(1, 120, 2))
+    # A held-out split that leaves fewer views to fit than are drawn per step draws them all.
+    monkeypatch.setattr(sys, "argv", [*arguments, "--views", "8", "--holdout", "every:2"])
+    softras_airplane.main()
+    assert load_scene(tmp_path / "scene.json").optimize.views_per_step == 4
