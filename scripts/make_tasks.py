@@ -23,11 +23,15 @@ works without running this script first. The tasks, and the floors a run must re
   ``sigma = 1e-4`` edges are a third of a pixel wide, so a silhouette off by a fraction of a
   pixel flips whole pixels between a color and the black background; nearly all of the error
   is within two pixels of the silhouette.
+- ``cow``: Keenan Crane's spot (``scenes/meshes/spot.obj``) from a level-4 icosphere, 24
+  silhouettes at 128 x 128 of which the scene holds out the 12 odd ones (``optimize.holdout``):
+  they never enter the loss. Mean IoU >= 0.92 on the 12 fitting and the 12 held-out views.
 
 ``--run`` runs each task as ``microdr optimize`` does (targets read from the files, the scene's
 ``optimize`` section, seed 0), writing the usual outputs into ``OUT/<task>/`` (default
 ``out/tasks``), then prints a table and exits 1 if a floor is missed. Held-out views: 8 cameras
-at the distance, field of view and target of the task's first camera, at azimuths halfway between
+(unless the scene holds out its own, as the cow does: then those and their targets) at the
+distance, field of view and target of the task's first camera, at azimuths halfway between
 the fitting ones (22.5 + 45 k degrees) and elevations 10, 65, -10, -65 degrees in turn, so that
 the shape is also judged from nearly above and below. Every IoU is the hard one of
 ``metrics.json`` (:class:`microdr.losses.Metrics`): the pixels whose center the result's mesh
@@ -48,9 +52,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait policy)
+import torch  # noqa: E402
 
 from microdr.files import write_files  # noqa: E402
 from microdr.images import encode_png, grid, to_uint8  # noqa: E402
@@ -104,6 +110,7 @@ TASKS = (
     Task("colors", min_psnr=40.0),
     Task("ellipsoid", min_iou=0.95),
     Task("shape_color", min_iou=0.95, min_psnr=24.0),
+    Task("cow", min_iou=0.92),
 )
 
 
@@ -170,7 +177,9 @@ def run_task(task: Task, outdir: Path) -> Measured:
     )
     result = optimize(scene, targets, outdir=outdir)
     iou_held_out = None
-    if task.min_iou is not None:
+    if result.held_out_metrics is not None:
+        iou_held_out = result.held_out_metrics.mean_iou
+    elif task.min_iou is not None:
         cameras = held_out_cameras(scene.cameras[0])
         truth = render_scene(replace(load_scene(task.truth), cameras=cameras))
         covered = hard_silhouettes(scene_faces(result.scene).corners, cameras, result.scene.render)
