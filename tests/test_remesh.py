@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from test_optimize import interrupt_at, parse, resume_task, scene_data
 
-from microdr.mesh import cube, icosphere, plane
+from microdr.checkpoint import read_checkpoint
+from microdr.errors import InputError
+from microdr.mesh import cube, icosphere, load_obj, plane
+from microdr.optimize import CHECKPOINT, Optimization, optimize, resolve_settings
 from microdr.remesh import Remeshed, closed_manifold_problem, remesh
+from microdr.render import render_scene
+from microdr.scene import RemeshSettings
+from microdr.targets import Targets
 
 
 def directed_edges(faces: torch.Tensor) -> torch.Tensor:
@@ -151,3 +160,100 @@ def test_open_or_bad_meshes_are_refused():
     assert "orientation" in closed_manifold_problem(flipped, sphere.num_vertices)
     with pytest.raises(ValueError, match="edge_length must be > 0"):
         remesh(sphere.vertices, sphere.faces, 0.0)
+
+
+# --- remeshing during an optimization ----------------------------------------------------------
+
+
+def remeshing_task(tmp_path):
+    """test_optimize's resume task (random views, free vertices, colors and scale, schedules)
+    with a remesh every 3 of its 12 iterations."""
+    scene, targets = resume_task(tmp_path)
+    remeshing = replace(scene.optimize, remesh=RemeshSettings((0.3, 0.2), every=3, until=0.9))
+    return replace(scene, optimize=remeshing), targets
+
+
+def test_a_remeshing_run_resumes_to_the_uninterrupted_result_and_writes_a_closed_mesh(tmp_path):
+    scene, targets = remeshing_task(tmp_path)
+    whole = optimize(scene, targets, outdir=tmp_path / "whole")
+    partial = optimize(scene, targets, outdir=tmp_path / "part", callback=interrupt_at(6))
+    assert partial.iterations == 7
+    resumed = optimize(scene, targets, outdir=tmp_path / "part", resume=True)
+    assert torch.equal(resumed.images, whole.images)
+    assert (tmp_path / "part" / "mesh.obj").read_bytes() == (
+        tmp_path / "whole" / "mesh.obj"
+    ).read_bytes()
+    expected = read_checkpoint(tmp_path / "whole" / CHECKPOINT)
+    actual = read_checkpoint(tmp_path / "part" / CHECKPOINT)
+    for name, tensor in expected["parameters"].items():
+        assert torch.equal(actual["parameters"][name], tensor), name
+    for index, moments in expected["adam"]["state"].items():
+        assert torch.equal(actual["adam"]["state"][index]["m"], moments["m"])
+        assert torch.equal(actual["adam"]["state"][index]["v"], moments["v"])
+    # The mesh was remade (icosphere level 1 has 80 faces), closed and outward.
+    mesh = load_obj(tmp_path / "whole" / "mesh.obj")
+    assert mesh.num_faces != 80
+    assert_closed_oriented(mesh.faces, mesh.num_vertices)
+    assert euler_characteristic(mesh.faces) == 2
+    assert volume(mesh.vertices.double(), mesh.faces) > 0
+    assert len(whole.scene.meshes[0].colors) == mesh.num_vertices
+
+
+def test_a_remesh_carries_adams_moments_and_the_colors_through_the_vertex_map(tmp_path):
+    scene, targets = remeshing_task(tmp_path)
+    run = Optimization(scene, targets)
+    for _ in range(2):
+        run.step()
+    names = [name for name, _ in run.parameters.named_parameters()]
+    moments = run.optimizer.state[names.index("displacement")]["m"].clone()
+    logits = run.parameters.color_logits[0].detach().clone()
+    deformed, faces = run.parameters.deformed().detach(), run.parameters.start.faces
+    run._remesh(0.3)  # what the third iteration ends with
+    expected = remesh(deformed, faces, 0.3)
+    assert torch.equal(run.parameters.start.vertices, expected.vertices)
+    assert torch.equal(run.parameters.start.faces, expected.faces)
+    assert torch.equal(run.parameters.displacement, torch.zeros_like(expected.vertices))
+    carried = run.optimizer.state[names.index("displacement")]["m"]
+    assert torch.allclose(carried, expected.vertex_map.to_dense().float() @ moments, atol=1e-7)
+    assert torch.allclose(run.parameters.color_logits[0], expected.carry(logits))
+    assert run.parameters.topology.degree.shape == (len(expected.vertices),)
+    assert run.step().loss > 0  # the new mesh renders
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vertex_parametrization": "bounded"},
+         'scene.json: optimize.remesh: remeshing needs vertex_parametrization "offset"'),
+        ({"parameters": ["scale"]},
+         'scene.json: optimize.remesh: remeshing needs "vertices" among the parameters'),
+        ({"remesh": {"edge_length": [0.1]}},
+         "scene.json: optimize.remesh.edge_length: expected an array of 2 numbers, got [0.1]"),
+        ({"remesh": {"edge_length": 0.1, "every": 0}},
+         "scene.json: optimize.remesh.every: expected an integer >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_settings_that_cannot_remesh_are_refused_in_one_line(change, message):
+    data = {**scene_data(), "optimize": {"remesh": {"edge_length": 0.2}, **change}}
+    with pytest.raises(InputError) as error:
+        scene = parse(data)
+        resolve_settings(scene, Targets.from_images(render_scene(scene)[:, 3:]))
+    assert str(error.value).startswith(message)
+
+
+def test_an_open_mesh_cannot_be_remeshed():
+    data = {**scene_data(), "optimize": {"remesh": {"edge_length": 0.2}}}
+    data["meshes"] = [{"primitive": "plane"}]
+    scene = parse(data)
+    with pytest.raises(InputError, match=r"meshes\[0\]: optimize.remesh needs closed manifold "
+                                         r"meshes, and this one is not: it has a boundary"):
+        resolve_settings(scene, Targets.from_images(render_scene(scene)[:, 3:]))
+
+
+def test_remesh_settings_read_a_length_or_a_schedule():
+    one = parse({**scene_data(), "optimize": {"remesh": {"edge_length": 0.2}}}).optimize.remesh
+    assert one == RemeshSettings((0.2, 0.2), every=25, until=0.8)
+    both = {"edge_length": [0.2, 0.1], "every": 5, "until": 0.5}
+    assert parse({**scene_data(), "optimize": {"remesh": both}}).optimize.remesh == (
+        RemeshSettings((0.2, 0.1), every=5, until=0.5)
+    )
