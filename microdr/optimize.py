@@ -40,6 +40,11 @@ Free parameters (each starts where the scene is):
 - ``light``: the ambient term, each directional light's direction and intensity (intensities
   ``softplus`` of free values, so >= 0). Needs a ``lights`` section.
 - ``camera``: an eye offset ``(3,)`` per camera (target and up stay).
+
+With ``optimize.remesh`` (:class:`~microdr.scene.RemeshSettings`), every few iterations the
+free vertices are baked into the start mesh, which :func:`microdr.remesh.remesh` remakes toward
+a target edge length; the displacement starts over from 0 there, and Adam's moments and the
+colors follow the new vertices and faces.
 """
 
 from __future__ import annotations
@@ -278,7 +283,8 @@ class Parameters(torch.nn.Module):
 
     Built from the scene's world-space triangle soup (:func:`~microdr.render.scene_faces`);
     every quantity that is not free comes from the scene unchanged. All tensors share ``dtype``
-    and ``device``.
+    and ``device``. :meth:`remesh` remakes ``scene``'s meshes (in world space), ``start`` and
+    ``topology``, and the per-vertex and per-face parameters with them.
     """
 
     #: The entry of ``optimize.parameters`` that each attribute serves, to name it in messages.
