@@ -41,6 +41,11 @@ Free parameters (each starts where the scene is):
 - ``light``: the ambient term, each directional light's direction and intensity (intensities
   ``softplus`` of free values, so >= 0). Needs a ``lights`` section.
 - ``camera``: an eye offset ``(3,)`` per camera (target and up stay).
+
+With ``optimize.remesh`` (:class:`~microdr.scene.RemeshSettings`), every few iterations the
+free vertices are baked into the start mesh, which :func:`microdr.remesh.remesh` remakes toward
+a target edge length; the displacement starts over from 0 there, and Adam's moments and the
+colors follow the new vertices and faces.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ from .mesh import Mesh
 from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .raster.cpu import kernels_own_the_cores
-from .render import hard_silhouettes, mesh_albedo, render_faces, scene_faces
+from .remesh import Remeshed, closed_manifold_problem, remesh
+from .render import FaceSoup, hard_silhouettes, mesh_albedo, render_faces, scene_faces
 from .result import GIF_VIEWS, History, Result, Step
 from .scene import (
     LOSS_TERMS,
@@ -204,9 +210,34 @@ def resolve_settings(
     if problem is not None:
         key, message = problem
         raise InputError(scene.source, f"optimize.{key}", message)
+    if settings.remesh is not None:
+        _check_remeshable(scene, parameters, settings.vertex_parametrization)
     if "vertices" in parameters:
         _warn_of_missing_silhouettes(targets)
     return replace(settings, parameters=parameters, loss=loss, sigma_schedule=sigma_schedule)
+
+
+def _check_remeshable(scene: Scene, parameters: tuple[str, ...], parametrization: str) -> None:
+    """Raise unless ``optimize.remesh`` can run: free vertices, offsets, closed manifolds."""
+    if "vertices" not in parameters:
+        raise InputError(
+            scene.source, "optimize.remesh", 'remeshing needs "vertices" among the parameters'
+        )
+    if parametrization != "offset":
+        # Remeshing puts midpoints on the planes where a coordinate is 0, where a bounded
+        # coordinate (sigmoid of logit |v|) cannot move at all, and barely near them.
+        raise InputError(
+            scene.source, "optimize.remesh",
+            'remeshing needs vertex_parametrization "offset": bounded vertices on or near a '
+            "coordinate plane cannot move off it, and remeshing puts vertices there",
+        )  # fmt: skip
+    for index, scene_mesh in enumerate(scene.meshes):
+        problem = closed_manifold_problem(scene_mesh.mesh.faces, scene_mesh.mesh.num_vertices)
+        if problem is not None:
+            raise InputError(
+                scene.source, f"meshes[{index}]",
+                f"optimize.remesh needs closed manifold meshes, and this one is not: {problem}",
+            )  # fmt: skip
 
 
 def _warn_of_missing_silhouettes(targets: Targets) -> None:
@@ -247,6 +278,23 @@ def sigma_at(settings: OptimizeSettings, scene: Scene, iteration: int) -> float:
     return start * (end / start) ** progress
 
 
+def remesh_length(settings: OptimizeSettings, done: int) -> float | None:
+    """The target edge length of the remesh due once ``done`` iterations are done, ``None``
+    when none is: one every ``remesh.every`` iterations up to ``remesh.until`` of them (not
+    after the last), the length geometric from ``edge_length``'s start at the first to its end
+    at the last."""
+    schedule = settings.remesh
+    if schedule is None or done % schedule.every or done >= settings.iterations:
+        return None
+    last = int(schedule.until * settings.iterations) // schedule.every * schedule.every
+    last = min(last, (settings.iterations - 1) // schedule.every * schedule.every)
+    if done > last:
+        return None
+    start, end = schedule.edge_length
+    progress = (done - schedule.every) / max(last - schedule.every, 1)
+    return start * (end / start) ** progress
+
+
 def lr_at(settings: OptimizeSettings, iteration: int) -> float:
     """Adam's learning rate at ``iteration``: constant, or cosine from ``lr`` towards 0."""
     if settings.lr_schedule == "cosine":
@@ -263,7 +311,8 @@ class Parameters(torch.nn.Module):
 
     Built from the scene's world-space triangle soup (:func:`~microdr.render.scene_faces`);
     every quantity that is not free comes from the scene unchanged. All tensors share ``dtype``
-    and ``device``.
+    and ``device``. :meth:`remesh` remakes ``scene``'s meshes (in world space), ``start`` and
+    ``topology``, and the per-vertex and per-face parameters with them.
     """
 
     #: The entry of ``optimize.parameters`` that each attribute serves, to name it in messages.
@@ -280,7 +329,7 @@ class Parameters(torch.nn.Module):
         self.scene = scene
         self.names = settings.parameters
         self.bounded = settings.vertex_parametrization == "bounded"
-        self.start = scene_faces(scene, dtype=dtype, device=device)
+        self._start_at(scene_faces(scene, dtype=dtype, device=device))
         self.centroid = self.start.vertices.mean(dim=0)
         like = self.start.vertices
         if "vertices" in self.names:
@@ -305,6 +354,11 @@ class Parameters(torch.nn.Module):
         if "camera" in self.names:
             self.eye_offsets = torch.nn.Parameter(like.new_zeros(len(scene.cameras), 3))
 
+    def _start_at(self, start: FaceSoup) -> None:
+        """Set the start mesh, and the :class:`~microdr.losses.MeshTopology` of its faces."""
+        self.start = start
+        self.topology = MeshTopology.of(start.faces, len(start.vertices))
+
     def label(self, name: str) -> str:
         """A name from ``named_parameters()`` as messages show it, e.g. ``scale (log_scale)``."""
         return f"{self.FREE[name.split('.')[0]]} ({name})"
@@ -317,14 +371,20 @@ class Parameters(torch.nn.Module):
         named = [(self.label(name), value) for name, value in self.named_parameters()]
         return _first_non_finite([*named, ("the mesh", self.vertices())])
 
-    def vertices(self) -> torch.Tensor:
-        """World-space vertices of all meshes ``(V, 3)``."""
+    def deformed(self) -> torch.Tensor:
+        """World-space vertices of all meshes ``(V, 3)`` with the free vertices applied, before
+        the scale and the translation."""
         vertices = self.start.vertices
         if "vertices" in self.names:
             if self.bounded:
                 vertices = _bounded(vertices, self.displacement, self.center)
             else:
                 vertices = vertices + self.displacement
+        return vertices
+
+    def vertices(self) -> torch.Tensor:
+        """World-space vertices of all meshes ``(V, 3)``."""
+        vertices = self.deformed()
         if "scale" in self.names:
             vertices = self.centroid + (vertices - self.centroid) * self.log_scale.exp()
         if "translation" in self.names:
@@ -400,6 +460,80 @@ class Parameters(torch.nn.Module):
         return replace(
             self.scene, render=render, meshes=tuple(meshes), cameras=cameras, lights=lights
         )
+
+
+    @torch.no_grad()
+    def remesh(self, edge_length: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Bake the free vertices into the start mesh, remesh each mesh toward ``edge_length``
+        (:func:`microdr.remesh.remesh`, one pass) and start the displacement over from 0 there.
+        Colors, fixed or free, per vertex or per face, follow the new vertices (averaged as they
+        were made) and faces (each from the face it was cut from).
+
+        Returns, for each name of ``named_parameters()`` whose values were remade, how to carry
+        a tensor shaped like its old value over to the new one (for Adam's moments).
+        """
+        deformed, results, first, first_face = self.deformed(), [], 0, 0
+        for scene_mesh in self.scene.meshes:
+            count, face_count = scene_mesh.mesh.num_vertices, scene_mesh.mesh.num_faces
+            faces = self.start.faces[first_face : first_face + face_count] - first
+            results.append(remesh(deformed[first : first + count], faces, edge_length))
+            first, first_face = first + count, first_face + face_count
+        counts = [scene_mesh.mesh.num_vertices for scene_mesh in self.scene.meshes]
+        color_carriers = [
+            _colors_carrier(scene_mesh.color_mode, result)
+            for scene_mesh, result in zip(self.scene.meshes, results)
+        ]
+        # The colors kept, not reset: they stay what they were where the surface was.
+        logits = [carry(l.data) for l, carry in zip(self.color_logits, color_carriers)] \
+            if "colors" in self.names else []  # fmt: skip
+        self.load_meshes([
+            {"vertices": result.vertices, "faces": result.faces, "colors": carry(m.colors)}
+            for result, carry, m in zip(results, color_carriers, self.scene.meshes)
+        ])  # fmt: skip
+
+        def carry_vertices(values: torch.Tensor) -> torch.Tensor:
+            parts = values.split(counts)
+            return torch.cat([result.carry(part) for result, part in zip(results, parts)])
+
+        carried = {"displacement": carry_vertices}
+        for index, values in enumerate(logits):
+            self.color_logits[index].data = values
+            carried[f"color_logits.{index}"] = color_carriers[index]
+        return carried
+
+    def meshes(self) -> list[dict[str, torch.Tensor]]:
+        """The start mesh, per mesh: its world-space ``vertices`` (the run's dtype), ``faces``
+        and fixed ``colors``; what a checkpoint of a remeshing run holds (:meth:`load_meshes`)."""
+        vertices = self.start.vertices.split([m.mesh.num_vertices for m in self.scene.meshes])
+        return [
+            {"vertices": v, "faces": m.mesh.faces, "colors": m.colors}
+            for v, m in zip(vertices, self.scene.meshes)
+        ]
+
+    def load_meshes(self, meshes: list[dict[str, torch.Tensor]]) -> None:
+        """Start from ``meshes`` (as :meth:`meshes` gives them), world space: the scene's meshes
+        and the start mesh are remade, the displacement is 0 there, and the free colors are
+        resized to them (their values are for the caller to set)."""
+        self.scene = replace(self.scene, meshes=tuple(
+            replace(scene_mesh, mesh=Mesh(mesh["vertices"].float().cpu(), mesh["faces"].cpu()),
+                    transform=Transform(), colors=mesh["colors"].float().cpu())
+            for scene_mesh, mesh in zip(self.scene.meshes, meshes)
+        ))  # fmt: skip
+        like = self.start.vertices
+        vertices = torch.cat([mesh["vertices"] for mesh in meshes]).to(like)
+        self._start_at(replace(scene_faces(self.scene, dtype=like.dtype, device=like.device),
+                               vertices=vertices))  # fmt: skip
+        self.displacement.data = torch.zeros_like(vertices)
+        if "colors" in self.names:
+            for logits, scene_mesh in zip(self.color_logits, self.scene.meshes):
+                logits.data = logits.new_zeros(scene_mesh.colors.shape)
+
+
+def _colors_carrier(color_mode: str, result: Remeshed) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How per-vertex (``color_mode`` ``"vertex"``) or per-face values follow ``result``."""
+    if color_mode == "vertex":
+        return result.carry
+    return lambda values: values[result.face_map.to(values.device)]
 
 
 def _bounded(start: torch.Tensor, displacement: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -492,9 +626,6 @@ class Optimization:
         self.backend = resolve_backend(backend, self.device)
         self.loss_fn = loss_fn
         self.parameters = Parameters(scene, self.settings, dtype=dtype, device=self.device)
-        self.topology = MeshTopology.of(
-            self.parameters.start.faces, len(self.parameters.start.vertices)
-        )
         self.target_images = targets.images.to(dtype=dtype, device=self.device)
         self.has_rgb = targets.has_rgb.to(self.device)
         self.has_silhouette = targets.has_silhouette.to(self.device)
@@ -553,7 +684,7 @@ class Optimization:
                 views=views,
                 vertices=vertices,
                 faces=self.parameters.start.faces,
-                topology=self.topology,
+                topology=self.parameters.topology,
             )
             terms, weights = self._loss(evaluation)
             total = sum(
@@ -604,7 +735,19 @@ class Optimization:
                 self.history.frames.append(frame)
                 self.history.frame_iterations.append(iteration)
             self.iteration += 1
+            edge_length = remesh_length(self.settings, self.iteration)
+            if edge_length is not None:
+                self._remesh(edge_length)
         return step
+
+    def _remesh(self, edge_length: float) -> None:
+        """Remesh toward ``edge_length`` (:meth:`Parameters.remesh`); Adam's moments of the
+        remade parameters follow their values (a new vertex's are its parents' mean)."""
+        carried = self.parameters.remesh(edge_length)
+        for index, (name, _) in enumerate(self.parameters.named_parameters()):
+            state = self.optimizer.state.get(index)
+            if name in carried and state is not None:
+                state["m"], state["v"] = carried[name](state["m"]), carried[name](state["v"])
 
     def _check_loss_and_gradients(
         self, iteration: int, total: torch.Tensor, terms: dict[str, torch.Tensor]
@@ -742,7 +885,7 @@ class Optimization:
         render = replace(self.scene.render, sigma=sigma)
         everything = torch.arange(len(self.scene.cameras), device=self.device)
         images = self._render(self.parameters.vertices(), everything, sigma).float().cpu()
-        start = self.parameters.start
+        start = scene_faces(self.scene, dtype=self.dtype, device=self.device)
         start_images = (
             render_faces(
                 start.corners,
@@ -756,9 +899,10 @@ class Optimization:
             .cpu()
         )
         solved = self.parameters.solved_scene(sigma)
-        # The final metrics are those of the meshes as written (float32), seen by their cameras.
-        solved_vertices = torch.cat([scene_mesh.mesh.vertices for scene_mesh in solved.meshes])
-        final = self._quality(solved_vertices.to(self.device)[start.faces], solved.cameras, images)
+        # The final metrics are those of the meshes as written (float32, and remeshed, if so),
+        # seen by their cameras.
+        written = scene_faces(solved, dtype=self.dtype, device=self.device)
+        final = self._quality(written.corners, solved.cameras, images)
         begun = self._quality(start.corners, self.scene.cameras, start_images)
         return Result(
             scene=solved,
@@ -815,6 +959,8 @@ class Optimization:
             "adam": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "history": asdict(self.history),
+            # Remeshing changes the start mesh and the shapes of the parameters.
+            **({"meshes": self.parameters.meshes()} if self.settings.remesh else {}),
         }
 
     def load_state_dict(self, state: dict, source: str) -> None:
@@ -856,6 +1002,8 @@ class Optimization:
                 f"{self.settings.iterations} to run; resume with --iterations "
                 f"{state['iteration']} or more",
             )
+        if self.settings.remesh is not None:
+            self.parameters.load_meshes(state["meshes"])
         self.parameters.load_state_dict(state["parameters"])
         self.optimizer.load_state_dict(state["adam"])
         self.generator.set_state(state["generator"])

@@ -191,6 +191,26 @@ class Lights:
 
 
 @dataclass(frozen=True)
+class RemeshSettings:
+    """The ``optimize.remesh`` section: remesh the free mesh every few iterations
+    (:func:`microdr.remesh.remesh`, one pass: split, collapse, flip, tangential smoothing), so
+    that vertices go where the shape needs them; needs ``"vertices"`` among the free parameters
+    and closed manifold meshes.
+
+    - ``edge_length``: the target edge length in world units, > 0: a number, or ``[start, end]``
+      for a length that goes geometrically from ``start`` at the first remesh to ``end`` at the
+      last (coarse to fine); held as ``(start, end)``. Required.
+    - ``every``: remesh after every ``every`` iterations, an integer >= 1; default 25.
+    - ``until``: the fraction of the iterations, in ``(0, 1]``, after which no more remeshing
+      happens (the mesh then settles on the last one's faces); default 0.8.
+    """
+
+    edge_length: tuple[float, float]
+    every: int = 25
+    until: float = 0.8
+
+
+@dataclass(frozen=True)
 class OptimizeSettings:
     """The optional ``optimize`` section.
 
@@ -223,6 +243,8 @@ class OptimizeSettings:
       views): ``"odd"`` (cameras 1, 3, 5, ...), ``"even"`` (0, 2, 4, ...), ``"every:K"`` (0, K,
       2K, ..., K >= 2) or an array of distinct camera indices; at least one camera must be left
       to fit (:func:`held_out_views`). Default ``None``: none.
+    - ``remesh``: remeshing during the run (:class:`RemeshSettings`), ``{"edge_length": L,
+      "every": K, "until": u}``; default ``None``: the start mesh's faces throughout.
     """
 
     parameters: tuple[str, ...] | None = None
@@ -236,6 +258,7 @@ class OptimizeSettings:
     sigma_schedule: tuple[float, float] | None = None
     views_per_step: int | None = None
     holdout: str | tuple[int, ...] | None = None
+    remesh: RemeshSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -654,6 +677,21 @@ def _holdout(node: _Node) -> str | tuple[int, ...] | None:
         if node.value in ("odd", "even") or (every and int(every[1]) >= 2):
             return node.value if not every else f"every:{int(every[1])}"
     node.expected('"odd", "even", "every:K" (K an integer >= 2) or an array of camera indices')
+def _remesh(node: _Node) -> RemeshSettings | None:
+    if not node.given:
+        return _DEFAULT_OPTIMIZE.remesh
+    remesh = node.object(("edge_length", "every", "until"))
+    length = remesh["edge_length"]
+    if isinstance(length.value, list):
+        edge_length = length.vector(2, _POSITIVE)
+    else:
+        edge_length = (length.number(_POSITIVE),) * 2
+    default = RemeshSettings(edge_length)
+    return RemeshSettings(
+        edge_length=edge_length,
+        every=remesh["every"].integer(_Interval(1), default=default.every),
+        until=remesh["until"].number(_Interval(0, 1, open_lo=True), default=default.until),
+    )
 
 
 _DEFAULT_OPTIMIZE = OptimizeSettings()
@@ -680,6 +718,7 @@ _OPTIMIZE_READERS: dict[str, Callable[[_Node], Any]] = {
         _Interval(1), default=_DEFAULT_OPTIMIZE.views_per_step
     ),
     "holdout": _holdout,
+    "remesh": _remesh,
 }
 
 
@@ -777,6 +816,8 @@ def _optimize_json(settings: OptimizeSettings) -> dict[str, Any]:
     if settings.sigma_schedule is not None:
         start, end = settings.sigma_schedule
         data["sigma_schedule"] = {"start": start, "end": end}
+    if settings.remesh is not None:
+        data["remesh"] = {**vars(settings.remesh), "edge_length": list(settings.remesh.edge_length)}
     return data
 
 

@@ -2,6 +2,7 @@
 current pipeline, side by side.
 
     python scripts/airplane_heldout.py [--data DIR] [-o OUTDIR] [--picture PNG] [--only NAME]
+                                       [--optimize JSON]
 
 Each microDR run fits the 60 even views of SoftRas's airplane (``scripts/softras_airplane.py``,
 64 x 64 silhouettes) and is scored on the 60 odd views, which never enter its loss. The score is
@@ -14,7 +15,9 @@ The runs:
 
 - ``microDR before issue 12``: the settings the airplane script wrote before (SoftRas's: sigma
   1e-4 throughout, lr 0.01, betas 0.5 / 0.99, bounded vertices, 1000 iterations of 24 views).
-- ``microDR now``: the scene the airplane script writes now, with microDR's defaults.
+- ``microDR now``: the scene the airplane script writes now, with microDR's defaults; with
+  ``--optimize JSON``, those keys of its ``optimize`` section replaced (e.g. ``'{"remesh":
+  {"edge_length": [0.06, 0.03]}, "vertex_parametrization": "offset"}'``), to try settings.
 
 Writes ``OUTDIR/<run>/`` (each run's task and ``microdr optimize`` outputs) and
 ``OUTDIR/heldout.md`` (the table, also printed); ``--picture`` writes a picture of held-out views:
@@ -26,6 +29,7 @@ threads torch uses here.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -62,13 +66,15 @@ RUNS = {"before": "microDR before issue 12", "now": "microDR now"}
 SHOWN = (1, 31, 61, 91)
 
 
-def fit(data: Path, outdir: Path, name: str) -> tuple[Mesh, float]:
-    """Fit the even views with run ``name``'s settings; the mesh and the optimization seconds."""
+def fit(data: Path, outdir: Path, name: str, changes: dict) -> tuple[Mesh, float]:
+    """Fit the even views with run ``name``'s settings, ``changes`` replacing keys of its
+    ``optimize`` section; the mesh and the optimization seconds."""
     camera_list = airplane.cameras(np.load(data / "camera.npy"))
     even = airplane.parse_views("even", len(camera_list))
     scene_json = airplane.scene_json(even, camera_list, 24, 1000)
     if name == "before":
         scene_json["optimize"] = dict(BEFORE)
+    scene_json["optimize"].update(changes)
     task = outdir / name
     airplane.write_task(data, task, even, scene_json)
     scene = load_scene(task / "scene.json")
@@ -93,6 +99,8 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("out/airplane_heldout"), help="output folder")
     parser.add_argument("--picture", type=Path, help="write a picture of held-out views here (PNG)")
     parser.add_argument("--only", choices=sorted(RUNS), help="run only this microDR configuration")
+    parser.add_argument("--optimize", type=json.loads, default={}, metavar="JSON",
+                        help="an object whose keys replace those of the optimize section of the run now")
     args = parser.parse_args()
     if not (args.data / "source.npy").is_file():
         raise SystemExit(f"{args.data}: no SoftRas demo data here (source.npy); give --data")
@@ -111,7 +119,9 @@ def main() -> None:
 
     meshes = {"SoftRas plane.obj (fit on all 120)": (load_obj(args.data / "plane.obj"), None)}
     for name in [args.only] if args.only else RUNS:
-        meshes[RUNS[name]] = fit(args.data, args.output, name)
+        changes = args.optimize if name == "now" else {}
+        label = RUNS[name] + (f", optimize {json.dumps(changes)}" if changes else "")
+        meshes[label] = fit(args.data, args.output, name, changes)
     rows = [
         "| mesh | faces | held-out IoU, mean | held-out IoU, min | fit IoU, mean | seconds |",
         "| --- | --- | --- | --- | --- | --- |",

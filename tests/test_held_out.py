@@ -106,6 +106,19 @@ def test_metrics_json_iou_is_an_independent_hard_rasterization_of_the_written_me
     assert float(shown[2]) == pytest.approx(held_out, abs=0.02)
 
 
+def test_a_remeshed_run_reports_the_iou_of_the_mesh_it_writes(tmp_path):
+    write_task(tmp_path, iterations=30, remesh={"edge_length": 0.2, "every": 10})
+    out = tmp_path / "out"
+    result = invoke("optimize", tmp_path / "start.json", tmp_path / "targets", "-o", out,
+                    "--holdout", "odd", "--backend", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert load_obj(out / "mesh.obj").num_faces != 320  # the level-2 icosphere's faces
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    want = hard_ious(out / "mesh.obj", out / "scene.json", tmp_path / "targets")
+    for split, cameras in (("fit", [0, 2, 4]), ("held_out", [1, 3, 5])):
+        assert [view["iou"] for view in final[split]["views"]] == want[cameras].tolist()
+
+
 def test_held_out_targets_never_change_the_result_only_its_held_out_metrics():
     scene = parse_scene(scene_data(0.8), "start.json", Path("."))
     images = silhouettes()
