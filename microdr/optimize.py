@@ -98,6 +98,13 @@ from .targets import Targets
 GEOMETRY_PARAMETERS = ("vertices", "translation", "scale", "camera")
 #: SoftRas's regularizer weights for deforming a sphere (``examples/demo_deform.py``).
 DEFAULT_REGULARIZERS = {"laplacian": 0.03, "flatten": 0.0003}
+#: With free vertices and silhouettes alone, SoftRas's Laplacian but no flatten term: flatten
+#: charges every sharp fold, and a thin part such as a wing is two sheets folded at its rim;
+#: seen edge-on it must end thinner than a pixel, which flatten resists. SoftRas's airplane, fit
+#: on 60 views and judged on 60 others (hard IoU, 12 views per iteration, 1500 iterations):
+#: flatten 0.0003 0.928 (min 0.819), 0.0001 0.931 (0.815), none 0.933 (0.846); seeds 1 and 2
+#: without it 0.952 (0.844) and 0.938 (0.867).
+DEFAULT_SILHOUETTE_REGULARIZERS = {"laplacian": 0.03, "flatten": 0.0}
 #: With free vertices and color targets, sigma falls from ``render.sigma`` to this fraction of
 #: it: a photo's edges are sharp, and a soft edge spreads the object's color over the background
 #: (PSNR of a red disc from an icosphere: 27 dB ending at ``render.sigma`` 1e-4, 31 at 1e-5).
@@ -168,9 +175,10 @@ def resolve_settings(
 
     Parameters: ``vertices``, and ``colors`` when a target has color. Loss: ``rgb_l2`` when a
     target has color; ``silhouette_iou`` when one has a silhouette and the geometry is free (or
-    nothing else constrains anything); SoftRas's Laplacian (0.03) and flatten (0.0003) terms
-    when the vertices are free, and edge length (:data:`DEFAULT_RGB_EDGE_LENGTH`) when they are
-    free and a target has color. Sigma schedule, with free vertices: with a target with color,
+    nothing else constrains anything); when the vertices are free, SoftRas's Laplacian (0.03)
+    and, with a target with color, its flatten term (0.0003) and edge length
+    (:data:`DEFAULT_RGB_EDGE_LENGTH`); with silhouettes alone no flatten
+    (:data:`DEFAULT_SILHOUETTE_REGULARIZERS`). Sigma schedule, with free vertices: with a target with color,
     from ``render.sigma`` down to :data:`DEFAULT_FINAL_SIGMA_FRACTION` of it; with silhouettes
     alone, from :data:`DEFAULT_SILHOUETTE_SIGMA_START` to :data:`DEFAULT_SILHOUETTE_SIGMA_END`
     times ``render.sigma``; else none.
@@ -262,7 +270,7 @@ def _default_loss(parameters: tuple[str, ...], has_rgb: bool, has_silhouette: bo
     if has_silhouette and (geometry or not has_rgb):
         loss["silhouette_iou"] = 1.0
     if "vertices" in parameters:
-        loss.update(DEFAULT_REGULARIZERS)
+        loss.update(DEFAULT_REGULARIZERS if has_rgb else DEFAULT_SILHOUETTE_REGULARIZERS)
         if has_rgb:
             loss["edge_length"] = DEFAULT_RGB_EDGE_LENGTH
     return loss

@@ -171,9 +171,8 @@ def test_shape_from_silhouettes(tmp_path):
     start = parse(scene_data(transform={"scale": 0.8}))
     settings = resolve_settings(start, targets, OptimizeSettings(iterations=60, lr=0.02))
     assert settings.parameters == ("vertices",)
-    assert {k: v for k, v in settings.loss.items() if v} == {
-        "silhouette_iou": 1, "laplacian": 0.03, "flatten": 0.0003,
-    }  # fmt: skip
+    # SoftRas's Laplacian; no flatten term, which would keep thin parts thick (see the default).
+    assert {k: v for k, v in settings.loss.items() if v} == {"silhouette_iou": 1, "laplacian": 0.03}
     result = optimize(start, targets, settings)
     losses = [row["loss"] for row in result.history.rows]
     assert losses[-1] < 0.5 * losses[0]
