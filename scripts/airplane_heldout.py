@@ -15,9 +15,10 @@ The runs:
 
 - ``microDR before issue 12``: the settings the airplane script wrote before (SoftRas's: sigma
   1e-4 throughout, lr 0.01, betas 0.5 / 0.99, bounded vertices, 1000 iterations of 24 views).
-- ``microDR now``: the scene the airplane script writes now, with microDR's defaults; with
-  ``--optimize JSON``, those keys of its ``optimize`` section replaced (e.g. ``'{"remesh":
-  {"edge_length": [0.06, 0.03]}, "vertex_parametrization": "offset"}'``), to try settings.
+- ``microDR now``: the scene the airplane script writes now (its ``OPTIMIZE``: microDR's
+  defaults for silhouettes, remeshing, 1000 iterations of 12 views); with ``--optimize JSON``,
+  those keys of its ``optimize`` section replaced (e.g. ``'{"iterations": 1500}'``), to try
+  settings. ``scripts/airplane_experiments.py`` measures each setting on its own.
 
 Writes ``OUTDIR/<run>/`` (each run's task and ``microdr optimize`` outputs) and
 ``OUTDIR/heldout.md`` (the table, also printed); ``--picture`` writes a picture of held-out views:
@@ -60,27 +61,36 @@ BEFORE = {
     "betas": [0.5, 0.99],
     "iterations": 1000,
     "views_per_step": 24,
+    "sigma_schedule": {"start": 1e-4, "end": 1e-4},  # before the default schedule
 }
 RUNS = {"before": "microDR before issue 12", "now": "microDR now"}
 #: Held-out views shown in the picture.
 SHOWN = (1, 31, 61, 91)
 
 
-def fit(data: Path, outdir: Path, name: str, changes: dict) -> tuple[Mesh, float]:
-    """Fit the even views with run ``name``'s settings, ``changes`` replacing keys of its
-    ``optimize`` section; the mesh and the optimization seconds."""
+def now() -> dict:
+    """The ``optimize`` section that the airplane script writes now."""
+    return {**airplane.OPTIMIZE, "iterations": airplane.ITERATIONS, "views_per_step": airplane.VIEWS_PER_STEP}
+
+
+def fit(data: Path, task: Path, section: dict, seed: int = 0) -> tuple[Mesh, float]:
+    """Fit the even views with the airplane script's scene and ``optimize`` section ``section``,
+    writing the task and its outputs into ``task``; the mesh and the optimization seconds."""
     camera_list = airplane.cameras(np.load(data / "camera.npy"))
     even = airplane.parse_views("even", len(camera_list))
-    scene_json = airplane.scene_json(even, camera_list, 24, 1000)
-    if name == "before":
-        scene_json["optimize"] = dict(BEFORE)
-    scene_json["optimize"].update(changes)
-    task = outdir / name
+    scene_json = airplane.scene_json(even, camera_list, airplane.VIEWS_PER_STEP, airplane.ITERATIONS)
+    scene_json["optimize"] = section
     airplane.write_task(data, task, even, scene_json)
     scene = load_scene(task / "scene.json")
     targets = read_targets([str(task / "targets")], len(scene.cameras), (scene.render.width, scene.render.height))
-    result = optimize(scene, targets, outdir=task / "out", force=True)
+    result = optimize(scene, targets, outdir=task / "out", force=True, seed=seed)
     return load_obj(task / "out" / "mesh.obj"), result.seconds
+
+
+def hard_ious(mesh: Mesh, data: Path, views: list[int]) -> np.ndarray:
+    """Per view of ``views``, the hard IoU of ``mesh`` against the airplane's target."""
+    camera_list = airplane.cameras(np.load(data / "camera.npy"))
+    return airplane.hard_iou(mesh, [camera_list[v] for v in views], airplane.silhouettes(data)[views])
 
 
 def overlay(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
@@ -113,21 +123,17 @@ def main() -> None:
     def silhouettes(mesh: Mesh, views: list[int]) -> np.ndarray:
         return hard_silhouettes(mesh.vertices[mesh.faces], [camera_list[v] for v in views], render).numpy()
 
-    def ious(mesh: Mesh, views: list[int]) -> np.ndarray:
-        mine, theirs = silhouettes(mesh, views), targets[views] > 0.5
-        return (mine & theirs).sum((1, 2)) / np.maximum((mine | theirs).sum((1, 2)), 1)
-
     meshes = {"SoftRas plane.obj (fit on all 120)": (load_obj(args.data / "plane.obj"), None)}
     for name in [args.only] if args.only else RUNS:
-        changes = args.optimize if name == "now" else {}
-        label = RUNS[name] + (f", optimize {json.dumps(changes)}" if changes else "")
-        meshes[label] = fit(args.data, args.output, name, changes)
+        section = dict(BEFORE) if name == "before" else {**now(), **args.optimize}
+        label = RUNS[name] + (f", optimize {json.dumps(args.optimize)}" if name == "now" and args.optimize else "")
+        meshes[label] = fit(args.data, args.output / name, section)
     rows = [
         "| mesh | faces | held-out IoU, mean | held-out IoU, min | fit IoU, mean | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, (mesh, seconds) in meshes.items():
-        held_out, fitted = ious(mesh, odd), ious(mesh, even)
+        held_out, fitted = hard_ious(mesh, args.data, odd), hard_ious(mesh, args.data, even)
         time = "—" if seconds is None else f"{seconds:.1f}"
         rows.append(
             f"| {label} | {mesh.num_faces} | {held_out.mean():.3f} | {held_out.min():.3f} "

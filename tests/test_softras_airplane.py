@@ -59,7 +59,10 @@ def test_script_writes_a_scene_microdr_loads(tmp_path, monkeypatch):
     assert float(scene.meshes[0].mesh.vertices.abs().max()) < 0.51  # the sphere, scaled by 0.5
     first = iio.imread(targets[0])
     assert first.shape == (64, 64, 4) and first[..., 3].max() == 255
-    assert json.loads((tmp_path / "scene.json").read_text())["optimize"]["vertex_parametrization"] == "bounded"
+    # The script's recipe, remeshing included, is what the scene holds.
+    section = json.loads((tmp_path / "scene.json").read_text())["optimize"]
+    assert section == {**softras_airplane.OPTIMIZE, "iterations": 1000, "views_per_step": 6}
+    assert scene.optimize.remesh is not None and scene.optimize.vertex_parametrization == "offset"
 
 
 def test_score_is_the_hard_iou_of_the_mesh_on_the_chosen_views(capsys, monkeypatch):
@@ -87,7 +90,7 @@ def test_holdout_odd_fits_the_even_views_and_scores_the_odd_ones(tmp_path, monke
     softras_airplane.main()
     scene = load_scene(tmp_path / "scene.json")
     assert len(scene.cameras) == len(list((tmp_path / "targets").iterdir())) == 120
-    assert scene.optimize.holdout == "odd" and scene.optimize.views_per_step == 24
+    assert scene.optimize.holdout == "odd" and scene.optimize.views_per_step == 12
     run = Optimization(scene, read_targets([str(tmp_path / "targets")], 120, (64, 64)))
     assert run.fit == tuple(range(0, 120, 2)) and run.held_out == tuple(range(1, 120, 2))
     # A held-out split that leaves fewer views to fit than are drawn per step draws them all.
