@@ -57,7 +57,8 @@ NOW = LADDER[4][1]
 # Single changes: (label, optimize section).
 ALTERNATIVES = [
     ("no remeshing, 1500 iterations", {**NO_REMESH, "iterations": 1500}),
-    ("no remeshing, 1500 iterations, flatten 0.0003", {**NO_REMESH, "iterations": 1500, "loss": heldout.BEFORE["loss"]}),
+    ("no remeshing, 1500 iterations, flatten 0.0003",
+     {**NO_REMESH, "iterations": 1500, "loss": heldout.BEFORE["loss"]}),
     ("no remeshing, sigma 1e-3 -> 3e-6", {**NO_REMESH, "sigma_schedule": {"start": 1e-3, "end": 3e-6}}),
     ("no remeshing, Laplacian 0.01", {**NO_REMESH, "loss": {**NO_FLATTEN["loss"], "laplacian": 0.01}}),
     ("no remeshing, cosine learning rate", {**NO_REMESH, "lr_schedule": "cosine"}),
@@ -70,7 +71,8 @@ FIELDS = ("experiment", "seed", "held_out_mean", "held_out_min", "fit_mean", "fa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=airplane.DEFAULT_DATA, help="SoftRas demo data folder")
-    parser.add_argument("-o", "--output", type=Path, default=Path("out/airplane_experiments"), help="output folder")
+    parser.add_argument("-o", "--output", type=Path, default=Path("out/airplane_experiments"),
+                        help="output folder")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each")
     parser.add_argument("--only", default="", help="run only the experiments whose label contains TEXT")
     parser.add_argument("--csv", type=Path, help="write one row per (experiment, seed) here")
