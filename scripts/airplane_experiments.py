@@ -34,8 +34,11 @@ import airplane_heldout as heldout  # noqa: E402
 import softras_airplane as airplane  # noqa: E402
 
 from microdr.files import write_files  # noqa: E402
+from microdr.optimize import DEFAULT_SILHOUETTE_SIGMA_END, DEFAULT_SILHOUETTE_SIGMA_START  # noqa: E402
 
-SCHEDULE = {"sigma_schedule": {"start": 3e-4, "end": 3e-6}}
+#: The default schedule for the airplane's sigma (3e-4 -> 3e-6), as the optimizer computes it.
+SCHEDULE = {"sigma_schedule": {"start": airplane.SIGMA * DEFAULT_SILHOUETTE_SIGMA_START,
+                               "end": airplane.SIGMA * DEFAULT_SILHOUETTE_SIGMA_END}}
 TWELVE_VIEWS = {"views_per_step": 12}
 NO_FLATTEN = {"loss": {"silhouette_iou": 1.0, "laplacian": 0.03, "flatten": 0.0}}
 REMESH = {

@@ -97,3 +97,23 @@ def test_holdout_odd_fits_the_even_views_and_scores_the_odd_ones(tmp_path, monke
     monkeypatch.setattr(sys, "argv", [*arguments, "--views", "8", "--holdout", "every:2"])
     softras_airplane.main()
     assert load_scene(tmp_path / "scene.json").optimize.views_per_step == 4
+
+
+def test_the_experiments_last_rung_is_the_airplane_scripts_recipe(tmp_path, monkeypatch):
+    """airplane_experiments.py spells out what the script's scene leaves to the defaults: once
+    resolved, the two are the same settings (so the README's ladder ends at the script)."""
+    import airplane_experiments
+    import airplane_heldout
+
+    monkeypatch.setattr(sys, "argv", ["softras_airplane.py", "--data", str(DATA), "-o", str(tmp_path), "--views", "even"])
+    softras_airplane.main()
+    scene_file = tmp_path / "scene.json"
+    targets = read_targets([str(tmp_path / "targets")], 60, (64, 64))
+    resolved = []
+    for section in (airplane_heldout.now(), airplane_experiments.NOW):
+        scene = json.loads(scene_file.read_text())
+        scene["optimize"] = section
+        scene_file.write_text(json.dumps(scene))
+        resolved.append(Optimization(load_scene(scene_file), targets).settings)
+    assert resolved[0] == resolved[1]
+    assert resolved[0].loss["flatten"] == 0 and resolved[0].sigma_schedule == pytest.approx((3e-4, 3e-6))
