@@ -24,7 +24,8 @@ from microdr.raster.cpu_build import cache_path
 from microdr.raster.cuda import CudaTarget, resource_usage
 from microdr.raster.kernels import SoftRasterize
 
-from helpers import Case, assert_matches, run
+from helpers import LANE_SHAPES, Case, assert_matches, run
+from helpers import cpu_lanes as lanes_of_cpu_kernels
 
 F32, F64 = torch.float32, torch.float64
 
@@ -101,17 +102,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=[None, CudaTarget.lanes], ids=["native lanes", "gpu shape"])
-def cpu_lanes(request, monkeypatch):
+@pytest.fixture(params=LANE_SHAPES)
+def cpu_lanes(request):
     """Makes the test's ``backend="cpu"`` renders run with the native lane width, then in the
     GPU's shape (``MICRODR_CPU_LANES=1``); returns the lanes in use."""
-    if request.param is None:
-        monkeypatch.delenv(LANES_VARIABLE, raising=False)
-    else:
-        monkeypatch.setenv(LANES_VARIABLE, str(request.param))
-    lanes = cpu_target().lanes
-    assert request.param in (None, lanes)
-    return lanes
+    with lanes_of_cpu_kernels(request.param):
+        lanes = cpu_target().lanes
+        assert request.param in (None, lanes)
+        yield lanes
 
 
 @pytest.fixture(scope="module")
