@@ -11,7 +11,8 @@ lane) then runs, and is tested against the reference, on a machine without a GPU
 same launch code (kernels.py reads the width from the target). Select it with
 ``cpu_target(lanes=1)``, or for ``backend="cpu"`` and the command line with the environment
 variable ``MICRODR_CPU_LANES=1``; each width is its own library in the build cache. The GPU's
-shape runs several times slower (no SIMD); results agree with the native width's to rounding.
+shape runs about 3.4 times slower (no SIMD: forward and backward of 5,000 small float32 faces at
+256 x 256 took 46 + 49 ms against 13 + 15 ms); results agree with the native width's to rounding.
 
 torch's OpenMP workers (libgomp) spin for a while after each of torch's parallel operations
 unless ``OMP_WAIT_POLICY=PASSIVE`` was set when torch loaded. ``import microdr`` sets it when it

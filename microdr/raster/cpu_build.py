@@ -4,10 +4,11 @@ On machines without a GPU the same ``cuda_src/*.cu`` files are built as an ordin
 library (``cuda_src/portability.h`` maps the CUDA keywords to host code when ``__CUDACC__`` is
 undefined). Builds are cached per user in ``<cache>/kernels/<name>-<sources>-<compiler>.so``:
 ``<sources>`` hashes the sources, flags (with the macros a caller defines, such as
-``MDR_LANES``) and architecture, ``<compiler>`` the compiler and its version, so a stale library is never loaded and an unchanged one is never rebuilt. Next to each
-library, ``<stem>.json`` (written after it) records its sha256: a library whose bytes differ
-(a damaged disk, a partial copy, another file under its name) is rebuilt, never loaded, since
-loading it can kill the process. Without a compiler, a verified library of the same sources
+``MDR_LANES``) and architecture, ``<compiler>`` the compiler and its version, so a stale
+library is never loaded and an unchanged one is never rebuilt. Next to each library,
+``<stem>.json`` (written after it) records its sha256: a library whose bytes differ (a damaged
+disk, a partial copy, another file under its name) is rebuilt, never loaded, since loading it
+can kill the process. Without a compiler, a verified library of the same sources
 and flags is loaded whatever compiler built it. A failed compile leaves ``<stem>.failed``, so
 later runs fail at once with its message instead of compiling again. The source tree is only
 read, so an installed (read-only) package works.
