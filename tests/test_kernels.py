@@ -178,6 +178,7 @@ def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts(cpu_lanes):
 def test_the_gpu_shape_is_a_library_of_its_own(monkeypatch):
     # The widths are told apart by the build cache (a library built with MDR_LANES=1 has its own
     # key), and the variable selects one for backend="cpu".
+    monkeypatch.delenv(LANES_VARIABLE, raising=False)
     native, gpu_shape = cpu_target(), cpu_target(lanes=1)
     assert (native.lanes, gpu_shape.lanes) == (8, 1)  # portability.h's MDR_LANES on CPUs, and the GPU's
     assert gpu_shape.loaded.build.path != native.loaded.build.path
