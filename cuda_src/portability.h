@@ -45,8 +45,11 @@
 #define MDR_DEVICE inline __attribute__((always_inline))
 // Work items take MDR_LANES adjacent pixels, and their loops over them (marked MDR_SIMD) become
 // SIMD instructions: 8 floats fill one AVX register, 8 doubles two (cpu_build.py picks AVX2
-// where the CPU has it).
+// where the CPU has it). -DMDR_LANES=1 builds the GPU's shape instead, one pixel per work item,
+// so that its indexing runs and is tested without a GPU (microdr/raster/cpu.py, cpu_target).
+#ifndef MDR_LANES
 #define MDR_LANES 8
+#endif
 #define MDR_SIMD _Pragma("omp simd")  // needs -fopenmp-simd (the pragma alone, no runtime)
 // A lane loop that adds up into var.
 #define MDR_PRAGMA(text) _Pragma(#text)

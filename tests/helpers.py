@@ -3,13 +3,22 @@ independent hard rasterizer."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 
 import numpy as np
+import pytest
 import torch
 
 from microdr.raster import SoftRasSettings, rasterize
+from microdr.raster.cpu import LANES_VARIABLE
+from microdr.raster.cuda import CudaTarget
+
+#: The CPU kernels' lane widths the kernel tests run: the native one (a SIMD vector of adjacent
+#: pixels per work item) and the GPU's (one pixel per work item), as pytest params.
+LANE_SHAPES = [pytest.param(None, id="native lanes"), pytest.param(CudaTarget.lanes, id="gpu shape")]
 
 
 @dataclasses.dataclass
@@ -19,6 +28,21 @@ class Case:
     width: int
     height: int
     settings: SoftRasSettings
+
+
+@contextlib.contextmanager
+def cpu_lanes(lanes: int | None):
+    """Within the block, ``backend="cpu"`` runs the CPU kernels built with ``lanes`` adjacent
+    pixels per work item (``None``: the native width), through ``MICRODR_CPU_LANES``."""
+    saved = os.environ.get(LANES_VARIABLE)
+    os.environ[LANES_VARIABLE] = "" if lanes is None else str(lanes)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[LANES_VARIABLE]
+        else:
+            os.environ[LANES_VARIABLE] = saved
 
 
 def run(case: Case, backend: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0):

@@ -79,6 +79,21 @@ def test_key_follows_sources_and_cache_is_reused(cache, src, monkeypatch, capfd)
 
 
 @needs_compiler
+def test_defined_macros_are_part_of_the_key(cache, src):
+    # How the GPU's lane shape is built on the host (MDR_LANES=1): one library per value, each
+    # compiled with its macro, none loaded in place of another.
+    (src / "probe.cu").write_text(PROBE + "#ifndef PROBE_BIAS\n#define PROBE_BIAS 0\n#endif\n"
+                                  'extern "C" int probe_bias() { return PROBE_BIAS; }\n')
+    builds = {bias: cpu_build.load("probe", src_dir=src, defines=() if bias is None else (f"PROBE_BIAS={bias}",))
+              for bias in (None, 1, 7)}
+    assert {bias: loaded.library.probe_bias() for bias, loaded in builds.items()} == {None: 0, 1: 1, 7: 7}
+    assert len({loaded.build.path for loaded in builds.values()}) == 3
+    assert builds[7].build.flags == (*cpu_build.flags(), "-DPROBE_BIAS=7")
+    assert builds[7].build.path == cpu_build.cache_path("probe", src_dir=src, defines=("PROBE_BIAS=7",))
+    assert builds[None].build.path == cpu_build.cache_path("probe", src_dir=src)
+
+
+@needs_compiler
 def test_concurrent_processes_share_one_build(cache, src):
     script = (
         "from microdr.raster.cpu_build import load; "
@@ -279,6 +294,26 @@ def test_info_tells_the_build_in_use(tmp_path):
     assert cached["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
     assert cached["simd"].startswith("AVX2 + FMA") == ("-march=x86-64-v3" in cached["flags"].split())
     assert cached["lanes"] == "8 pixels per work item"  # portability.h's MDR_LANES on CPUs
+
+
+@needs_compiler
+def test_the_command_line_runs_the_gpu_shape_on_request(tmp_path):
+    # MICRODR_CPU_LANES=1: the commands' CPU kernels in the GPU's shape, a library of its own.
+    cache = cpu_build.cache_dir().parent  # the user's: the libraries may be built already
+    native, gpu_shape = (info_rows(run_microdr(["info"], cache, **env).stdout)
+                         for env in ({"MICRODR_CPU_LANES": ""}, {"MICRODR_CPU_LANES": "1"}))
+    assert (native["lanes"], gpu_shape["lanes"]) == ("8 pixels per work item", "1 pixels per work item")
+    assert native["library"] != gpu_shape["library"]
+    scene = tmp_path / "scene.json"
+    scene.write_text(json.dumps(SCENE))
+    result = run_microdr(["render", str(scene), "-o", str(tmp_path / "a.png")], cache, MICRODR_CPU_LANES="1")
+    assert result.returncode == 0, result.stderr
+    assert "microdr: backend cpu: C++ kernels, " in result.stderr and ", 1 lanes" in result.stderr
+    # A bad value is one line and exit code 2, not a silent fall-back to the reference backend.
+    result = run_microdr(["render", str(scene), "-o", str(tmp_path / "b.png")], cache, MICRODR_CPU_LANES="16")
+    assert result.returncode == 2
+    assert result.stderr == ("MICRODR_CPU_LANES='16': expected 1, 2, 4 or 8, the adjacent pixels per CPU work "
+                             "item (1 is the GPU's shape), or unset for the native width\n")
 
 
 SCENE = {

@@ -1,7 +1,9 @@
 """The kernels (cuda_src/softras.cu) against the reference, case by case.
 
-Every case runs the CPU build of the kernels; the same cases run on the GPU (marked ``gpu``)
-where pycuda and a CUDA device exist. Forward values must agree within 1e-5 absolute and every
+Every case runs the CPU build of the kernels twice: with the native lane width (a SIMD vector of
+adjacent pixels per work item) and in the GPU's shape (``MDR_LANES=1``: one pixel per work item,
+as on every CUDA thread), so that the GPU's indexing runs without a GPU. The same cases run on
+the GPU (marked ``gpu``) where pycuda and a CUDA device exist. Forward values must agree within 1e-5 absolute and every
 gradient within 1e-4 of that gradient's largest magnitude; in float64 the agreement is ~1e-12.
 """
 
@@ -15,10 +17,15 @@ import subprocess
 import pytest
 import torch
 
+from microdr.errors import MicroDRError
 from microdr.raster import SoftRasSettings, backend_status, rasterize
-from microdr.raster.cuda import resource_usage
+from microdr.raster.cpu import LANES_VARIABLE, cpu_target
+from microdr.raster.cpu_build import cache_path
+from microdr.raster.cuda import CudaTarget, resource_usage
+from microdr.raster.kernels import SoftRasterize
 
-from helpers import Case, assert_matches, run
+from helpers import LANE_SHAPES, Case, assert_matches, run
+from helpers import cpu_lanes as lanes_of_cpu_kernels
 
 F32, F64 = torch.float32, torch.float64
 
@@ -95,18 +102,28 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=LANE_SHAPES)
+def cpu_lanes(request):
+    """Makes the test's ``backend="cpu"`` renders run with the native lane width, then in the
+    GPU's shape (``MICRODR_CPU_LANES=1``); returns the lanes in use."""
+    with lanes_of_cpu_kernels(request.param):
+        lanes = cpu_target().lanes
+        assert request.param in (None, lanes)
+        yield lanes
+
+
 @pytest.fixture(scope="module")
 def reference_results():
     return {name: run(make_case(name), "reference", F64) for name in CASES}
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_cpu_kernels_match_reference_float64(name, reference_results):
+def test_cpu_kernels_match_reference_float64(name, reference_results, cpu_lanes):
     assert_matches(run(make_case(name), "cpu", F64), reference_results[name], 1e-10, 1e-8)
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_cpu_kernels_match_reference_float32(name, reference_results):
+def test_cpu_kernels_match_reference_float32(name, reference_results, cpu_lanes):
     case = make_case(name)
     if case.settings.gamma < 1e-3:
         # In float32, zhat carries ~6e-8 of rounding; exp(zhat / gamma) turns that into a relative
@@ -115,7 +132,7 @@ def test_cpu_kernels_match_reference_float32(name, reference_results):
     assert_matches(run(case, "cpu", F32), reference_results[name], 1e-5, 1e-4)
 
 
-def test_zero_area_faces_get_no_gradient():
+def test_zero_area_faces_get_no_gradient(cpu_lanes):
     image, grad_verts, grad_attrs = run(make_case("zero-area"), "cpu", F64)
     assert torch.equal(grad_verts[0, :4], torch.zeros_like(grad_verts[0, :4]))
     assert torch.equal(grad_attrs[0, :4], torch.zeros_like(grad_attrs[0, :4]))
@@ -131,7 +148,7 @@ def test_kernels_draw_something_in_every_case():
 
 
 @pytest.mark.parametrize("perspective", [True, False])
-def test_gradcheck_cpu_kernels(perspective):
+def test_gradcheck_cpu_kernels(perspective, cpu_lanes):
     # The hand-written backward against finite differences of the kernel's own forward. The
     # cut-off (a step of eps_d) is pushed below gradcheck's tolerance.
     g = torch.Generator().manual_seed(7)
@@ -143,7 +160,7 @@ def test_gradcheck_cpu_kernels(perspective):
     )
 
 
-def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts():
+def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts(cpu_lanes):
     case = make_case("random mesh")
     threads = torch.get_num_threads()
     try:
@@ -156,6 +173,50 @@ def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_the_gpu_shape_is_a_library_of_its_own(monkeypatch):
+    # The widths are told apart by the build cache (a library built with MDR_LANES=1 has its own
+    # key), and the variable selects one for backend="cpu".
+    monkeypatch.delenv(LANES_VARIABLE, raising=False)
+    native, gpu_shape = cpu_target(), cpu_target(lanes=1)
+    assert (native.lanes, gpu_shape.lanes) == (8, 1)  # portability.h's MDR_LANES on CPUs, and the GPU's
+    assert gpu_shape.loaded.build.path != native.loaded.build.path
+    assert "-DMDR_LANES=1" in gpu_shape.loaded.build.flags
+    assert not any(flag.startswith("-DMDR_LANES") for flag in native.loaded.build.flags)
+    assert cache_path(defines=("MDR_LANES=1",)) == gpu_shape.loaded.build.path
+    assert cache_path() == native.loaded.build.path
+    monkeypatch.setenv(LANES_VARIABLE, "1")
+    assert cpu_target() is gpu_shape
+
+
+def test_the_shapes_render_alike():
+    # Same math in another order (the backward's lane sums): equal to rounding, far closer than
+    # either is to the reference.
+    case = make_case("random mesh")
+    native, gpu_shape = (run_on(cpu_target(lanes), case) for lanes in (None, 1))
+    for a, b in zip(native, gpu_shape, strict=True):
+        assert (a - b).abs().max() <= 1e-13 * b.abs().max()
+
+
+def run_on(target, case):
+    """``run(case, "cpu", F64)`` with this CPU target (a lane width) instead of the default."""
+    verts, attrs = (t.clone().requires_grad_() for t in (case.verts, case.attrs))
+    image = SoftRasterize.apply(verts, attrs, case.width, case.height, case.settings, target)
+    projection = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    (image * projection).sum().backward()
+    return image.detach(), verts.grad, attrs.grad
+
+
+@pytest.mark.parametrize("value", ["3", "eight", "0", "-1"])
+def test_a_bad_lane_count_is_refused_not_ignored(value, monkeypatch):
+    monkeypatch.setenv(LANES_VARIABLE, value)
+    case = make_case("random mesh")
+    for backend in ("cpu", "auto"):  # auto must not fall back to the reference for a typo
+        with pytest.raises(MicroDRError, match=f"MICRODR_CPU_LANES='{value}': expected 1, 2, 4 or 8"):
+            rasterize(case.verts, case.attrs, case.width, case.height, case.settings, backend=backend)
+    with pytest.raises(MicroDRError, match="lanes=3: the CPU kernels take 1, 2, 4 or 8 adjacent pixels"):
+        cpu_target(lanes=3)
 
 
 # ---------------------------------------------------------------------------------------------

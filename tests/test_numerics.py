@@ -18,11 +18,12 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import Case, assert_matches, run
+from helpers import LANE_SHAPES, Case, assert_matches, cpu_lanes, run
 from microdr.camera import CameraTensors
 from microdr.defaults import SMALLEST_EPS_D, SMALLEST_GAMMA
 from microdr.conventions import signed_area2
 from microdr.raster import SoftRasSettings, rasterize
+from microdr.raster.cuda import CudaTarget
 from microdr.raster.reference import coordinate_limit
 from microdr.render import render_faces
 from microdr.scene import Camera, DirectionalLight, Lights, RenderSettings
@@ -200,9 +201,12 @@ def test_the_smallest_gamma_and_eps_d_a_scene_may_set_stay_finite(gamma, eps_d, 
     assert_sane(image, gradients, case.attrs, background_of(case.settings, case.attrs.shape[-1]))
 
 
+@pytest.mark.parametrize("lanes", LANE_SHAPES)
 @pytest.mark.parametrize("name", RASTER_CASES)
-def test_rasterize_cpu_matches_reference(name):
-    assert_matches(raster_result(name, "cpu", F64), raster_result(name, "reference", F64), FORWARD_ATOL, GRAD_RTOL)
+def test_rasterize_cpu_matches_reference(name, lanes):
+    with cpu_lanes(lanes):
+        result = raster_result(name, "cpu", F64) if lanes is None else run(raster_case(name), "cpu", F64)
+    assert_matches(result, raster_result(name, "reference", F64), FORWARD_ATOL, GRAD_RTOL)
 
 
 def test_cases_draw_what_they_should():
@@ -447,10 +451,13 @@ def agreement_tolerances(case: Case) -> tuple[float, float, bool]:
 @given(random_cases())
 def test_random_scenes(case):
     results = {(backend, dtype): run(case, backend, dtype) for backend in BACKENDS for dtype in (F64, F32)}
+    with cpu_lanes(CudaTarget.lanes):  # the CPU kernels in the GPU's shape too
+        results["cpu, gpu shape", F64] = run(case, "cpu", F64)
     for image, *gradients in results.values():
         assert_sane(image, gradients, case.attrs, background_of(case.settings, case.attrs.shape[-1]))
     image_atol, grad_rtol, comparable = agreement_tolerances(case)
     if comparable:
-        assert_matches(results["cpu", F64], results["reference", F64], image_atol, grad_rtol)
+        for shape in ("cpu", "cpu, gpu shape"):
+            assert_matches(results[shape, F64], results["reference", F64], image_atol, grad_rtol)
     else:
         event("sliver or speck: finite and in range, not compared")

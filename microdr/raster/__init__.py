@@ -114,7 +114,10 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "cpu":
         if device.type != "cpu":
             return f"it runs on CPU tensors, these are on {device}"
-        return _cpu_build_error()
+        from .cpu import requested_lanes
+
+        # A bad MICRODR_CPU_LANES raises here: a typo must not fall back to the reference.
+        return _cpu_build_error(requested_lanes())
     from .cuda import cuda_unavailable_reason
 
     if device.type != "cuda":
@@ -135,11 +138,11 @@ def _warn_of_fallback(wanted: str, reason: str) -> None:
 
 
 @functools.cache
-def _cpu_build_error() -> str | None:
+def _cpu_build_error(lanes: int | None) -> str | None:
     from .cpu import cpu_target
 
     try:
-        cpu_target()
+        cpu_target(lanes)
     except MicroDRError as error:
         return str(error)
     return None

@@ -3,11 +3,12 @@
 On machines without a GPU the same ``cuda_src/*.cu`` files are built as an ordinary shared
 library (``cuda_src/portability.h`` maps the CUDA keywords to host code when ``__CUDACC__`` is
 undefined). Builds are cached per user in ``<cache>/kernels/<name>-<sources>-<compiler>.so``:
-``<sources>`` hashes the sources, flags and architecture, ``<compiler>`` the compiler and its
-version, so a stale library is never loaded and an unchanged one is never rebuilt. Next to each
-library, ``<stem>.json`` (written after it) records its sha256: a library whose bytes differ
-(a damaged disk, a partial copy, another file under its name) is rebuilt, never loaded, since
-loading it can kill the process. Without a compiler, a verified library of the same sources
+``<sources>`` hashes the sources, flags (with the macros a caller defines, such as
+``MDR_LANES``) and architecture, ``<compiler>`` the compiler and its version, so a stale
+library is never loaded and an unchanged one is never rebuilt. Next to each library,
+``<stem>.json`` (written after it) records its sha256: a library whose bytes differ (a damaged
+disk, a partial copy, another file under its name) is rebuilt, never loaded, since loading it
+can kill the process. Without a compiler, a verified library of the same sources
 and flags is loaded whatever compiler built it. A failed compile leaves ``<stem>.failed``, so
 later runs fail at once with its message instead of compiling again. The source tree is only
 read, so an installed (read-only) package works.
@@ -70,6 +71,12 @@ def flags() -> tuple[str, ...]:
     if platform.machine() in ("x86_64", "AMD64") and X86_64_V3 <= _cpu_flags():
         return (*BASE_FLAGS, "-march=x86-64-v3")
     return BASE_FLAGS
+
+
+def build_flags(defines: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """:func:`flags` plus ``-D<define>`` for each of ``defines`` (``"NAME=VALUE"`` or ``"NAME"``):
+    the whole command line but the files, and so part of the cache key."""
+    return (*flags(), *(f"-D{define}" for define in defines))
 
 
 def _cpu_flags() -> set[str]:
@@ -165,13 +172,13 @@ def _digest(parts: list[bytes]) -> str:
     return digest.hexdigest()
 
 
-def _sources_key(src_dir: pathlib.Path) -> str:
-    """16 hex digits over the sources, the flags and the CPU architecture: what the binary
-    depends on besides the compiler."""
+def _sources_key(src_dir: pathlib.Path, defines: tuple[str, ...] = ()) -> str:
+    """16 hex digits over the sources, the flags (:func:`build_flags`) and the CPU architecture:
+    what the binary depends on besides the compiler."""
     # Every source, not only the entry file: any of them may be #included.
     sources = sorted([*src_dir.glob("*.cu"), *src_dir.glob("*.h")], key=lambda p: p.name)
     parts = [part for path in sources for part in (path.name.encode(), path.read_bytes())]
-    parts += [" ".join(flags()).encode(), platform.machine().encode()]
+    parts += [" ".join(build_flags(defines)).encode(), platform.machine().encode()]
     return _digest(parts)[:16]
 
 
@@ -181,10 +188,12 @@ def _compiler_key(command: list[str]) -> str:
     return _digest([shlex.join(command).encode(), _compiler_version(tuple(command)).encode()])[:8]
 
 
-def cache_path(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> pathlib.Path:
-    """Where the compiled library for ``<src_dir>/<name>.cu`` is, or would be once built."""
+def cache_path(name: str = "softras", *, src_dir: pathlib.Path | None = None,
+               defines: tuple[str, ...] = ()) -> pathlib.Path:
+    """Where the compiled library for ``<src_dir>/<name>.cu`` (built with ``defines``, see
+    :func:`build_flags`) is, or would be once built."""
     src_dir = pathlib.Path(src_dir) if src_dir is not None else source_dir()
-    return cache_dir() / f"{name}-{_sources_key(src_dir)}-{_compiler_key(compiler())}.so"
+    return cache_dir() / f"{name}-{_sources_key(src_dir, defines)}-{_compiler_key(compiler())}.so"
 
 
 def checksum_path(library: pathlib.Path) -> pathlib.Path:
@@ -217,8 +226,9 @@ class _Unusable(Exception):
     """A cached library that must not be loaded; the message says why (for a note on stderr)."""
 
 
-def load(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> Loaded:
-    """Build ``<src_dir>/<name>.cu`` (default: :func:`source_dir`) unless cached; load it.
+def load(name: str = "softras", *, src_dir: pathlib.Path | None = None, defines: tuple[str, ...] = ()) -> Loaded:
+    """Build ``<src_dir>/<name>.cu`` (default: :func:`source_dir`) with the macros ``defines``
+    (see :func:`build_flags`) unless cached; load it.
 
     Compiles at most once per machine and sources: concurrent processes wait on a lock file
     and reuse the first one's result. A cached library is loaded only if its bytes match its
@@ -230,30 +240,31 @@ def load(name: str = "softras", *, src_dir: pathlib.Path | None = None) -> Loade
         raise MicroDRError(f"{source}: kernel source not found (is microDR installed completely?)")
     with _build_lock:
         try:
-            path = cache_path(name, src_dir=src_dir)
+            path = cache_path(name, src_dir=src_dir, defines=defines)
         except MicroDRError as no_compiler:
             # Without a compiler, a library built from these sources and flags by any compiler
             # will do: the key of the compiler is only known by running it.
-            path = _built_by_any_compiler(name, src_dir)
+            path = _built_by_any_compiler(name, src_dir, defines)
             if path is None:
                 raise MicroDRError(f"{no_compiler}; no cached build of these kernels to use instead") from None
         if path not in _loaded:
-            _loaded[path] = _load_or_build(source, path)
+            _loaded[path] = _load_or_build(source, path, defines)
         return _loaded[path]
 
 
-def _built_by_any_compiler(name: str, src_dir: pathlib.Path) -> pathlib.Path | None:
-    """The newest cached library of ``<src_dir>/<name>.cu`` with the current flags, whatever
-    compiler built it, whose bytes match its checksum; None if there is none."""
-    candidates = cache_dir().glob(f"{name}-{_sources_key(src_dir)}-*.so")
+def _built_by_any_compiler(name: str, src_dir: pathlib.Path, defines: tuple[str, ...]) -> pathlib.Path | None:
+    """The newest cached library of ``<src_dir>/<name>.cu`` with the current flags and
+    ``defines``, whatever compiler built it, whose bytes match its checksum; None if there is none."""
+    candidates = cache_dir().glob(f"{name}-{_sources_key(src_dir, defines)}-*.so")
     for path in sorted(candidates, key=lambda path: path.stat().st_mtime_ns, reverse=True):
         with contextlib.suppress(_Unusable, OSError):
             return _verified(path).path
     return None
 
 
-def _load_or_build(source: pathlib.Path, path: pathlib.Path) -> Loaded:
-    """Load ``path``; (re)build it from ``source`` first if it is missing or unusable."""
+def _load_or_build(source: pathlib.Path, path: pathlib.Path, defines: tuple[str, ...]) -> Loaded:
+    """Load ``path``; (re)build it from ``source`` with ``defines`` first if it is missing or
+    unusable."""
     try:
         return _load_cached(path)
     except _Unusable:
@@ -266,7 +277,7 @@ def _load_or_build(source: pathlib.Path, path: pathlib.Path) -> Loaded:
             return _load_cached(path)
         except _Unusable as problem:
             _remove_orphaned_temps(path.parent)
-            _compile(source, path, None if not path.exists() else str(problem))
+            _compile(source, path, None if not path.exists() else str(problem), defines)
         try:
             return Loaded(ctypes.CDLL(str(path)), _verified(path), from_cache=False)
         except (OSError, _Unusable) as error:
@@ -345,9 +356,10 @@ def _file_lock(path: pathlib.Path) -> Iterator[None]:
         yield
 
 
-def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None) -> None:
-    """Compile ``source`` into ``path`` atomically (readers see the old file or all of the new),
-    then write its checksum file. ``problem``: what is wrong with the library there, if any."""
+def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None, defines: tuple[str, ...]) -> None:
+    """Compile ``source`` with ``defines`` into ``path`` atomically (readers see the old file or
+    all of the new), then write its checksum file. ``problem``: what is wrong with the library
+    there, if any."""
     command = compiler()
     if problem is None:
         print(f"microdr: compiling CPU kernels (once; cached in {path.parent})", file=sys.stderr)
@@ -355,7 +367,7 @@ def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None) -> N
         print(f"microdr: rebuilding CPU kernels: the cached {path} {problem}", file=sys.stderr)
     temp = _temp_file(path)
     try:
-        argv = [*command, *flags(), "-I", str(source.parent), str(source), "-o", temp]
+        argv = [*command, *build_flags(defines), "-I", str(source.parent), str(source), "-o", temp]
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode != 0:
             message = _compile_error(source, argv, result.stderr)
@@ -365,7 +377,7 @@ def _compile(source: pathlib.Path, path: pathlib.Path, problem: str | None) -> N
             raise MicroDRError(message)
         _flush(temp)
         build = Build(path, _file_sha256(pathlib.Path(temp)), shlex.join(command),
-                      _compiler_version(tuple(command)).partition("\n")[0], flags())
+                      _compiler_version(tuple(command)).partition("\n")[0], build_flags(defines))
         # mkstemp made it private (0600); a cache folder may be shared between users.
         os.chmod(temp, 0o755)
         os.replace(temp, path)

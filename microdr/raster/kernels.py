@@ -80,7 +80,7 @@ def _args(face_verts, face_attrs, width, height, settings: SoftRasSettings, **bu
         args[name] = _pointer(tensor)
     args["batch"], args["faces"], args["channels"] = batch, faces, channels
     args["height"], args["width"] = height, width
-    args["tiles_x"], args["tiles_y"] = -(-width // TILE), -(-height // TILE)
+    args["tiles_x"], args["tiles_y"] = _tiles(width, height)
     args["pitch"] = _pitch(width)
     args["perspective"], args["cull_backfaces"] = int(settings.perspective), int(settings.cull_backfaces)
     args["sigma"], args["gamma"], args["eps"] = settings.sigma, settings.gamma, settings.eps
@@ -95,11 +95,39 @@ def _pitch(width: int) -> int:
     return -(-width // TILE) * TILE
 
 
-def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarray, n_items: int) -> None:
+def _tiles(width: int, height: int) -> tuple[int, int]:
+    """Tiles across and down an image: its sides rounded up to whole tiles."""
+    return -(-width // TILE), -(-height // TILE)
+
+
+#: The kernels of softras.cu, in launch order.
+STAGES = ("setup", "bin", "forward", "backward")
+
+
+def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int) -> int:
+    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and backward; for
+    forward, one per ``lanes`` adjacent pixels of each row of each tile of each image."""
+    if stage != "forward":
+        return batch * faces
+    tiles_x, tiles_y = _tiles(width, height)
+    return batch * tiles_x * tiles_y * TILE * (TILE // lanes)
+
+
+def launch_size(n_items: int) -> tuple[int, int]:
+    """``(grid, block)`` for ``n_items`` work items: blocks of :data:`BLOCK` threads, as few as
+    hold them all (``n_items > 0``)."""
+    return -(-n_items // BLOCK), BLOCK
+
+
+def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarray) -> None:
+    """Runs ``stage``'s kernel over its work items (:func:`work_items`, for the sizes in ``args``)."""
+    sizes = (int(args[field][0]) for field in ("batch", "faces", "width", "height"))
+    n_items = work_items(stage, *sizes, target.lanes)
     if n_items == 0:
         return
     args["n_items"] = n_items
-    target.launch(f"softras_{stage}_{_SUFFIX[dtype]}", args, grid=-(-n_items // BLOCK), block=BLOCK)
+    grid, block = launch_size(n_items)
+    target.launch(f"softras_{stage}_{_SUFFIX[dtype]}", args, grid=grid, block=block)
 
 
 @dataclass(frozen=True)
@@ -123,7 +151,7 @@ def bin_faces(target: KernelTarget, args: np.ndarray, face_tiles: torch.Tensor, 
     bin_keys = torch.empty(pairs, dtype=torch.int64, device=face_tiles.device)
     bin_faces = torch.empty(pairs, dtype=torch.int32, device=face_tiles.device)
     args["bin_starts"], args["bin_keys"], args["bin_faces"] = (_pointer(t) for t in (bin_starts, bin_keys, bin_faces))
-    _launch(target, "bin", dtype, args, face_tiles.numel())
+    _launch(target, "bin", dtype, args)
     return target.sort_by_tile(bin_keys, bin_faces, batch * tiles)
 
 
@@ -180,11 +208,11 @@ def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, 
     aux = face_attrs.new_empty(batch, 3, height, _pitch(width))
     args = _args(face_verts, face_attrs, width, height, settings, background=background,
                  face_boxes=face_boxes, face_data=face_data, face_tiles=face_tiles, image=image, aux=aux)
-    _launch(target, "setup", face_verts.dtype, args, batch * faces)
+    _launch(target, "setup", face_verts.dtype, args)
     tiles = int(args["tiles_x"][0]) * int(args["tiles_y"][0])
     bins = bin_faces(target, args, face_tiles, face_verts.dtype, batch, tiles)
     args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_faces), _pointer(bins.tile_ends)
-    _launch(target, "forward", face_verts.dtype, args, batch * tiles * TILE * (TILE // target.lanes))
+    _launch(target, "forward", face_verts.dtype, args)
     return ForwardResult(image, aux, face_boxes, face_data, bins)
 
 
@@ -197,14 +225,13 @@ def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height,
                     padded_image, aux, face_boxes, face_data, grad_image):
     """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs)`` from ``dL/dimage``
     (``(B, C + 1, H, W)``; the forward's buffers are the padded ones of :class:`ForwardResult`)."""
-    batch, faces = face_verts.shape[:2]
     grad_verts = torch.empty_like(face_verts)
     grad_attrs = torch.empty_like(face_attrs)
     if _pitch(width) != width:
         grad_image = torch.nn.functional.pad(grad_image, (0, _pitch(width) - width))
     args = _args(face_verts, face_attrs, width, height, settings, face_boxes=face_boxes, face_data=face_data,
                  image=padded_image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs)
-    _launch(target, "backward", face_verts.dtype, args, batch * faces)
+    _launch(target, "backward", face_verts.dtype, args)
     return grad_verts, grad_attrs
 
 
