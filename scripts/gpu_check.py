@@ -4,18 +4,19 @@
 
 Says what it found (GPU, driver, nvcc, pycuda), then runs, each as a subprocess with its own
 timeout and all within ``--budget`` seconds (default 570, under 10 minutes): ``microdr info``;
-the tests marked ``gpu``; ``microdr gradcheck --backend cuda`` on every bundled scene
-(``scenes/*.json``, ``scenes/tasks/*.json``) in float32 and float64; ``scripts/bench.py``'s full
-grid on the ``cuda`` backend, one face count per step (1024 x 1024 with 81,920 faces and batch 8
-among them); and SoftRas's airplane task (``scripts/softras_airplane.py --holdout odd``) fitted
-by ``microdr optimize --backend cuda`` (skipped, saying so, where ``--data`` has no SoftRas
-data). The report (default ``gpu_check_report.md``) has a table of the steps (pass, FAIL,
-timeout, skipped; wall seconds), ``microdr info`` and the bench tables in full, the fit's last
-lines, and the output's tail of each step that did not pass. Exits 0 if every step that ran
-passed, else 1.
+the tests marked ``gpu`` (one that skips fails the step); ``microdr gradcheck --backend cuda``
+on every bundled scene (``scenes/*.json``, ``scenes/tasks/*.json``) in float32 and float64;
+``scripts/bench.py``'s full grid on the ``cuda`` backend, one face count per step (1024 x 1024
+with 81,920 faces and batch 8 among them); and SoftRas's airplane task
+(``scripts/softras_airplane.py --holdout odd``) fitted by ``microdr optimize --backend cuda``
+(skipped, saying so, where ``--data`` has no SoftRas data). The report (default
+``gpu_check_report.md``) has a table of the steps (pass, FAIL, timeout, skipped; wall seconds),
+``microdr info`` and the bench tables in full, the tails of the gpu tests and of the fit, and
+the output's tail of each step that did not pass. Exits 0 if every step that ran passed, else 1.
 
 Without an NVIDIA GPU (``nvidia-smi`` missing or listing none) it prints one line saying why and
-exits 0; with one but without pycuda it prints one line saying how to install it and exits 1.
+exits 0; with one where the cuda backend cannot run (no pycuda, a torch without CUDA) it
+prints one line saying why and exits 1.
 An existing report file is refused (exit code 2) unless ``--force``, and so is a report in a
 folder that does not exist.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from softras_airplane import DEFAULT_DATA  # noqa: E402
 
@@ -55,7 +57,8 @@ class Step:
     """One command of the check: ``argv`` runs in the repository root within ``timeout_s``
     seconds. ``show``: what of its output the report keeps when it passes (``"all"``,
     ``"tail"`` or ``"none"``; a failure always keeps the tail). ``skip``: why it is not run
-    (None: it runs). ``after``: the name of a step that must pass first."""
+    (None: it runs). ``after``: the name of a step that must pass first. ``fails_on``: a regular
+    expression that, found in the output of a step that exits 0, makes it fail."""
 
     name: str
     argv: tuple[str, ...]
@@ -63,6 +66,7 @@ class Step:
     show: str = "none"
     skip: str | None = None
     after: str | None = None
+    fails_on: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,9 @@ def steps(python: str, work: Path, data: Path) -> list[Step]:
     SoftRas's demo data (the airplane steps are skipped, saying so, where it is absent)."""
     microdr = (python, "-m", "microdr")
     listed = [Step("microdr info", (*microdr, "info"), 60, show="all"),
-              Step("tests marked gpu", (python, "-m", "pytest", "-q", "-m", "gpu", "tests"), 240, show="tail")]
+              # A gpu test that skips here (no pycuda, no device) is a failure of the check.
+              Step("tests marked gpu", (python, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests"), 240,
+                   show="tail", fails_on=r"\d+ skipped")]
     listed += [Step(f"gradcheck {scene} {dtype}",
                     (*microdr, "gradcheck", str(scene), "--backend", "cuda", "--dtype", dtype), 60)
                for scene in bundled_scenes() for dtype in DTYPES]
@@ -125,6 +131,8 @@ def run_step(step: Step, timeout_s: float) -> Outcome:
         raise
     seconds = time.perf_counter() - start
     if process.returncode == 0:
+        if step.fails_on and re.search(step.fails_on, output):
+            return Outcome(step, "FAIL", seconds, output, f"the output has '{step.fails_on}'")
         return Outcome(step, "pass", seconds, output)
     return Outcome(step, "FAIL", seconds, output, f"exit code {process.returncode}")
 
@@ -194,21 +202,18 @@ def find_gpu() -> tuple[str | None, str]:
     return gpus, ""
 
 
-def pycuda_version() -> str | None:
-    """pycuda's installed version, read from its metadata (importing it would initialize CUDA)."""
-    from importlib.metadata import PackageNotFoundError, version
+def machine_table(gpus: str) -> list[tuple[str, str]]:
+    """What the report says of the machine: ``gpus`` (see :func:`find_gpu`), nvcc, torch,
+    pycuda, the interpreter and the commit."""
+    import torch
+    from importlib.metadata import version
 
-    try:
-        return version("pycuda")
-    except PackageNotFoundError:
-        return None
-
-
-def machine_table(gpus: str, pycuda: str) -> list[tuple[str, str]]:
     nvcc = command_output(["nvcc", "--version"])
     commit = command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "(not a git checkout)"
-    rows = [(f"GPU {i}", line.strip()) for i, line in enumerate(gpus.splitlines())]
-    rows += [("nvcc", nvcc.splitlines()[-1] if nvcc else "not found"), ("pycuda", pycuda),
+    rows = [(f"GPU {i} (name, driver, memory)", line.strip()) for i, line in enumerate(gpus.splitlines())]
+    release = [line for line in (nvcc or "").splitlines() if "release" in line]
+    rows += [("nvcc", release[0] if release else "not found"),
+             ("torch", f"{torch.__version__}, CUDA {torch.version.cuda}"), ("pycuda", version("pycuda")),
              ("python", sys.executable), ("commit", commit)]
     return rows
 
@@ -234,12 +239,14 @@ def main() -> int:
     if gpus is None:
         print(f"gpu_check: no NVIDIA GPU here ({why}); nothing to check")
         return 0
-    pycuda = pycuda_version()
-    if pycuda is None:
-        print(f"gpu_check: found {gpus.splitlines()[0]} but pycuda is not installed: pip install -e '.[cuda]'")
+    from microdr.raster.cuda import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason:
+        print(f"gpu_check: found {gpus.splitlines()[0]} but the cuda backend cannot run: {reason}")
         return 1
     started = datetime.datetime.now(datetime.timezone.utc)
-    machine = machine_table(gpus, pycuda)
+    machine = machine_table(gpus)
     print(f"gpu_check: {gpus.splitlines()[0]}; running the steps (at most {args.budget:.0f} s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="microdr_gpu_check_") as work:
         outcomes = run_all(steps(sys.executable, Path(work), args.data), args.budget,

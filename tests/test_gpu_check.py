@@ -81,6 +81,8 @@ def test_steps_cover_every_scene_dtype_bench_row_gpu_test_and_the_airplane(tmp_p
 
     gpu_tests = [s for s in listed if "pytest" in s.argv]
     assert len(gpu_tests) == 1 and "-m gpu" in " ".join(gpu_tests[0].argv)
+    assert re.search(gpu_tests[0].fails_on, "1 passed, 16 skipped") and not re.search(gpu_tests[0].fails_on,
+                                                                                      "17 passed")
 
     task, fit = (s for s in listed if s.name.startswith("airplane"))
     assert "scripts/softras_airplane.py" in task.argv and "--holdout odd" in " ".join(task.argv)
@@ -105,21 +107,24 @@ def test_runner_and_report_say_what_passed_failed_timed_out_and_was_skipped():
         Step("not here", (py, "-c", "raise SystemExit(9)"), 30, skip="no such data"),
         Step("needs fails", (py, "-c", "print('never')"), 30, after="fails"),
         Step("needs hello", (py, "-c", "print('quiet')"), 30, after="says hello"),
+        Step("exits 0 but skipped", (py, "-c", "print('3 passed, 2 skipped')"), 30, fails_on=r"\d+ skipped"),
     ]
     seen = []
     outcomes = gpu_check.run_all(listed, 60, seen.append)
     assert [o.step.name for o in seen] == [s.name for s in listed]
-    assert [o.status for o in outcomes] == ["pass", "FAIL", "timeout", "skipped", "skipped", "pass"]
+    assert [o.status for o in outcomes] == ["pass", "FAIL", "timeout", "skipped", "skipped", "pass",
+                                                 "FAIL"]
     assert outcomes[0].output == "hello\nworld\n"
     assert outcomes[1].note == "exit code 3" and "went wrong" in outcomes[1].output
     assert outcomes[2].note == "killed after 1 s" and outcomes[2].seconds >= 1 and outcomes[2].output == "waiting\n"
     assert outcomes[3].note == "no such data"
     assert outcomes[4].note == "'fails' did not pass"
+    assert outcomes[6].note == r"the output has '\d+ skipped'"
 
     text = gpu_check.report([("GPU 0", "Some GPU, 1.0, 80 GiB")], outcomes, 60, "header line")
     assert text.startswith("# microDR GPU check\n\nheader line\n")
     assert "| GPU 0 | Some GPU, 1.0, 80 GiB |" in text
-    assert "**2 passed, 1 failed, 1 timed out, 2 skipped**" in text
+    assert "**2 passed, 2 failed, 1 timed out, 2 skipped**" in text
     table = re.findall(r"^\| ([^|]+) \| (pass|FAIL|timeout|skipped) \| ([0-9.]+) \| (.*) \|$", text, re.M)
     assert [(name, status) for name, status, _, _ in table] == [(o.step.name, o.status) for o in outcomes]
     for (_, _, seconds, note), outcome in zip(table, outcomes):
@@ -128,7 +133,8 @@ def test_runner_and_report_say_what_passed_failed_timed_out_and_was_skipped():
     assert total == pytest.approx(sum(o.seconds for o in outcomes), abs=0.05)
     # Kept output: all of a passing "all" step, the tail of failures; nothing of quiet passes or skips.
     sections = re.findall(r"^## (.+): (\w+)$", text, re.M)
-    assert sections == [("says hello", "pass"), ("fails", "FAIL"), ("hangs", "timeout")]
+    assert sections == [("says hello", "pass"), ("fails", "FAIL"), ("hangs", "timeout"),
+                        ("exits 0 but skipped", "FAIL")]
     assert "```\nhello\nworld\n```" in text and "went wrong" in text and "waiting" in text
     assert "quiet" not in text and "never" not in text
 
