@@ -1,6 +1,7 @@
 """Benchmark the rasterizer backends: forward and forward + backward time, peak memory.
 
     python scripts/bench.py [--quick] [--csv FILE] [--plot FILE] [--threads N] [--only TEXT]
+                            [--backends NAMES]
 
 Cases: icospheres of 1,280 / 5,120 / 20,480 / 81,920 faces filling about half the image,
 square images of 64 / 256 / 1024 pixels, batch 1 and 8, silhouette only (no attribute channel)
@@ -293,10 +294,19 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write a log-log plot (needs matplotlib: pip install -e '.[bench]')")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--backends", help="comma-separated: run only these backends (cpu, reference, cuda; "
+                                           "default: all that run here)")
     parser.add_argument("--reference-max-pairs", type=float,
                         help="run the reference up to this many (pixel, face) pairs (default 2e7 quick, 1e8 full; "
                              "256 x 256 with 5,120 faces is 3.4e8 and takes about 10 minutes)")
     args = parser.parse_args()
+    chosen = backends()
+    if args.backends:
+        wanted = args.backends.split(",")
+        missing = sorted(set(wanted) - {backend for backend, _ in chosen})
+        if missing:
+            parser.error(f"--backends: {', '.join(missing)} cannot run here (see: microdr info)")
+        chosen = [(backend, device) for backend, device in chosen if backend in wanted]
     torch.set_num_threads(args.threads)
     limit = args.reference_max_pairs or REFERENCE_MAX_PAIRS["quick" if args.quick else "full"]
     budget = 1.0 if args.quick else 3.0
@@ -305,7 +315,7 @@ def main() -> None:
     rows = []
     print(",".join(COLUMNS), flush=True)
     for case in (c for c in cases(args.quick) if args.only in c.name):
-        for backend, device in backends():
+        for backend, device in chosen:
             pairs = case.batch * case.size**2 * case.faces
             if backend == "reference" and pairs > limit:
                 print(f"# {case.name}: reference skipped ({pairs:.2g} pairs > {limit:.2g})", flush=True)

@@ -37,3 +37,19 @@ def test_bench_writes_its_table_and_plot(tmp_path):
     assert 0 < int(rows["cpu"]["pairs_visited"]) < 0.05 * dense
     assert f"# {CASE}: cpu kernels" in run.stdout
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_a_backend_that_cannot_run_here():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--backends", "cpu,nonesuch"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.splitlines()[-1] == "bench.py: error: --backends: nonesuch cannot run here (see: microdr info)"
+    assert run.stdout == ""
+
+
+def test_bench_runs_only_the_backends_asked_for():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", CASE,
+                          "--threads", "1", "--backends", "reference"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split(",") for line in run.stdout.splitlines() if line.startswith(CASE)]
+    assert [row[1] for row in rows] == ["reference"]
