@@ -304,10 +304,10 @@ def main() -> None:
             continue
         verts, attrs, settings = bench.inputs(case, "cpu", mesh)
         work = count_work(verts, attrs, case.size, settings)
-        anchor = ANCHORS.get(work.faces, {}).get("jrender", "")
+        anchor = ANCHORS.get(case.faces, {}).get("jrender", "") if case.batch == 1 else ""
         for gpu in GPUS:
             e = estimate(work, gpu, loops[gpu.arch], registers[gpu.arch])
-            print(f"{gpu.name},{name},{work.faces},{work.pairs},{work.tile_pairs},{work.largest_box},"
+            print(f"{gpu.name},{name},{case.faces},{work.pairs},{work.tile_pairs},{work.largest_box},"
                   f"{e.forward_ms:.3f},{e.backward_today_ms:.3f},{e.backward_balanced_ms:.3f},"
                   f"{e.total_today_ms:.3f},{e.total_balanced_ms:.3f},{anchor}", flush=True)
 
