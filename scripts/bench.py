@@ -71,8 +71,10 @@ class Case:
         return f"f{self.faces}_{self.size}px_b{self.batch}_{kind}_sigma-{self.sigma_rule}"
 
 
-def inputs(case: Case, device: str):
-    mesh = icosphere(SUBDIVISIONS[case.faces])
+def inputs(case: Case, device: str, mesh=None):
+    """Screen-space corners, attributes and settings of ``case``; ``mesh`` replaces the case's
+    icosphere (scripts/gpu_cost_model.py: meshes of other face counts, seen the same way)."""
+    mesh = mesh if mesh is not None else icosphere(SUBDIVISIONS[case.faces])
     corners = mesh.vertices[mesh.faces].to(device)
     # Each batch element sees the sphere turned a little, so the elements differ.
     screens = []
