@@ -67,6 +67,8 @@ ALTERNATIVES = [
     ("no remeshing, cosine learning rate", {**NO_REMESH, "lr_schedule": "cosine"}),
     ("remeshing, 1500 iterations", {**NOW, "iterations": 1500}),
     ("remeshing, 8 views per iteration", {**NOW, "views_per_step": 8}),
+    ("remeshing, edge length term 0.1 (the RGB default)",
+     {**NOW, "loss": {**NO_FLATTEN["loss"], "edge_length": 0.1}}),
 ]
 FIELDS = ("experiment", "seed", "held_out_mean", "held_out_min", "fit_mean", "faces", "seconds")
 
