@@ -37,6 +37,7 @@ from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import check_writable_file, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
+from .losses import Metrics
 from .optimize import NonFiniteError, stop_signals
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
@@ -44,7 +45,6 @@ from .raster import backend_status, describe_backend, resolve_backend
 from .raster.cpu import cpu_target
 from .raster.cpu_build import build_info
 from .render import opaque_inside, render_scene
-from .losses import Metrics
 from .result import Step
 from .scene import (
     MAX_IMAGE_SIDE,
@@ -52,10 +52,10 @@ from .scene import (
     Camera,
     OptimizeSettings,
     Scene,
+    holdout_from_text,
     input_files,
     load_scene,
     mesh_preview_scene,
-    holdout_from_text,
     override_optimize,
     too_many_pixels,
 )
@@ -640,9 +640,7 @@ class _Progress:
     def __call__(self, step: Step) -> None:
         done = step.iteration + 1
         self._pace.add(done, time.perf_counter())
-        for key in MEASURED:
-            if getattr(step, key) is not None:
-                self._measured[key] = getattr(step, key)
+        self._measured.update(_measured(step))
         status = _status(step, self._pace, self._measured)
         if self._bar is None:
             if done % self.every == 0 or done == self.total:
@@ -694,13 +692,18 @@ class _Pace:
 MEASURED = {"iou": "IoU", "held_out_iou": "held-out IoU", "held_out_psnr": "held-out PSNR"}
 
 
+def _measured(step: Step) -> dict[str, float]:
+    """The metrics of :data:`MEASURED` that ``step`` measured, by key."""
+    return {key: getattr(step, key) for key in MEASURED if getattr(step, key) is not None}
+
+
 def _status(step: Step, pace: _Pace, measured: dict[str, float] | None = None) -> str:
     """The loss after a step, the hard IoU of the fit views, the held-out views' IoU, the PSNR of
     the step's views, the held-out PSNR; the speed and the time left once they are known.
     ``measured``: the last values of the metrics that not every step measures (:data:`MEASURED`),
     by default the step's."""
     if measured is None:
-        measured = {key: getattr(step, key) for key in MEASURED if getattr(step, key) is not None}
+        measured = _measured(step)
     parts = [f"loss {step.loss:.4g}"]
     for key in ("iou", "held_out_iou"):
         if key in measured:

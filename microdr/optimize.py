@@ -104,7 +104,7 @@ DEFAULT_REGULARIZERS = {"laplacian": 0.03, "flatten": 0.0003}
 #: on 60 views and judged on 60 others (hard IoU, 12 views per iteration, 1500 iterations):
 #: flatten 0.0003 0.928 (min 0.819), 0.0001 0.931 (0.815), none 0.933 (0.846); seeds 1 and 2
 #: without it 0.952 (0.844) and 0.938 (0.867).
-DEFAULT_SILHOUETTE_REGULARIZERS = {"laplacian": 0.03, "flatten": 0.0}
+DEFAULT_SILHOUETTE_REGULARIZERS = {**DEFAULT_REGULARIZERS, "flatten": 0.0}
 #: With free vertices and color targets, sigma falls from ``render.sigma`` to this fraction of
 #: it: a photo's edges are sharp, and a soft edge spreads the object's color over the background
 #: (PSNR of a red disc from an icosphere: 27 dB ending at ``render.sigma`` 1e-4, 31 at 1e-5).
@@ -178,10 +178,10 @@ def resolve_settings(
     nothing else constrains anything); when the vertices are free, SoftRas's Laplacian (0.03)
     and, with a target with color, its flatten term (0.0003) and edge length
     (:data:`DEFAULT_RGB_EDGE_LENGTH`); with silhouettes alone no flatten
-    (:data:`DEFAULT_SILHOUETTE_REGULARIZERS`). Sigma schedule, with free vertices: with a target with color,
-    from ``render.sigma`` down to :data:`DEFAULT_FINAL_SIGMA_FRACTION` of it; with silhouettes
-    alone, from :data:`DEFAULT_SILHOUETTE_SIGMA_START` to :data:`DEFAULT_SILHOUETTE_SIGMA_END`
-    times ``render.sigma``; else none.
+    (:data:`DEFAULT_SILHOUETTE_REGULARIZERS`). Sigma schedule, with free vertices: with a target
+    with color, from ``render.sigma`` down to :data:`DEFAULT_FINAL_SIGMA_FRACTION` of it; with
+    silhouettes alone, from :data:`DEFAULT_SILHOUETTE_SIGMA_START` to
+    :data:`DEFAULT_SILHOUETTE_SIGMA_END` times ``render.sigma``; else none.
 
     Free vertices with a target that has no silhouette (an RGB image whose silhouette could not
     be derived, :func:`~microdr.targets.derive_silhouette`) log a warning: colors alone pull
@@ -468,7 +468,6 @@ class Parameters(torch.nn.Module):
         return replace(
             self.scene, render=render, meshes=tuple(meshes), cameras=cameras, lights=lights
         )
-
 
     @torch.no_grad()
     def remesh(self, edge_length: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -31,9 +31,8 @@ class Step:
         :class:`~microdr.losses.Metrics` ``iou`` over every fit view and ``iou`` and ``psnr``
         over every held-out view, of the parameters it rendered, at the iterations that measure
         them (the first and about ``microdr.optimize.MEASURES`` more, evenly spaced, the last
-        included), else ``None``. lr, sigma: the
-        values it used. seconds: the run's optimization time so far, the measuring included.
-        images: ``(B, 4, H, W)`` its renders, detached.
+        included), else ``None``. lr, sigma: the values it used. seconds: the run's optimization
+        time so far, the measuring included. images: ``(B, 4, H, W)`` its renders, detached.
     """
 
     iteration: int

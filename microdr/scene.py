@@ -677,6 +677,8 @@ def _holdout(node: _Node) -> str | tuple[int, ...] | None:
         if node.value in ("odd", "even") or (every and int(every[1]) >= 2):
             return node.value if not every else f"every:{int(every[1])}"
     node.expected('"odd", "even", "every:K" (K an integer >= 2) or an array of camera indices')
+
+
 def _remesh(node: _Node) -> RemeshSettings | None:
     if not node.given:
         return _DEFAULT_OPTIMIZE.remesh
