@@ -86,6 +86,7 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no SoftRas demo data here (source.npy); give --data")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     odd, even = (airplane.parse_views(spec, 120) for spec in ("odd", "even"))
+    camera_list, targets = airplane.cameras(np.load(args.data / "camera.npy")), airplane.silhouettes(args.data)
     rows = []
     print("| experiment | held-out IoU, mean (per seed) | held-out IoU, min (per seed) | fit IoU | faces | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -95,7 +96,7 @@ def main() -> None:
         runs = []
         for seed in seeds:
             mesh, seconds = heldout.fit(args.data, args.output / f"{number:02d}_seed{seed}", dict(section), seed)
-            held_out, fitted = heldout.hard_ious(mesh, args.data, odd), heldout.hard_ious(mesh, args.data, even)
+            held_out, fitted = (heldout.hard_ious(mesh, camera_list, targets, views) for views in (odd, even))
             runs.append((held_out.mean(), held_out.min(), fitted.mean(), mesh.num_faces, seconds))
             rows.append(dict(zip(FIELDS, (label, seed, *runs[-1]))))
         means, mins, fits, faces, times = (np.array(column) for column in zip(*runs))

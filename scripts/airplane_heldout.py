@@ -48,7 +48,7 @@ from microdr.images import encode_png  # noqa: E402
 from microdr.mesh import Mesh, load_obj  # noqa: E402
 from microdr.optimize import optimize  # noqa: E402
 from microdr.render import hard_silhouettes  # noqa: E402
-from microdr.scene import RenderSettings, load_scene  # noqa: E402
+from microdr.scene import Camera, RenderSettings, load_scene  # noqa: E402
 from microdr.targets import read_targets  # noqa: E402
 
 #: The airplane script's ``optimize`` section before issue 12 (SoftRas's demo settings, but 24
@@ -87,10 +87,10 @@ def fit(data: Path, task: Path, section: dict, seed: int = 0) -> tuple[Mesh, flo
     return load_obj(task / "out" / "mesh.obj"), result.seconds
 
 
-def hard_ious(mesh: Mesh, data: Path, views: list[int]) -> np.ndarray:
-    """Per view of ``views``, the hard IoU of ``mesh`` against the airplane's target."""
-    camera_list = airplane.cameras(np.load(data / "camera.npy"))
-    return airplane.hard_iou(mesh, [camera_list[v] for v in views], airplane.silhouettes(data)[views])
+def hard_ious(mesh: Mesh, camera_list: list[Camera], targets: np.ndarray, views: list[int]) -> np.ndarray:
+    """Per view of ``views``, the hard IoU of ``mesh`` against the airplane's target
+    (``camera_list`` and ``targets`` of all 120 views)."""
+    return airplane.hard_iou(mesh, [camera_list[v] for v in views], targets[views])
 
 
 def overlay(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
@@ -133,7 +133,7 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, (mesh, seconds) in meshes.items():
-        held_out, fitted = hard_ious(mesh, args.data, odd), hard_ious(mesh, args.data, even)
+        held_out, fitted = (hard_ious(mesh, camera_list, targets, views) for views in (odd, even))
         time = "—" if seconds is None else f"{seconds:.1f}"
         rows.append(
             f"| {label} | {mesh.num_faces} | {held_out.mean():.3f} | {held_out.min():.3f} "
