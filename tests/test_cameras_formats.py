@@ -17,11 +17,11 @@ import pytest
 import torch
 from test_cli import invoke
 
-from microdr.camera import project_views
+from microdr.camera import CameraTensors, project_views
 from microdr.camera_files import image_files, nerf_transforms
 from microdr.errors import InputError
 from microdr.render import opaque_inside, render_scene
-from microdr.scene import load_scene
+from microdr.scene import load_scene, parse_scene, scene_to_json
 from microdr.targets import read_target_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,34 +260,39 @@ def test_the_scene_image_must_keep_the_camera_files_aspect(tmp_path):
 
 
 def test_render_writes_cameras_that_optimize_reads_back_as_targets(tmp_path):
-    # End to end: render a sphere to RGBA images and their transforms.json, then fit a smaller
-    # sphere to them with no TARGET on the command line.
+    # End to end: render an ellipsoid, long in x, to RGBA images and their transforms.json from
+    # views that see it long and short, then fit a sphere's scale to them with no TARGET on the
+    # command line: targets paired with the wrong cameras would leave no scale that fits.
     (tmp_path / "truth.json").write_text(json.dumps({
         "image": {"width": 32, "height": 32},
-        "meshes": [{"primitive": "icosphere", "subdivisions": 1, "transform": {"scale": 0.8}}],
+        "meshes": [{"primitive": "icosphere", "subdivisions": 2,
+                    "transform": {"scale": [1.1, 0.45, 0.45]}}],
         "cameras": [{"orbit": {"distance": 4, "azimuth": a, "elevation": 15}, "fov": 40}
-                    for a in (0, 100, 230)],
+                    for a in (0, 30, 90, 120)],
     }))  # fmt: skip
     result = invoke("render", tmp_path / "truth.json", "-o", tmp_path / "shots" / "view.png",
                     "--alpha", "--cameras-out", tmp_path / "shots" / "transforms.json")  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "shots" / "transforms.json").read_text())
-    assert [f["file_path"] for f in data["frames"]] == ["view_0.png", "view_1.png", "view_2.png"]
+    assert [f["file_path"] for f in data["frames"]] == [f"view_{i}.png" for i in range(4)]
     assert iio.imread(tmp_path / "shots" / "view_1.png").shape == (32, 32, 4)
     # The camera file's order, not the file names' (view_10 would sort before view_2).
     data["frames"] = data["frames"][::-1]
     (tmp_path / "shots" / "reversed.json").write_text(json.dumps(data))
     fit = {
-        "meshes": [{"primitive": "icosphere", "subdivisions": 1, "transform": {"scale": 0.5}}],
+        "meshes": [{"primitive": "icosphere", "subdivisions": 2, "transform": {"scale": 0.6}}],
         "cameras": {"from": "shots/reversed.json"},
         "optimize": {"parameters": ["scale"], "lr": 0.05, "loss": {"silhouette_iou": 1}},
     }
     (tmp_path / "fit.json").write_text(json.dumps(fit))
+    names = [path.name for path in image_files(load_scene(tmp_path / "fit.json").camera_file)]
+    assert names == [f"view_{i}.png" for i in (3, 2, 1, 0)]
     result = invoke("optimize", tmp_path / "fit.json", "-o", tmp_path / "out", "--iterations", 40)
     assert result.exit_code == 0, result.output
     final_iou = float(result.stdout.split("IoU ")[1].split()[0])
     start_iou = float(result.stdout.split("(start ")[1].split(")")[0])
-    assert start_iou < 0.5 and final_iou > 0.9, result.stdout
+    # Measured: 0.64 to 0.96; with the targets in file-name order instead, 0.76.
+    assert start_iou < 0.7 and final_iou > 0.9, result.stdout
 
 
 def test_optimize_without_targets_needs_a_camera_file(tmp_path):
@@ -334,3 +339,27 @@ def test_the_bundled_capture_is_the_cow_tasks_truth_at_64_px():
     rendered = opaque_inside(render_scene(truth, backend="cpu")).clamp(0, 1)
     # One 8-bit step allows for another compiler's rounding.
     torch.testing.assert_close(targets.images, rendered, atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_file_cameras_keep_gradients(tmp_path):
+    # The principal point and fx / fy are constants of the projection: gradients still reach
+    # the points and the pose (the "camera" parameter), and match finite differences.
+    opencv_file(tmp_path)
+    camera = load_scene(write_scene(tmp_path, {"from": "calib.json"})).cameras[0]
+    pose = CameraTensors.of(camera, dtype=torch.float64)
+    points = torch.tensor(POINTS, requires_grad=True)
+    eye = pose.eye.clone().requires_grad_()
+
+    def project(points, eye):
+        return project_views(points, [camera], [replace(pose, eye=eye)])
+
+    assert torch.autograd.gradcheck(project, (points, eye))
+
+
+def test_file_cameras_survive_the_written_scene(tmp_path):
+    # optimize writes its result scene with the cameras inline (scene_to_json).
+    opencv_file(tmp_path)
+    scene = load_scene(write_scene(tmp_path, {"from": "calib.json"}))
+    again = parse_scene(scene_to_json(scene, []), "written.json", tmp_path)
+    assert again.cameras == scene.cameras and again.render == scene.render
+    assert scene.cameras[0].principal_point != (0.0, 0.0) and scene.cameras[0].fx_over_fy != 1
