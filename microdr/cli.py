@@ -287,7 +287,8 @@ def render(
     used = resolve_backend(backend or loaded.render.backend)
     jobs = _render_jobs(loaded, Path(output), grid, turntable)
     extra = [] if cameras_out is None else [Path(cameras_out)]
-    _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs), *extra])
+    _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs)])
+    _refuse_to_overwrite_inputs(loaded, extra, "--cameras-out")
     _check_suffix(output, ".gif" if turntable else ".png")
     files: dict[Path, bytes] = {}
     if cameras_out is not None:
@@ -423,13 +424,14 @@ def _orbit(camera: Camera, frames: int) -> tuple[Camera, ...]:
     return tuple(cameras)
 
 
-def _refuse_to_overwrite_inputs(scene: Scene, outputs: list[Path]) -> None:
-    """Raise if an output path is the scene file, its camera file or one of its mesh files."""
+def _refuse_to_overwrite_inputs(scene: Scene, outputs: list[Path], flag: str = "-o") -> None:
+    """Raise, naming ``flag``, if an output path is the scene file, its camera file or one of its
+    mesh files."""
     inputs = input_files(scene)
     for output in outputs:
         role = inputs.get(output.resolve())
         if role:
-            raise InputError("-o", "", f"refusing to overwrite {output}: it is {role}")
+            raise InputError(flag, "", f"refusing to overwrite {output}: it is {role}")
 
 
 def _plural(count: int, noun: str) -> str:

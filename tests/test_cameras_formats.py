@@ -325,6 +325,16 @@ def test_cameras_out_refuses_what_nerf_cannot_hold(tmp_path):
     )
     result = invoke("render", tmp_path / "s.json", "-o", out, "--grid", *cameras_out)
     assert result.exit_code == 2 and "needs one image per camera" in result.stderr
+    # Nothing the user gave is overwritten: not the camera file a scene reads.
+    opencv_file(tmp_path)
+    before = (tmp_path / "calib.json").read_bytes()
+    scene = write_scene(tmp_path, {"from": "calib.json"})
+    result = invoke("render", scene, "-o", out, "--cameras-out", tmp_path / "calib.json")
+    assert result.exit_code == 2 and result.stderr == (
+        f"--cameras-out: refusing to overwrite {tmp_path / 'calib.json'}: it is the scene's "
+        "camera file\n"
+    )
+    assert (tmp_path / "calib.json").read_bytes() == before
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "t.json").exists()
 
 
