@@ -355,7 +355,10 @@ def _colmap(folder: Path) -> tuple[list[Pinhole], tuple[int, int]]:
         intrinsics[camera_id] = ((width, height), fx, fy, params[-2] + shift, params[-1] + shift)
     pinholes, size = [], None
     # Each image's line is followed by its points' line, which may be empty.
-    for number, fields in _data_lines(images_txt, keep_empty=True)[::2]:
+    lines = _data_lines(images_txt, keep_empty=True)
+    while lines and not lines[-1][1]:  # blank lines at the end
+        lines.pop()
+    for number, fields in lines[::2]:
         where = _LineError(images_txt, number)
         if len(fields) < 10:
             where.fail("expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME")

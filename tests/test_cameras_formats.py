@@ -100,8 +100,8 @@ def colmap_model(folder: Path, model: str = "PINHOLE", params=(FX, FY, CX, CY)) 
     image = " ".join(repr(float(x)) for x in [*q, *T_CV])
     (model_dir / "images.txt").write_text(
         "# Image list\n"
-        f"1 {image} 1 frame_a.png\n\n"
-        f"2 {image} 1 frame_b.png\n1.0 2.0 -1\n"
+        f"1 {image} 1 frame_b.png\n\n"
+        f"2 {image} 1 frame_a.png\n1.0 2.0 -1\n\n"
     )
     return model_dir
 
@@ -122,7 +122,9 @@ def test_colmap_pixel_centers_are_half_a_pixel_off_opencvs(tmp_path):
     scene = load_scene(write_scene(tmp_path, {"from": "sparse", "images": "photos"}))
     got = microdr_pixels(scene)
     assert len(scene.cameras) == 2 and np.abs(got - (opencv_pixels(POINTS) - 0.5)).max() < 1e-9
-    assert [p.name for p in scene.camera_file.images] == ["frame_a.png", "frame_b.png"]
+    # In images.txt's order, not by name; an image's line is followed by its points' line,
+    # empty for the first.
+    assert [p.name for p in scene.camera_file.images] == ["frame_b.png", "frame_a.png"]
     assert scene.camera_file.images[0].parent == tmp_path / "photos"
 
 
