@@ -16,10 +16,10 @@
 //   backward  one item per chunk of a face's box (so no item visits more than CHUNK_PIXELS
 //             pixels, however large the face): loops over the chunk's pixels, MDR_LANES at a
 //             time, recomputes the pairs and accumulates the face's gradients in registers. A
-//             face of one chunk (a box of at most CHUNK_PIXELS) writes its gradients; a face
-//             of several writes each chunk's partial gradients to a slot of its own.
-//   reduce    one item per face: adds up the partial gradients of a face of several chunks, in
-//             chunk order (zero for a face of none).
+//             face's first chunk writes its gradients, each other chunk its partial gradients
+//             to a slot of its own.
+//   reduce    one item per face: adds the partial gradients of a face's other chunks to the
+//             first's, in chunk order (zero for a face of none).
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
 // eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed
 // pairs + chunks).
@@ -35,9 +35,9 @@
 // bin_keys, bin_faces (pairs) = b * tiles + tile (row-major tiles), j; tile_faces (pairs) = the
 // faces sorted by tile; tile_ends (B * tiles) = one past each tile's last entry in tile_faces.
 // face_chunks (B, F) int = chunks of the box (chunk_shape), row-major; chunk_starts (B, F) = first chunk of each face; chunk_faces (chunks) = b * F + j of
-// each chunk; partial_starts (B, F) = first partial slot of each face of several chunks (the
-// faces of one chunk take none); partials (partial slots, 9 + 3C) = a chunk's gradients, laid
-// out as grad_verts then grad_attrs of its face.
+// each chunk; partial_starts (B, F) = first partial slot of each face (a slot per chunk but the
+// first); partials (partial slots, 9 + 3C) = a chunk's gradients, laid out as grad_verts then
+// grad_attrs of its face.
 // Pixel (r, c) has its center at x = (2c + 1 - W) / H, y = (H - 2r - 1) / H (screen units,
 // microdr/conventions.py).
 
@@ -177,7 +177,7 @@ struct Pairs {
     static constexpr int L = MDR_LANES;
     T e[3][L];          // e_k = sign(area2) E_k = |area2| b_k (b_k the barycentrics)
     T b_clip[3][L];     // clipped barycentrics b~_k = max(e_k, 0) / S
-    T clip_sum[L];      // S = sum_l max(e_l, 0)
+    T inv_clip_sum[L];  // 1 / S, S = sum_l max(e_l, 0) (1 where S = 0)
     T w_hat[3][L];      // interpolation weights w^_k
     T z_ij[L], zhat[L];  // depth and normalized inverse depth
     T d[L];             // squared distance to the boundary
@@ -241,12 +241,11 @@ template <bool PERSPECTIVE, typename T>
 MDR_DEVICE bool eval_depth(const Face<T>& f, const RasterArgs<T>& a, Pairs<T>& q, int lane) {
     T clip_sum = T(0);
     for (int k = 0; k < 3; ++k) clip_sum += mdr_max(q.e[k][lane], T(0));
-    q.clip_sum[lane] = clip_sum;
     // The b_k sum to 1, so some b_k > 0; only rounding in E_k (a face tiny or thin next to its
     // distance from p) can leave none. Such a pair does not count, and gets stand-in weights of
     // 1/3 so that the values the lane loops compute (and then drop) stay finite.
     const bool clip_ok = clip_sum > T(0);
-    const T inv_clip_sum = T(1) / (clip_ok ? clip_sum : T(1));
+    const T inv_clip_sum = q.inv_clip_sum[lane] = T(1) / (clip_ok ? clip_sum : T(1));
     T b_clip[3];
     for (int k = 0; k < 3; ++k)
         b_clip[k] = q.b_clip[k][lane] = clip_ok ? mdr_max(q.e[k][lane], T(0)) * inv_clip_sum : T(1) / T(3);
@@ -596,7 +595,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                         // Clipping -> E_k -> corners.
                         T g_clip_mean = T(0);
                         for (int k = 0; k < 3; ++k) g_clip_mean += g_b_clip[k] * q.b_clip[k][lane];
-                        const T inv_clip_sum = T(1) / q.clip_sum[lane];
+                        const T inv_clip_sum = q.inv_clip_sum[lane];
                         for (int k = 0; k < 3; ++k) {
                             const T g_e = q.e[k][lane] > T(0) ? (g_b_clip[k] - g_clip_mean) * inv_clip_sum : T(0);
                             const T g_E = f.orientation * g_e;
@@ -633,10 +632,10 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const int band = shape.across == 1 ? chunk : chunk / shape.across, piece = chunk - band * shape.across;
     const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
     const int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
-    const bool alone = a.face_chunks[face] == 1;  // the face's only chunk: its gradients, no partials
-    T* partial = alone ? nullptr : a.partials + (a.partial_starts[face] + chunk) * (9 + 3 * a.channels);
-    backward_lanes<T, CH, PERSPECTIVE>(a, face, region, alone ? a.grad_verts + 9 * face : partial,
-                                       alone ? a.grad_attrs + 3 * a.channels * face : partial + 9);
+    // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
+    T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * a.channels);
+    backward_lanes<T, CH, PERSPECTIVE>(a, face, region, chunk == 0 ? a.grad_verts + 9 * face : partial,
+                                       chunk == 0 ? a.grad_attrs + 3 * a.channels * face : partial + 9);
 }
 
 template <typename T>
@@ -648,19 +647,20 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// reduce: one item per face; the gradients of a face of several chunks are the sums of its
-// chunks' partials, added in chunk order; a face of none (not drawn, or its box off the image)
-// gets zeros. A face of one chunk was written by its backward item.
+// reduce: one item per face; a face's first chunk wrote its gradients, to which the partials of
+// its other chunks are added, in chunk order; a face of no chunk (not drawn, or its box off the
+// image) gets zeros.
 template <typename T>
 __device__ void reduce_item(const RasterArgs<T>& a, long long item) {
     const int chunks = a.face_chunks[item], C = a.channels;
-    if (chunks == 1) return;
     T* __restrict__ grad_verts = a.grad_verts + 9 * item;
     T* __restrict__ grad_attrs = a.grad_attrs + 3 * C * item;
-    for (int v = 0; v < 9; ++v) grad_verts[v] = T(0);
-    for (int v = 0; v < 3 * C; ++v) grad_attrs[v] = T(0);
-    for (int chunk = 0; chunk < chunks; ++chunk) {  // chunk-major: each chunk's values are adjacent
-        const T* __restrict__ partial = a.partials + (a.partial_starts[item] + chunk) * (9 + 3 * C);
+    if (chunks == 0) {
+        for (int v = 0; v < 9; ++v) grad_verts[v] = T(0);
+        for (int v = 0; v < 3 * C; ++v) grad_attrs[v] = T(0);
+    }
+    for (int chunk = 1; chunk < chunks; ++chunk) {  // chunk-major: each chunk's values are adjacent
+        const T* __restrict__ partial = a.partials + (a.partial_starts[item] + chunk - 1) * (9 + 3 * C);
         for (int v = 0; v < 9; ++v) grad_verts[v] += partial[v];
         for (int v = 0; v < 3 * C; ++v) grad_attrs[v] += partial[9 + v];
     }

@@ -47,9 +47,9 @@ BLOCK = 128
 #: every face reaches every tile lists faces x tiles.
 MAX_LISTED_PAIRS = 2**28
 BYTES_PER_LISTED_PAIR = 16
-#: The backward's work items are chunks of TILE x TILE pixels of the faces' boxes (softras.cu):
-#: each takes 8 bytes (its face), and a chunk of a face of several chunks also a slot of partial
-#: gradients, 9 + 3C values (:func:`partial_bytes`). There are never more chunks than listed
+#: The backward's work items are chunks of at most TILE x TILE pixels of the faces' boxes
+#: (softras.cu, chunk_shape): each takes 8 bytes (its face), and each chunk but a face's first
+#: also a slot of partial gradients, 9 + 3C values (:func:`partial_bytes`). There are never more chunks than listed
 #: pairs (a box's chunks are at most the tiles it overlaps); the backward refuses to allocate
 #: more than MAX_BACKWARD_BYTES for them (:func:`too_many_chunks`).
 BYTES_PER_CHUNK = 8
@@ -201,7 +201,7 @@ def too_many_chunks(chunks: int, partial_chunks: int, channels: int, itemsize: i
     if needed <= MAX_BACKWARD_BYTES:
         return None
     return (
-        f"the backward splits the faces' reach into {chunks} chunks of {TILE} x {TILE} pixels, {partial_chunks} "
+        f"the backward splits the faces' reach into {chunks} chunks of at most {TILE * TILE} pixels, {partial_chunks} "
         f"of them with partial gradients; they need {needed / 2**30:.1f} GiB, more than the limit of "
         f"{MAX_BACKWARD_BYTES / 2**30:.0f} GiB: lower sigma, the image size or the face count"
     )
@@ -210,7 +210,8 @@ def too_many_chunks(chunks: int, partial_chunks: int, channels: int, itemsize: i
 @dataclass(frozen=True)
 class ChunkLayout:
     """Where the backward's work items go (softras.cu's layouts): the first chunk of each face,
-    the face of each chunk, and the first partial slot of each face of several chunks."""
+    the face of each chunk, and the first partial slot of each face (a slot for each chunk but
+    its first)."""
 
     chunk_starts: torch.Tensor  # (B * F,) int64
     chunk_faces: torch.Tensor  # (chunks,) int64
@@ -223,10 +224,10 @@ def chunk_layout(face_chunks: torch.Tensor) -> ChunkLayout:
     counts = face_chunks.flatten().long()
     chunk_starts = torch.cumsum(counts, 0) - counts
     chunk_faces = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    several = torch.where(counts > 1, counts, 0)
-    partial_ends = torch.cumsum(several, 0)
+    slots = (counts - 1).clamp(min=0)
+    partial_ends = torch.cumsum(slots, 0)
     partial_chunks = int(partial_ends[-1]) if partial_ends.numel() else 0
-    return ChunkLayout(chunk_starts, chunk_faces, partial_ends - several, partial_chunks)
+    return ChunkLayout(chunk_starts, chunk_faces, partial_ends - slots, partial_chunks)
 
 
 @dataclass(frozen=True)
