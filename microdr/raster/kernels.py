@@ -219,6 +219,28 @@ class ChunkLayout:
     partial_chunks: int  # slots of partial gradients
 
 
+#: The most pixels of a backward chunk (CHUNK_PIXELS in softras.cu).
+CHUNK_PIXELS = TILE * TILE
+
+
+def chunk_pixels(face_boxes: torch.Tensor) -> torch.Tensor:
+    """The pixels of every backward chunk, in the backward's item order (``(chunks,)`` int64),
+    from the ``(B, F, 4)`` boxes: softras.cu's chunk_shape, restated for the host's accounting
+    (bench.py, gpu_cost_model.py; a test holds the two to the same counts)."""
+    boxes = face_boxes.reshape(-1, 4).long()
+    rows = (boxes[:, 1] - boxes[:, 0] + 1).clamp(min=0)
+    cols = (boxes[:, 3] - boxes[:, 2] + 1).clamp(min=0)
+    across = -(-cols // CHUNK_PIXELS)
+    width = -(-cols // across.clamp(min=1))
+    band = CHUNK_PIXELS // width.clamp(min=1)
+    counts = torch.where(rows > 0, across * -(-rows // band), 0)
+    face = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    chunk = torch.arange(face.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    band_rows = (rows[face] - chunk // across[face] * band[face]).clamp(max=band[face])
+    piece_cols = (cols[face] - chunk % across[face] * width[face]).clamp(max=width[face])
+    return band_rows * piece_cols
+
+
 def chunk_layout(face_chunks: torch.Tensor) -> ChunkLayout:
     """The backward's chunks from setup's per-face counts ``face_chunks`` (``(B, F)`` int32)."""
     counts = face_chunks.flatten().long()
@@ -250,11 +272,9 @@ class ForwardResult:
         return int((rows.long() * cols.long()).sum())
 
     def most_pixels_per_backward_item(self) -> int:
-        """The most pixels one backward work item visits: a box's first chunk, the box's rows and
-        columns each clipped to TILE (0 when no face is drawn)."""
-        rows = (self.face_boxes[..., 1] - self.face_boxes[..., 0] + 1).clamp(min=0, max=TILE)
-        cols = (self.face_boxes[..., 3] - self.face_boxes[..., 2] + 1).clamp(min=0, max=TILE)
-        return int((rows * cols).max()) if rows.numel() else 0
+        """The most pixels one backward work item visits (0 when no face is drawn)."""
+        pixels = chunk_pixels(self.face_boxes)
+        return int(pixels.max()) if pixels.numel() else 0
 
 
 def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings) -> ForwardResult:
