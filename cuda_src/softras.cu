@@ -34,10 +34,10 @@
 // face_tiles (B, F) int = tiles overlapped; bin_starts (B, F) = first slot of each face;
 // bin_keys, bin_faces (pairs) = b * tiles + tile (row-major tiles), j; tile_faces (pairs) = the
 // faces sorted by tile; tile_ends (B * tiles) = one past each tile's last entry in tile_faces.
-// face_chunks (B, F) int = chunks of the box (chunk_shape), row-major; chunk_starts (B, F) = first chunk of each face; chunk_faces (chunks) = b * F + j of
-// each chunk; partial_starts (B, F) = first partial slot of each face (a slot per chunk but the
-// first); partials (partial slots, 9 + 3C) = a chunk's gradients, laid out as grad_verts then
-// grad_attrs of its face.
+// face_chunks (B, F) int = chunks of the box (chunk_shape); chunk_starts (B, F) = first chunk of
+// each face; chunk_faces (chunks) = b * F + j of each chunk; partial_starts (B, F) = first
+// partial slot of each face (a slot per chunk but the first); partials (partial slots, 9 + 3C) =
+// a chunk's gradients, laid out as grad_verts then grad_attrs of its face.
 // Pixel (r, c) has its center at x = (2c + 1 - W) / H, y = (H - 2r - 1) / H (screen units,
 // microdr/conventions.py).
 
@@ -279,15 +279,12 @@ MDR_DEVICE bool eval_depth(const Face<T>& f, const RasterArgs<T>& a, Pairs<T>& q
     return clip_ok & (z_in_range <= T(a.far));
 }
 
-// The lanes' values added up, always in the same order: pairwise (the upper half onto the
-// lower, and again), which takes SIMD adds instead of a chain of MDR_LANES - 1 scalar ones.
+// The lanes' values added up, always in the same order.
 template <typename T>
 MDR_DEVICE T lane_sum(const T* values) {
-    T sums[MDR_LANES];
-    for (int lane = 0; lane < MDR_LANES; ++lane) sums[lane] = values[lane];
-    for (int width = MDR_LANES / 2; width > 0; width /= 2)
-        for (int lane = 0; lane < width; ++lane) sums[lane] += sums[lane + width];
-    return sums[0];
+    T sum = T(0);
+    for (int lane = 0; lane < MDR_LANES; ++lane) sum += values[lane];
+    return sum;
 }
 
 // Whether any lane's mask (1 or 0, as wide as T so that lane loops can select with it) is set.
