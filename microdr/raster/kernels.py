@@ -49,9 +49,10 @@ MAX_LISTED_PAIRS = 2**28
 BYTES_PER_LISTED_PAIR = 16
 #: The backward's work items are chunks of at most TILE x TILE pixels of the faces' boxes
 #: (softras.cu, chunk_shape): each takes 8 bytes (its face), and each chunk but a face's first
-#: also a slot of partial gradients, 9 + 3C values (:func:`partial_bytes`). There are never more chunks than listed
-#: pairs (a box's chunks are at most the tiles it overlaps); the backward refuses to allocate
-#: more than MAX_BACKWARD_BYTES for them (:func:`too_many_chunks`).
+#: also a slot of partial gradients, 9 + 3C values (:func:`partial_bytes`; plus 20 bytes per
+#: face: its chunk count and first chunk and slot). A box has at most twice as many chunks as
+#: tiles it overlaps; the backward refuses to allocate more than MAX_BACKWARD_BYTES for them
+#: (:func:`too_many_chunks`), so a backward has at most 2**29 work items.
 BYTES_PER_CHUNK = 8
 MAX_BACKWARD_BYTES = 2**32
 
