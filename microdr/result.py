@@ -95,6 +95,9 @@ class Result:
         time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
         Ctrl-C (KeyboardInterrupt). stopped: the message of the
         :class:`microdr.optimize.NonFiniteError` that ended the run early, else ``None``.
+    rank_seconds: with several processes (:mod:`microdr.distributed`), each rank's seconds of
+        its own work in this part of the run (not waiting for the others; ``None`` for a rank
+        lost); one entry for one process.
     """
 
     scene: Scene
@@ -111,6 +114,7 @@ class Result:
     held_out: tuple[int, ...] = ()
     held_out_metrics: Metrics | None = None
     start_held_out_metrics: Metrics | None = None
+    rank_seconds: tuple[float | None, ...] = ()
 
     @property
     def meshes(self) -> list[Mesh]:
