@@ -627,7 +627,7 @@ def _ranks(
     rank 0) that run ``microdr ARGUMENTS``, joined from torchrun's environment, or alone; and
     the processes it started. The process group is left on leaving."""
     if workers > 1:
-        with distributed.local_workers(workers, arguments, seconds) as started:
+        with distributed.local_workers(workers, arguments, seconds, device) as started:
             yield distributed.current(), started
         return
     if not distributed.launched():

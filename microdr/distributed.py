@@ -197,9 +197,7 @@ def start(device: torch.device, seconds: float) -> Ranks:
         numbers[name] = int(text)
     if not numbers["RANK"] < numbers["WORLD_SIZE"]:
         raise InputError("environment", "RANK", f"expected < WORLD_SIZE, got {numbers['RANK']}")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = _backend(device)
     address = f"{os.environ['MASTER_ADDR']}:{numbers['MASTER_PORT']}"
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
@@ -209,6 +207,15 @@ def start(device: torch.device, seconds: float) -> Ranks:
             f"within {seconds:g} s ({str(error).strip().splitlines()[0]})",
         ) from None  # fmt: skip
     return current()
+
+
+def _backend(device: torch.device) -> str:
+    """``nccl`` for a CUDA device (then this rank's GPU is its ``LOCAL_RANK``-th), else
+    ``gloo``."""
+    if device.type != "cuda":
+        return "gloo"
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return "nccl"
 
 
 def stop() -> None:
@@ -231,10 +238,13 @@ def threads_per_rank() -> int | None:
 
 
 @contextlib.contextmanager
-def local_workers(count: int, arguments: list[str], seconds: float) -> Iterator[list[subprocess.Popen]]:
+def local_workers(
+    count: int, arguments: list[str], seconds: float, device: torch.device
+) -> Iterator[list[subprocess.Popen]]:
     """This process as rank 0 of ``count`` on this machine, the others started as
     ``python -m microdr ARGUMENTS`` with the launch variables set (a free loopback port, each
-    rank ``1 / count`` of the cores), and the ``gloo`` process group joined.
+    rank ``1 / count`` of the cores, and GPU ``LOCAL_RANK`` for a CUDA ``device``), and the
+    process group joined (``gloo``, or ``nccl`` for CUDA).
 
     Yields the workers. On leaving, the process group is left and the workers get ``seconds``
     to end on their own (once it is left, their next exchange fails at once), then are killed;
@@ -260,8 +270,9 @@ def local_workers(count: int, arguments: list[str], seconds: float) -> Iterator[
             ))  # fmt: skip
         try:
             # The workers' env:// rendezvous keeps its keys under this prefix (torch's own).
+            backend = _backend(device)
             dist.init_process_group(
-                "gloo", store=dist.PrefixStore("default_pg", store), rank=0, world_size=count,
+                backend, store=dist.PrefixStore("default_pg", store), rank=0, world_size=count,
                 timeout=datetime.timedelta(seconds=seconds),
             )  # fmt: skip
         except RuntimeError as error:

@@ -1169,7 +1169,8 @@ class _Pieces:
         masks = self._masks(self.views)
         terms = {name: view_mean(table[:, k], masks[k]) for k, name in enumerate(self.image_terms)}
         terms.update(self.mesh_terms)
-        total = sum((self.weights[name] * term for name, term in terms.items()), table.new_zeros(()))
+        weighted = (self.weights[name] * term for name, term in terms.items())
+        total = sum(weighted, table.new_zeros(()))
         count = len(self.image_terms)
         soft_iou, psnr = (
             tuple(None if math.isnan(x) else x for x in table[:, count + k].tolist())

@@ -144,6 +144,8 @@ def render_views(
         )
         if not colors:
             batch = torch.cat([batch.new_zeros(batch.shape[0], 3, *batch.shape[2:]), batch], dim=1)
+        if len(groups) == 1:  # in camera order already: no copy
+            return batch
         for i, image in zip(indices, batch):
             images[i] = image
     return torch.stack(images)

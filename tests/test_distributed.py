@@ -68,7 +68,7 @@ def task(folder: Path, **optimize) -> tuple[Path, Path]:
         },
     }
     start["optimize"] = {**start["optimize"], **optimize}
-    start["optimize"] = {key: value for key, value in start["optimize"].items() if value is not None}
+    start["optimize"] = {k: v for k, v in start["optimize"].items() if v is not None}
     (folder / "targets").mkdir(parents=True)
     for i, image in enumerate(render_scene(parse_scene(truth, "truth.json", folder)).cpu()):
         rgba = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
