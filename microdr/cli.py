@@ -32,14 +32,13 @@ try:  # typer 0.2x carries its own copy of click; earlier versions use click its
 except ImportError:
     from click.exceptions import MissingParameter, NoSuchOption, UsageError
 
-from . import __version__
+from . import __version__, distributed
 from .defaults import BACKENDS
+from .distributed import FirstRankFailed, PeerLost
 from .errors import InputError, MicroDRError, show_value
 from .files import check_writable_file, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .losses import Metrics
-from . import distributed
-from .distributed import FirstRankFailed, PeerLost
 from .optimize import NonFiniteError, ranks_problem, stop_signals
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
@@ -537,7 +536,7 @@ def optimize(
         _check_at_least("--log-every", log_every, 1)
         _check_seed(seed)
         _check_at_least("--workers", workers, 1)
-        seconds = distributed.timeout(timeout)
+        seconds = distributed.timeout(timeout, "--timeout")
         if workers > 1 and distributed.launched():
             raise InputError(
                 "--workers", "", "this process is already one of several (WORLD_SIZE is set, "
@@ -579,8 +578,9 @@ def optimize(
                     )  # fmt: skip
                     stopped = None
                 except (NonFiniteError, PeerLost) as error:  # outcomes of a valid run
-                    if not ranks.first:
-                        typer.echo(f"rank {ranks.rank}: stopped at {error}", err=True)
+                    if not ranks.first:  # rank 0 reports a NaN, met by every rank alike
+                        if isinstance(error, PeerLost):
+                            typer.echo(f"rank {ranks.rank}: stopped at {error}", err=True)
                         raise typer.Exit(NON_FINITE_EXIT_CODE) from None
                     result, stopped = error.result, error
                 except FirstRankFailed:  # rank 0 says why

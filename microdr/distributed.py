@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import math
 import os
 import signal
 import subprocess
@@ -157,19 +158,20 @@ def gather(value: T, ranks: Ranks) -> list[T]:
 # Starting the process group
 
 
-def timeout(value: float | None = None) -> float:
-    """The seconds to wait for other ranks: ``value``, else :data:`TIMEOUT_VARIABLE`, else
-    :data:`DEFAULT_TIMEOUT`."""
+def timeout(value: float | None = None, source: str = "timeout") -> float:
+    """The seconds to wait for other ranks: ``value`` (``source`` names it in errors), else
+    :data:`TIMEOUT_VARIABLE`, else :data:`DEFAULT_TIMEOUT`."""
     if value is None:
+        source = TIMEOUT_VARIABLE
         text = os.environ.get(TIMEOUT_VARIABLE)
         if text is None:
             return DEFAULT_TIMEOUT
         try:
             value = float(text)
         except ValueError:
-            raise InputError(TIMEOUT_VARIABLE, "", f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise InputError(TIMEOUT_VARIABLE, "", f"expected seconds > 0, got {value}")
+            raise InputError(source, "", f"expected seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise InputError(source, "", f"expected seconds > 0, got {value}")
     return value
 
 

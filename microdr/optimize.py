@@ -23,6 +23,14 @@ A custom ``loss_fn(evaluation) -> Tensor | dict[str, Tensor]`` replaces the weig
 targets and vertices) and may call the terms of :mod:`microdr.losses` itself; a dict's values are
 summed and logged by name.
 
+On several processes (torch.distributed, :mod:`microdr.distributed`): the program calls
+``torch.distributed.init_process_group`` (``gloo`` for the CPU backend, ``nccl`` for CUDA), then
+every rank builds the same :class:`Optimization` or calls :func:`optimize` with the same
+arguments; rank ``r`` of ``N`` renders the ``r``-th of ``N`` contiguous shares of each
+iteration's views, and the result is that of one process, bit for bit (CPU backend). Rank 0
+alone measures the hard metrics and writes; :func:`optimize` returns the result there and
+``None`` on the others. A custom ``loss_fn`` sees all views at once, so it needs one process.
+
 A NaN or an infinity ends a run: at the first iteration whose loss or gradients hold one, or
 whose update would put one into a parameter or the mesh, :class:`NonFiniteError` is raised and
 the run stays at the end of the iteration before, its last good state.
