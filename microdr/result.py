@@ -32,7 +32,8 @@ class Step:
         over every held-out view, of the parameters it rendered, at the iterations that measure
         them (the first and about ``microdr.optimize.MEASURES`` more, evenly spaced, the last
         included), else ``None``. lr, sigma: the values it used. seconds: the run's optimization
-        time so far, the measuring included. images: ``(B, 4, H, W)`` its renders, detached.
+        time so far, the measuring included. images: ``(B, 4, H, W)`` its renders, detached (on
+        several processes, of this rank's views; iou and the held-out metrics on rank 0 alone).
     """
 
     iteration: int
