@@ -4,10 +4,14 @@ Loading the command takes a moment (it imports torch); Ctrl-C meanwhile gets the
 the exit code that it gets later (:func:`microdr.cli._stopped_by`), not a traceback of imports.
 """
 
+import os
 import sys
 
 
 def main() -> None:
+    # torch.distributed's C++ side logs a lost rank or a missing rendezvous as stack traces; the
+    # command says it in one line (microdr.distributed). torch reads this when it loads.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     try:
         from microdr.cli import main as command
     except KeyboardInterrupt:

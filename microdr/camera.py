@@ -48,10 +48,15 @@ def look_at_rotation(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) 
 
 
 def project_views(
-    points: torch.Tensor, cameras: Sequence[Camera], poses: Sequence[CameraTensors] | None = None
+    points: torch.Tensor,
+    cameras: Sequence[Camera],
+    poses: Sequence[CameraTensors] | None = None,
+    *,
+    per_camera: bool = False,
 ) -> torch.Tensor:
     """World points ``(..., 3)`` seen by ``N`` cameras, in one batch: screen ``(x, y)`` and view
-    depth ``z``, ``(N, ..., 3)``.
+    depth ``z``, ``(N, ..., 3)``. With ``per_camera``, points are ``(N, ..., 3)``, one set per
+    camera (so that the gradient of each camera's set stays apart).
 
     ``poses`` override the cameras' eye/target/up (e.g. with tensors that require grad).
     Perspective division uses ``max(z, near)``: a point nearer than ``near`` makes its faces
@@ -62,25 +67,26 @@ def project_views(
         poses = [CameraTensors.of(camera, dtype=points.dtype, device=points.device) for camera in cameras]
     eye, target, up = (torch.stack([getattr(pose, name) for pose in poses]) for name in ("eye", "target", "up"))
     rotation = look_at_rotation(eye, target, up)  # (N, 3, 3)
-    flat = points.reshape(1, -1, 3)
+    shape = points.shape[1:] if per_camera else points.shape
+    flat = points.reshape(len(cameras) if per_camera else 1, -1, 3)
     points_cam = (flat - eye[:, None]) @ rotation.transpose(-1, -2)  # (N, P, 3)
     depth = -points_cam[..., 2]
 
-    def per_camera(values):  # (N, 1) or (N, 1, k) on the points' dtype and device
+    def camera_values(values):  # (N, 1) or (N, 1, k) on the points' dtype and device
         return torch.tensor(values, dtype=points.dtype, device=points.device)[:, None]
 
     # Perspective: f * (x, y) / max(z, near), f = 1 / tan(fov / 2); orthographic: (x, y) / s.
-    perspective = per_camera([c.projection == "perspective" for c in cameras]).bool()
-    focal = per_camera([_focal(c) for c in cameras])
-    near = per_camera([c.near for c in cameras])
-    scale = torch.where(perspective, focal / depth.clamp(min=near), 1.0 / per_camera([_half_height(c) for c in cameras]))
+    perspective = camera_values([c.projection == "perspective" for c in cameras]).bool()
+    focal = camera_values([_focal(c) for c in cameras])
+    near = camera_values([c.near for c in cameras])
+    scale = torch.where(perspective, focal / depth.clamp(min=near), 1.0 / camera_values([_half_height(c) for c in cameras]))
     # Then x is stretched by fx / fy and the optical axis moved to the principal point: exactly
     # nothing for look-at cameras (a product with 1 and a sum with 0).
-    stretch = per_camera([(c.fx_over_fy, 1.0) for c in cameras])  # (N, 1, 2)
-    principal = per_camera([c.principal_point for c in cameras])
+    stretch = camera_values([(c.fx_over_fy, 1.0) for c in cameras])  # (N, 1, 2)
+    principal = camera_values([c.principal_point for c in cameras])
     screen_xy = points_cam[..., :2] * scale[..., None] * stretch + principal
     screen = torch.cat([screen_xy, depth[..., None]], dim=-1)
-    return screen.reshape(len(cameras), *points.shape)
+    return screen.reshape(len(cameras), *shape)
 
 
 def _focal(camera: Camera) -> float:

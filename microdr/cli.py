@@ -32,17 +32,18 @@ try:  # typer 0.2x carries its own copy of click; earlier versions use click its
 except ImportError:
     from click.exceptions import MissingParameter, NoSuchOption, UsageError
 
-from . import __version__
+from . import __version__, distributed
 from .camera_files import image_files, nerf_transforms, relative_path, transforms_text
 from .defaults import BACKENDS
+from .distributed import FirstRankFailed, PeerLost
 from .errors import InputError, MicroDRError, show_value
 from .files import check_writable_file, write_files
 from .images import encode_gif, encode_png, grid, to_uint8
 from .losses import Metrics
-from .optimize import NonFiniteError, stop_signals
+from .optimize import NonFiniteError, ranks_problem, stop_signals
 from .optimize import optimize as optimize_scene
 from .outputs import default_outdir
-from .raster import backend_status, describe_backend, resolve_backend
+from .raster import backend_status, describe_backend, preferred_device, resolve_backend
 from .raster.cpu import cpu_target
 from .raster.cpu_build import build_info
 from .render import opaque_inside, render_scene
@@ -90,6 +91,8 @@ class _Commands(TyperGroup):
     ``--debug`` shows its traceback instead."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        # The arguments as given, for the ranks that optimize --workers starts.
+        self.arguments = list(args)
         # The group's own flags are parsed here, before --debug is known.
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -444,6 +447,7 @@ def _plural(count: int, noun: str) -> str:
 
 @app.command()
 def optimize(
+    ctx: typer.Context,
     scene: SceneArgument,
     targets: Annotated[
         Optional[list[str]],
@@ -526,6 +530,24 @@ def optimize(
             help="Write into OUTDIR even if another run holds its lock (OUTDIR/.microdr.lock).",
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Run on N processes of this machine, each with 1/N of the cores, sharing each "
+            "iteration's views (as torchrun --nproc-per-node N would; same result).",
+        ),
+    ] = 1,
+    timeout: Annotated[
+        Optional[float],
+        typer.Option(
+            metavar="SECONDS",
+            help="With several processes: how long one waits for the others before the run "
+            f"ends. Default: ${distributed.TIMEOUT_VARIABLE}, else "
+            f"{distributed.DEFAULT_TIMEOUT:g}.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Change SCENE's free parameters until its renders match the TARGET images.
 
@@ -536,6 +558,11 @@ def optimize(
     A NaN or an infinity in the loss, a gradient or an update stops the run, writing all that as
     of the last good iteration (exit code 1). A second run into an OUTDIR in use is refused
     (exit code 2) unless --force.
+
+    Several processes (--workers N, or torchrun: `torchrun --nproc-per-node N -m microdr
+    optimize ...`) share each iteration's views and give the same result, bit for bit; rank 0
+    shows the progress and writes OUTDIR. A process that dies or stops answering for --timeout
+    seconds ends the run as a NaN does (exit code 1).
     """
     # From the start: a stop signal while the scene and targets load is one line too.
     with stop_signals() as received:
@@ -544,6 +571,13 @@ def optimize(
         _check_at_least("--checkpoint-every", checkpoint_every, 0)
         _check_at_least("--log-every", log_every, 1)
         _check_seed(seed)
+        _check_at_least("--workers", workers, 1)
+        seconds = distributed.timeout(timeout, "--timeout")
+        if workers > 1 and distributed.launched():
+            raise InputError(
+                "--workers", "", "this process is already one of several (WORLD_SIZE is set, "
+                "as torchrun sets it): leave --workers out",
+            )  # fmt: skip
         if (
             resume is not None
             and output is not None
@@ -570,16 +604,34 @@ def optimize(
             raise InputError(f"{TARGET_SOURCE}...", "", "missing argument (one image per camera; "
                              'only cameras {"from": FILE} name their own)')
         outdir = Path(resume or output or default_outdir(scene))
-        with _progress(settings.iterations, log_every) as progress:
-            try:
-                result = optimize_scene(
-                    loaded, images, settings, seed=seed, backend=backend, callback=progress,
-                    on_start=lambda run: progress.start(run.backend), outdir=outdir,
-                    resume=resume is not None, checkpoint_every=checkpoint_every, force=force,
-                )  # fmt: skip
-                stopped = None
-            except NonFiniteError as error:  # an outcome of a valid run, reported like Ctrl-C
-                result, stopped = error.result, error
+        if workers > 1:
+            problem = ranks_problem(settings, len(loaded.cameras), workers)
+            if problem is not None:
+                raise InputError("--workers", "", problem)
+        device = preferred_device(backend or loaded.render.backend)
+        arguments = _without_workers(ctx.find_root().command.arguments)
+        with _ranks(workers, arguments, seconds, device) as (ranks, started):
+            with _progress(settings.iterations, log_every) as progress:
+                try:
+                    result = optimize_scene(
+                        loaded, images, settings, seed=seed, backend=backend,
+                        callback=progress if ranks.first else None,
+                        on_start=(lambda run: progress.start(run.backend)) if ranks.first else None,
+                        outdir=outdir, resume=resume is not None,
+                        checkpoint_every=checkpoint_every, force=force,
+                    )  # fmt: skip
+                    stopped = None
+                except (NonFiniteError, PeerLost) as error:  # outcomes of a valid run
+                    if not ranks.first:  # rank 0 reports a NaN, met by every rank alike
+                        if isinstance(error, PeerLost):
+                            typer.echo(f"rank {ranks.rank}: stopped at {error}", err=True)
+                        raise typer.Exit(NON_FINITE_EXIT_CODE) from None
+                    result, stopped = error.result, error
+                except FirstRankFailed:  # rank 0 says why
+                    raise typer.Exit(2) from None
+    if not ranks.first:
+        return
+    failed = distributed.worker_failure(started)
     typer.echo(f"wrote {outdir}")
     quality = _quality(result.metrics, result.start_metrics)
     if result.held_out_metrics is not None:
@@ -605,6 +657,46 @@ def optimize(
             err=True,
         )
         raise typer.Exit(NON_FINITE_EXIT_CODE)
+    if failed is not None:
+        code, line = failed
+        typer.echo(line, err=True)
+        raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _ranks(
+    workers: int, arguments: list[str], seconds: float, device: torch.device
+) -> Iterator[tuple[distributed.Ranks, list]]:
+    """This process's ranks for the run: started with ``workers`` local processes (this one
+    rank 0) that run ``microdr ARGUMENTS``, joined from torchrun's environment, or alone; and
+    the processes it started. The process group is left on leaving."""
+    if workers > 1:
+        with distributed.local_workers(workers, arguments, seconds, device) as started:
+            yield distributed.current(), started
+        return
+    if not distributed.launched():
+        yield distributed.Ranks(), []
+        return
+    threads = distributed.threads_per_rank()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield distributed.start(device, seconds), []
+    finally:
+        distributed.stop()
+
+
+def _without_workers(arguments: list[str]) -> list[str]:
+    """The command's arguments without ``--workers N`` (or ``--workers=N``)."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--workers":
+            skip = True
+        elif not argument.startswith("--workers="):
+            kept.append(argument)
+    return kept
 
 
 def _check_at_least(flag: str, value: int, least: int) -> None:

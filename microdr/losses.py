@@ -111,18 +111,18 @@ def rgb_error(
     return total / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1e-6)
 
 
-def _view_mean(values: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """The mean of per-view ``values`` over the ``views`` mask; 0 when it selects none."""
+def view_mean(values: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """The mean of per-view ``values`` ``(B,)`` over the ``views`` mask ``(B,)``; 0 when it
+    selects none."""
     return (values * views).sum() / views.sum().clamp(min=1)
 
 
-def _silhouette_term(evaluation: Evaluation, mask_rgb: bool) -> torch.Tensor:
-    per_view = silhouette_iou_loss(evaluation.images[:, 3], evaluation.targets[:, 3])
-    return _view_mean(per_view, evaluation.has_silhouette)
+def _silhouette_views(evaluation: Evaluation, mask_rgb: bool) -> torch.Tensor:
+    return silhouette_iou_loss(evaluation.images[:, 3], evaluation.targets[:, 3])
 
 
-def _rgb_term(power: int) -> Callable[[Evaluation, bool], torch.Tensor]:
-    def term(evaluation: Evaluation, mask_rgb: bool) -> torch.Tensor:
+def _rgb_views(power: int) -> Callable[[Evaluation, bool], torch.Tensor]:
+    def per_view(evaluation: Evaluation, mask_rgb: bool) -> torch.Tensor:
         mask = None
         if mask_rgb:
             # A view without a silhouette is compared everywhere.
@@ -130,10 +130,26 @@ def _rgb_term(power: int) -> Callable[[Evaluation, bool], torch.Tensor]:
             has = evaluation.has_silhouette[:, None, None, None]
             mask = torch.where(has, alpha, torch.ones_like(alpha))
         images, targets = evaluation.images, evaluation.targets
-        per_view = rgb_error(images[:, :3], targets[:, :3], mask, power)
-        return _view_mean(per_view, evaluation.has_rgb)
+        return rgb_error(images[:, :3], targets[:, :3], mask, power)
 
-    return term
+    return per_view
+
+
+#: Each image term: ``values(evaluation, mask_rgb)`` -> ``(B,)``, one value per view, and the
+#: name of the :class:`Evaluation` mask of the views it is averaged over (:func:`view_mean`).
+#: Split so that views rendered apart (by the ranks of a distributed run) still make one term.
+VIEW_TERMS: dict[str, tuple[Callable[[Evaluation, bool], torch.Tensor], str]] = {
+    "silhouette_iou": (_silhouette_views, "has_silhouette"),
+    "rgb_l1": (_rgb_views(1), "has_rgb"),
+    "rgb_l2": (_rgb_views(2), "has_rgb"),
+}
+
+
+def _image_term(name: str) -> Callable[[Evaluation, bool], torch.Tensor]:
+    values, mask = VIEW_TERMS[name]
+    return lambda evaluation, mask_rgb: view_mean(
+        values(evaluation, mask_rgb), getattr(evaluation, mask)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +201,7 @@ def _mesh_term(loss: Callable[[torch.Tensor, MeshTopology], torch.Tensor]):
 
 #: Each term of ``optimize.loss``: ``term(evaluation, mask_rgb)`` -> scalar, unweighted.
 TERMS: dict[str, Callable[[Evaluation, bool], torch.Tensor]] = {
-    "silhouette_iou": _silhouette_term,
-    "rgb_l1": _rgb_term(1),
-    "rgb_l2": _rgb_term(2),
+    **{name: _image_term(name) for name in VIEW_TERMS},
     "laplacian": _mesh_term(laplacian_loss),
     "flatten": _mesh_term(flatten_loss),
     "edge_length": _mesh_term(edge_length_loss),

@@ -23,6 +23,14 @@ A custom ``loss_fn(evaluation) -> Tensor | dict[str, Tensor]`` replaces the weig
 targets and vertices) and may call the terms of :mod:`microdr.losses` itself; a dict's values are
 summed and logged by name.
 
+On several processes (torch.distributed, :mod:`microdr.distributed`): the program calls
+``torch.distributed.init_process_group`` (``gloo`` for the CPU backend, ``nccl`` for CUDA), then
+every rank builds the same :class:`Optimization` or calls :func:`optimize` with the same
+arguments; rank ``r`` of ``N`` renders the ``r``-th of ``N`` contiguous shares of each
+iteration's views, and the result is that of one process, bit for bit (CPU backend). Rank 0
+alone measures the hard metrics and writes; :func:`optimize` returns the result there and
+``None`` on the others. A custom ``loss_fn`` sees all views at once, so it needs one process.
+
 A NaN or an infinity ends a run: at the first iteration whose loss or gradients hold one, or
 whose update would put one into a parameter or the mesh, :class:`NonFiniteError` is raised and
 the run stays at the end of the iteration before, its last good state.
@@ -65,19 +73,23 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .adam import Adam
 from .camera import CameraTensors
 from .checkpoint import Journal, read_checkpoint
+from .distributed import PeerLost
 from .errors import InputError, MicroDRError
 from .files import remove_stale_temporaries, write_files
 from .images import to_uint8
-from .losses import Evaluation, MeshTopology, Metrics, loss_terms
+from .losses import TERMS, VIEW_TERMS, Evaluation, MeshTopology, Metrics, view_mean
 from .mesh import Mesh
 from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .raster.cpu import kernels_own_the_cores
 from .remesh import Remeshed, closed_manifold_problem, remesh
-from .render import FaceSoup, hard_silhouettes, mesh_albedo, render_faces, scene_faces
+from .render import (
+    FaceSoup, hard_silhouettes, mesh_albedo, render_faces, render_views, scene_faces,
+)  # fmt: skip
 from .result import GIF_VIEWS, History, Result, Step
 from .scene import (
     LOSS_TERMS,
@@ -90,7 +102,7 @@ from .scene import (
     held_out_views,
     views_problem,
 )
-from .shading import LightTensors
+from .shading import LightTensors, shade
 from .targets import SOURCE as TARGETS_SOURCE
 from .targets import Targets
 
@@ -274,6 +286,19 @@ def _default_loss(parameters: tuple[str, ...], has_rgb: bool, has_silhouette: bo
         if has_rgb:
             loss["edge_length"] = DEFAULT_RGB_EDGE_LENGTH
     return loss
+
+
+def ranks_problem(settings: OptimizeSettings, cameras: int, ranks: int) -> str | None:
+    """Why ``ranks`` processes cannot share the views of an iteration (each renders one or
+    more), or ``None`` when they can."""
+    fit = cameras - len(held_out_views(settings.holdout, cameras))
+    views = min(settings.views_per_step or fit, fit)
+    if ranks <= views:
+        return None
+    return (
+        f"{ranks} ranks for {views} views per iteration: each rank renders whole views, so at "
+        f"most {views} processes can share them"
+    )
 
 
 def sigma_at(settings: OptimizeSettings, scene: Scene, iteration: int) -> float:
@@ -647,6 +672,25 @@ class Optimization:
         self.iteration = 0
         self.seconds = 0.0
         self.history = History()
+        #: This process's rank among the run's (:mod:`microdr.distributed`), and the seconds it
+        #: spent on its iterations (since it started) without waiting for the others.
+        self.ranks = distributed.current()
+        self.work_seconds = 0.0
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        """Raise unless each rank has a view of every iteration and the loss can be split."""
+        size = self.ranks.size
+        if size == 1:
+            return
+        if self.loss_fn is not None:
+            raise MicroDRError(
+                f"a custom loss_fn sees all of an iteration's views at once: it runs on one "
+                f"process, not {size}"
+            )
+        problem = ranks_problem(self.settings, len(self.scene.cameras), size)
+        if problem is not None:
+            raise InputError("torch.distributed", "", problem)
 
     # --- iterating --------------------------------------------------------------------------
 
@@ -667,11 +711,18 @@ class Optimization:
         with self._cores():
             return self._iterate()
 
-    def _cores(self) -> contextlib.AbstractContextManager:
-        """For the CPU kernels, the cores without torch's spinning workers (see
-        :func:`microdr.raster.cpu.kernels_own_the_cores`): that holds whichever of torch and
-        microdr was imported first. Other backends run as they are."""
-        return kernels_own_the_cores() if self.backend == "cpu" else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _cores(self) -> Iterator[None]:
+        """For the CPU kernels, the cores (see :func:`microdr.raster.cpu.kernels_own_the_cores`),
+        and torch's own operations on one thread: then their sums do not depend on the thread
+        count, and a run on one process gives the same bits as on several with fewer threads
+        each. Other backends run as they are."""
+        if self.backend != "cpu":
+            yield
+            return
+        with kernels_own_the_cores():
+            torch.set_num_threads(1)
+            yield
 
     def _iterate(self) -> Step:
         """The body of :meth:`step`."""
@@ -680,37 +731,25 @@ class Optimization:
         generator_state = self.generator.get_state()
         try:
             views = self._draw_views()
+            mine = views[self.ranks.share(len(views))]
             sigma = sigma_at(self.settings, self.scene, iteration)
-            vertices = self.parameters.vertices()
-            images = self._render(vertices, views, sigma, colors=self._loss_sees_colors)
-            evaluation = Evaluation(
-                images=images,
-                targets=self.target_images[views],
-                has_rgb=self.has_rgb[views],
-                has_silhouette=self.has_silhouette[views],
-                views=views,
-                vertices=vertices,
-                faces=self.parameters.start.faces,
-                topology=self.parameters.topology,
-            )
-            terms, weights = self._loss(evaluation)
-            total = sum(
-                (weights[name] * term for name, term in terms.items()), images.new_zeros(())
-            )
             self.optimizer.zero_grad()
-            if total.requires_grad:
-                total.backward()
+            vertices = self.parameters.vertices()
+            pieces = _Pieces(self, vertices, views, mine, sigma)
+            try:
+                waited = distributed.in_view_order(pieces.buffer, pieces.add, self.ranks)
+            except RuntimeError as error:  # torch.distributed's, from a rank gone or hung
+                raise PeerLost(iteration, error) from None
+            total, terms, metrics = pieces.outcome()
+            pieces.backward()
             self._check_loss_and_gradients(iteration, total, terms)
-            images = images.detach()
-            frame = self._frame(images if self._loss_sees_colors else None, views, sigma) \
-                if iteration % self.frame_every == 0 else None
-            metrics = Metrics.of(
-                views.tolist(), None, images, evaluation.targets, evaluation.has_rgb,
-                evaluation.has_silhouette,
-            )  # fmt: skip
+            images = pieces.images.detach()
+            first = self.ranks.first
+            frame = self._frame(images if self._loss_sees_colors else None, mine, sigma) \
+                if first and iteration % self.frame_every == 0 else None  # fmt: skip
             fit, held_out = (
                 self._measure(vertices.detach(), sigma)
-                if self._measures(iteration)
+                if first and self._measures(iteration)
                 else (None, None)
             )
         except BaseException:
@@ -721,12 +760,14 @@ class Optimization:
         with _interrupts_held():
             self.optimizer.lr = lr
             self._update(iteration, generator_state)
-            self.seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.seconds += elapsed
+            self.work_seconds += elapsed - waited
             step = Step(
                 iteration=iteration,
                 views=tuple(views.tolist()),
                 loss=total.item(),
-                terms={name: term.item() for name, term in terms.items()},
+                terms={name: float(term) for name, term in terms.items()},
                 iou=None if fit is None else fit.mean_iou,
                 psnr=metrics.mean_psnr,
                 lr=lr,
@@ -840,9 +881,8 @@ class Optimization:
         look at them. Silhouettes alone cost the kernels about half as much."""
         return self.loss_fn is not None or bool(self.has_rgb.any())
 
-    def _render(self, vertices: torch.Tensor, views: torch.Tensor, sigma: float, colors: bool = True) -> torch.Tensor:
-        """RGBA ``(B, 4, H, W)`` of cameras ``views`` with the current parameters (RGB 0 unless
-        ``colors``)."""
+    def _render(self, vertices: torch.Tensor, views: torch.Tensor, sigma: float) -> torch.Tensor:
+        """RGBA ``(B, 4, H, W)`` of cameras ``views`` with the current parameters."""
         poses = self.parameters.poses()
         indices = views.tolist()
         return render_faces(
@@ -853,17 +893,7 @@ class Optimization:
             self.parameters.lights(),
             poses=None if poses is None else [poses[i] for i in indices],
             backend=self.backend,
-            colors=colors,
         )
-
-    def _loss(self, evaluation: Evaluation) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The terms and their weights."""
-        if self.loss_fn is None:
-            weights = self.settings.loss
-            return loss_terms(evaluation, weights, mask_rgb=self.settings.mask_rgb), weights
-        value = self.loss_fn(evaluation)
-        terms = value if isinstance(value, dict) else {"loss_fn": value}
-        return terms, dict.fromkeys(terms, 1.0)
 
     @torch.no_grad()
     def _frame(self, images: torch.Tensor | None, views: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -1019,6 +1049,162 @@ class Optimization:
         self.history = History(**state["history"])
 
 
+class _Pieces:
+    """One iteration's loss and gradients, as per-view pieces summed in view order (see
+    :mod:`microdr.distributed`): this rank renders its views ``mine`` ``(b,)`` of the iteration's
+    ``views`` ``(B,)`` from detached copies, one per view, of the world-space corners, the shaded
+    colors and the camera eyes, and backpropagates their loss into those copies (and, on every
+    rank alike, the regularizers into the parameters); :meth:`add` adds its views' gradients and
+    per-view values to the iteration's :attr:`buffer`; :meth:`outcome` reads the loss and the
+    metrics from the total, and :meth:`backward` carries its gradients into the parameters.
+
+    With a custom ``loss_fn`` (one rank only) the loss is one piece of all views, and its
+    per-view values are the metrics alone.
+    """
+
+    #: The per-view metrics (after the image terms' values) in the buffer's table.
+    METRICS = ("soft_iou", "psnr")
+
+    def __init__(
+        self, run: Optimization, vertices: torch.Tensor, views: torch.Tensor, mine: torch.Tensor,
+        sigma: float,
+    ):  # fmt: skip
+        self.run, self.views, self.mine = run, views, mine
+        parameters = run.parameters
+        colors = run._loss_sees_colors
+        corners = vertices[parameters.start.faces]
+        albedo = parameters.albedo()
+        shaded = shade(albedo, corners, parameters.lights()) if colors else albedo[..., :0]
+        poses = parameters.poses()
+        self.eyes = None if poses is None else torch.stack([pose.eye for pose in poses])
+        count = len(mine)
+        # What the backward starts from, and this rank's copies of it, one per view.
+        self.roots = [corners, shaded]
+        self.copies = [t.detach().expand(count, *t.shape).requires_grad_() for t in self.roots]
+        cameras = [run.scene.cameras[i] for i in mine.tolist()]
+        own_eyes = None if poses is None else self.eyes[mine].detach().requires_grad_()
+        own_poses = None if poses is None else [
+            replace(poses[i], eye=eye) for i, eye in zip(mine.tolist(), own_eyes)
+        ]  # fmt: skip
+        self.own_eyes = own_eyes
+        self.images = render_views(
+            self.copies[0], self.copies[1], cameras, replace(run.scene.render, sigma=sigma),
+            poses=own_poses, backend=run.backend,
+        )  # fmt: skip
+        evaluation = Evaluation(
+            images=self.images, targets=run.target_images[mine], has_rgb=run.has_rgb[mine],
+            has_silhouette=run.has_silhouette[mine], views=mine, vertices=vertices,
+            faces=parameters.start.faces, topology=parameters.topology,
+        )  # fmt: skip
+        if run.loss_fn is None:
+            self.weights = {name: w for name, w in run.settings.loss.items() if w > 0}
+            self.image_terms = [name for name in self.weights if name in VIEW_TERMS]
+            mask_rgb = run.settings.mask_rgb
+            values = [VIEW_TERMS[name][0](evaluation, mask_rgb) for name in self.image_terms]
+            self.mesh_terms = {
+                name: TERMS[name](evaluation, mask_rgb)
+                for name in self.weights if name not in VIEW_TERMS
+            }  # fmt: skip
+            # Each view's share of the mean over the iteration's views (of every rank).
+            masks = self._masks(views)
+            shares = [
+                self.weights[name] * masks[k][self.run.ranks.share(len(views))]
+                / masks[k].sum().clamp(min=1)
+                for k, name in enumerate(self.image_terms)
+            ]
+            loss = sum((v * w).sum() for v, w in zip(values, shares)) + sum(
+                self.weights[name] * term for name, term in self.mesh_terms.items()
+            )
+        else:
+            value = run.loss_fn(evaluation)
+            self.mesh_terms = value if isinstance(value, dict) else {"loss_fn": value}
+            self.weights = dict.fromkeys(self.mesh_terms, 1.0)
+            self.image_terms, values = [], []
+            loss = sum(self.mesh_terms.values())
+        self.values = [v.detach() for v in values]
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            # The parameters' part of the graph is walked again by :meth:`backward`.
+            loss.backward(retain_graph=True)
+        self.mesh_terms = {name: term.detach() for name, term in self.mesh_terms.items()}
+        metrics = Metrics.of(
+            mine.tolist(), None, self.images.detach(), evaluation.targets, evaluation.has_rgb,
+            evaluation.has_silhouette,
+        )  # fmt: skip
+        self.rows = torch.stack(
+            [*self.values, *(_nan_for_none(getattr(metrics, m), vertices) for m in self.METRICS)],
+            dim=1,
+        )  # fmt: skip
+        self.buffer = vertices.new_zeros(sum(self._sizes()))
+
+    def _masks(self, views: torch.Tensor) -> list[torch.Tensor]:
+        """Each image term's mask of ``views``: whether it has what the term compares."""
+        has = {"has_rgb": self.run.has_rgb, "has_silhouette": self.run.has_silhouette}
+        return [has[VIEW_TERMS[name][1]][views].to(self.run.dtype) for name in self.image_terms]
+
+    def _sizes(self) -> list[int]:
+        """The buffer's blocks: the roots' gradients, the eyes', the table of per-view values."""
+        eyes = 0 if self.eyes is None else self.eyes.numel()
+        table = len(self.views) * (len(self.image_terms) + len(self.METRICS))
+        return [self.roots[0].numel(), self.roots[1].numel(), eyes, table]
+
+    def _blocks(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``buffer``'s blocks, shaped as their tensors."""
+        corners, shaded, eyes, table = buffer.split(self._sizes())
+        width = len(self.image_terms) + len(self.METRICS)
+        return [
+            corners.view(self.roots[0].shape), shaded.view(self.roots[1].shape),
+            eyes.view(-1, 3), table.view(len(self.views), width),
+        ]  # fmt: skip
+
+    def add(self, buffer: torch.Tensor) -> None:
+        """Add this rank's views' gradients to ``buffer``, one view after the other, and write
+        their rows of per-view values."""
+        corners, shaded, eyes, table = self._blocks(buffer)
+        first = self.run.ranks.share(len(self.views)).start
+        grads = [copy.grad for copy in self.copies]
+        for k, camera in enumerate(self.mine.tolist()):
+            for block, grad in zip((corners, shaded), grads):
+                if grad is not None:
+                    block += grad[k]
+            if self.own_eyes is not None and self.own_eyes.grad is not None:
+                eyes[camera] += self.own_eyes.grad[k]
+        table[first : first + len(self.mine)] = self.rows
+
+    def outcome(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], Metrics]:
+        """The weighted total loss, each term's unweighted value and the :class:`Metrics` (soft
+        IoU and PSNR) of all the iteration's views, from the summed buffer."""
+        table = self._blocks(self.buffer)[3]
+        masks = self._masks(self.views)
+        terms = {name: view_mean(table[:, k], masks[k]) for k, name in enumerate(self.image_terms)}
+        terms.update(self.mesh_terms)
+        weighted = (self.weights[name] * term for name, term in terms.items())
+        total = sum(weighted, table.new_zeros(()))
+        count = len(self.image_terms)
+        soft_iou, psnr = (
+            tuple(None if math.isnan(x) else x for x in table[:, count + k].tolist())
+            for k in range(len(self.METRICS))
+        )
+        cameras = tuple(self.views.tolist())
+        return total, terms, Metrics(cameras, (None,) * len(cameras), soft_iou, psnr)
+
+    def backward(self) -> None:
+        """Carry the summed gradients of the corners, the shaded colors and the eyes into the
+        parameters (onto the regularizers' gradients)."""
+        corners, shaded, eyes, _ = self._blocks(self.buffer)
+        pairs = [(self.roots[0], corners), (self.roots[1], shaded)]
+        if self.eyes is not None:
+            pairs.append((self.eyes, eyes))
+        pairs = [(root, grad) for root, grad in pairs if root.requires_grad and root.numel()]
+        if pairs:
+            torch.autograd.backward(*zip(*pairs))
+
+
+def _nan_for_none(values: tuple[float | None, ...], like: torch.Tensor) -> torch.Tensor:
+    """Per-view values ``(B,)`` of ``like``'s dtype and device, NaN where ``None``."""
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=like.dtype,
+                        device=like.device)  # fmt: skip
+
+
 def _scene_digest(scene: Scene) -> str:
     """A hash of everything the start of a run depends on in ``scene``."""
     digest = hashlib.sha256()
@@ -1121,7 +1307,7 @@ def optimize(
     resume: bool = False,
     checkpoint_every: int = 0,
     force: bool = False,
-) -> Result:
+) -> Result | None:
     """Run an :class:`Optimization` to its end and return its :class:`Result`.
 
     ``on_start(run)`` runs once the run has checked its inputs (and read its checkpoint), before
@@ -1146,6 +1332,11 @@ def optimize(
     the checkpoint until it has written its files, so a second run into the same folder is
     refused meanwhile; ``force`` takes the lock anyway. Holding it, the run first removes the
     temporary files that killed runs left there (:func:`microdr.files.remove_stale_temporaries`).
+
+    Under torch.distributed (:mod:`microdr.distributed`) every rank calls this alike; rank 0
+    alone takes the lock, reads the checkpoint (and sends it to the others), writes the files and
+    returns the result, the others return ``None``. A rank gone or silent for the process group's
+    timeout ends the run as a NaN does, with :class:`~microdr.distributed.PeerLost`.
     """
     if resume and outdir is None:
         raise ValueError("resume needs outdir")
@@ -1153,35 +1344,57 @@ def optimize(
         scene, targets, settings, seed=seed, backend=backend, loss_fn=loss_fn, dtype=dtype,
         device=device,
     )  # fmt: skip
-    if outdir is not None:
-        outdir = Path(outdir)
-        check_outdir(outdir, scene, targets)
-    with contextlib.nullcontext() if outdir is None else outdir_lock(outdir, force=force):
-        if outdir is not None:
+    ranks = run.ranks
+    outdir = None if outdir is None else Path(outdir)
+    writes = outdir is not None and ranks.first
+    with contextlib.ExitStack() as held:
+
+        def begin() -> dict | None:
+            """Rank 0's start: the outdir checked and locked, the checkpoint read."""
+            if not writes:
+                return None
+            check_outdir(outdir, scene, targets)
+            held.enter_context(outdir_lock(outdir, force=force))
             remove_stale_temporaries(outdir)
-        if resume:
-            run.load_state_dict(read_checkpoint(outdir / CHECKPOINT), str(outdir / CHECKPOINT))
-        journal = None if outdir is None else Journal(outdir / CHECKPOINT, run.history.rows)
+            if not resume:
+                return None
+            state = read_checkpoint(outdir / CHECKPOINT)
+            run.load_state_dict(state, str(outdir / CHECKPOINT))
+            return state
+
+        state = distributed.from_first(begin, ranks)
+        if state is not None and not ranks.first:
+            run.load_state_dict(state, str(outdir / CHECKPOINT))
+        journal = Journal(outdir / CHECKPOINT, run.history.rows) if writes else None
         if on_start is not None:
             on_start(run)
         interrupted, stopped = False, None
         try:
             for step in run.steps():
                 due = checkpoint_every and run.iteration % checkpoint_every == 0
-                if outdir is not None and due:
+                if writes and due:
                     write_files({outdir / CHECKPOINT: journal.encode(run.state_dict())})
                 if callback is not None:
                     callback(step)
         except KeyboardInterrupt:
             # A stop that came after the last iteration, while the loop was ending, stops nothing.
             interrupted = run.iteration < run.settings.iterations
-        except NonFiniteError as error:
+        except (NonFiniteError, PeerLost) as error:
             stopped = error
+        rank_seconds: tuple[float | None, ...] = (run.work_seconds,) + (None,) * (ranks.size - 1)
+        if not isinstance(stopped, PeerLost):
+            with contextlib.suppress(RuntimeError):  # a rank gone at the very end
+                rank_seconds = tuple(distributed.gather(run.work_seconds, ranks))
+        if not ranks.first:  # rank 0 alone measures the result and writes it
+            if stopped is not None:
+                raise stopped
+            return None
         # The files are the run's state: a stop signal now would leave some written and others
         # not, and no checkpoint to resume from. It waits, and the run ends as it was ending.
         note = "finishing the final render" + ("" if outdir is None else f" and {outdir}'s files")
         with _interrupts_held(deliver=False, note=f"{note} before stopping"):
             result = run.result(interrupted, None if stopped is None else str(stopped))
+            result = replace(result, rank_seconds=rank_seconds)
             if outdir is not None:
                 checkpoint = {CHECKPOINT: journal.encode(run.state_dict())}
                 write_outputs(outdir, result, targets, checkpoint)

@@ -18,8 +18,10 @@
   ``{"fit": ..., "held_out": ...}``: for the fit views and the held-out ones (``null`` when none
   is held out), the means ``iou``, ``soft_iou``, ``psnr`` and ``views``, one
   ``{"camera", "iou", "soft_iou", "psnr"}`` per view; ``final`` also has ``iterations``,
-  ``seconds``, ``backend``, ``interrupted`` and ``stopped`` (why a NaN or an infinity ended the
-  run early, else ``null``).
+  ``seconds``, ``world_size`` (the processes that ran it, :mod:`microdr.distributed`) and
+  ``rank_seconds`` (each one's seconds of its own work in this part of the run), ``backend``,
+  ``interrupted`` and ``stopped`` (why a NaN, an infinity or a lost rank ended the run early,
+  else ``null``).
 
 While a run writes into the folder it holds the lock file ``.microdr.lock`` there
 (:func:`outdir_lock`).
@@ -278,6 +280,8 @@ def output_files(result: Result, targets: Targets, meshes: list[str]) -> dict[st
                 **_quality_json(result.metrics, result.held_out_metrics),
                 "iterations": result.iterations,
                 "seconds": result.seconds,
+                "world_size": max(1, len(result.rank_seconds)),
+                "rank_seconds": list(result.rank_seconds),
                 "backend": result.backend,
                 "interrupted": result.interrupted,
                 "stopped": result.stopped,

@@ -98,17 +98,45 @@ def render_faces(
     Cameras that share projection, near and far are rasterized as one batch.
     """
     shaded = shade(albedo, corners, lights) if colors else albedo[..., :0]
+    return render_views(
+        corners, shaded.expand(len(cameras), -1, -1, -1), cameras, render, poses=poses,
+        backend=backend,
+    )  # fmt: skip
+
+
+def render_views(
+    corners: torch.Tensor,
+    shaded: torch.Tensor,
+    cameras: Sequence[Camera],
+    render: RenderSettings,
+    *,
+    poses: Sequence[CameraTensors] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """RGBA ``(N, 4, H, W)`` of world-space triangles seen by each of ``N`` cameras:
+    :func:`render_faces` after shading, with the inputs of each camera apart if need be, so that
+    its gradients stay apart (an optimizer that sums them in a fixed order needs that).
+
+    corners: world-space face corners, ``(F, 3, 3)`` seen by every camera or ``(N, F, 3, 3)`` one
+    set per camera; shaded: ``(N, F, 3, C)`` shaded per-corner colors, ``C`` 3, or 0 for the
+    silhouettes alone (RGB is 0, which is cheaper).
+    """
+    per_camera = corners.dim() == 4
+    colors = shaded.shape[-1] > 0
     images: list[torch.Tensor | None] = [None] * len(cameras)
     groups: dict[SoftRasSettings, list[int]] = {}
     for index, camera in enumerate(cameras):
         groups.setdefault(raster_settings(render, camera), []).append(index)
     for settings, indices in groups.items():
+        # Most scenes' cameras make one group: all of the inputs, uncopied.
+        chosen = slice(None) if len(indices) == len(cameras) else indices
         screen = project_views(
-            corners, [cameras[i] for i in indices], None if poses is None else [poses[i] for i in indices]
-        )
+            corners[chosen] if per_camera else corners, [cameras[i] for i in indices],
+            None if poses is None else [poses[i] for i in indices], per_camera=per_camera,
+        )  # fmt: skip
         batch = rasterize(
             screen,
-            shaded.expand(len(indices), -1, -1, -1),
+            shaded[chosen],
             render.width,
             render.height,
             settings if colors else replace(settings, background=()),
@@ -116,6 +144,8 @@ def render_faces(
         )
         if not colors:
             batch = torch.cat([batch.new_zeros(batch.shape[0], 3, *batch.shape[2:]), batch], dim=1)
+        if len(groups) == 1:  # in camera order already: no copy
+            return batch
         for i, image in zip(indices, batch):
             images[i] = image
     return torch.stack(images)

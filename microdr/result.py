@@ -32,7 +32,8 @@ class Step:
         over every held-out view, of the parameters it rendered, at the iterations that measure
         them (the first and about ``microdr.optimize.MEASURES`` more, evenly spaced, the last
         included), else ``None``. lr, sigma: the values it used. seconds: the run's optimization
-        time so far, the measuring included. images: ``(B, 4, H, W)`` its renders, detached.
+        time so far, the measuring included. images: ``(B, 4, H, W)`` its renders, detached (on
+        several processes, of this rank's views; iou and the held-out metrics on rank 0 alone).
     """
 
     iteration: int
@@ -95,6 +96,9 @@ class Result:
         time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
         Ctrl-C (KeyboardInterrupt). stopped: the message of the
         :class:`microdr.optimize.NonFiniteError` that ended the run early, else ``None``.
+    rank_seconds: with several processes (:mod:`microdr.distributed`), each rank's seconds of
+        its own work in this part of the run (not waiting for the others; ``None`` for a rank
+        lost); one entry for one process.
     """
 
     scene: Scene
@@ -111,6 +115,7 @@ class Result:
     held_out: tuple[int, ...] = ()
     held_out_metrics: Metrics | None = None
     start_held_out_metrics: Metrics | None = None
+    rank_seconds: tuple[float | None, ...] = ()
 
     @property
     def meshes(self) -> list[Mesh]:
