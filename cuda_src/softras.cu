@@ -14,10 +14,11 @@
 //             for its tile whose box meets those pixels and blends them in; saves three
 //             aggregates per pixel for the backward.
 //   backward  one item per chunk of a face's box (so no item visits more than CHUNK_PIXELS
-//             pixels, however large the face): loops over the chunk's pixels, MDR_LANES at a
-//             time, recomputes the pairs and accumulates the face's gradients in registers. A
-//             face's first chunk writes its gradients, each other chunk its partial gradients
-//             to a slot of its own.
+//             pixels, however large the face): loops over the chunk's pixels in the columns the
+//             face can reach from the chunk's rows (reach_columns), MDR_LANES at a time,
+//             recomputes the pairs and accumulates the face's gradients in registers. A face's
+//             first chunk writes its gradients, each other chunk its partial gradients to a slot
+//             of its own (zeros for a chunk the face cannot reach).
 //   reduce    one item per face: adds the partial gradients of a face's other chunks to the
 //             first's, in chunk order (zero for a face of none).
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
@@ -505,9 +506,10 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
 }
 
 // backward: one item per chunk of face j's box (see backward_chunk); sums over the pixels i of
-// the chunk, MDR_LANES adjacent pixels at a time from the chunk's left edge (box-aligned, not
-// tile-aligned as in the forward: a 5-pixel-wide box then takes one lane group per row, not one
-// or two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
+// the chunk in the columns j can reach from its rows (reach_columns; the other pixels' pairs
+// cannot count), MDR_LANES adjacent pixels at a time from the first of those columns (not
+// tile-aligned as in the forward: 5 such columns then take one lane group per row, not one or
+// two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
 // in chunk order, so results stay reproducible.
 // With gI = dL/dI_i (C values) and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
 //   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
