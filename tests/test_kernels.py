@@ -40,8 +40,9 @@ def random_faces(generator, batch, count, *, spread=1.2, size=0.5, depth=(1.5, 4
 
 
 def slivers(generator, count, *, length=2.0, width=0.02, spread=1.3, depth=(1.5, 4.0), channels=3):
-    """Needles: faces ``length`` long and about ``width`` wide in every direction, centered within
-    ``spread`` of the image's center (so some stick out of it), with the far corner's depth apart."""
+    """Needles: faces ``length`` long and 0.5 to 1.5 ``width`` wide, pointing in random directions,
+    centered within ``spread`` of the image's center (so some stick out of it), corner depths
+    drawn from ``depth``."""
     centers = (torch.rand(count, 2, generator=generator, dtype=F64) * 2 - 1) * spread
     angle = torch.rand(count, generator=generator, dtype=F64) * 2 * torch.pi
     along = torch.stack([angle.cos(), angle.sin()], -1)
