@@ -19,6 +19,9 @@
 #ifdef __CUDACC__
 
 #define MDR_DEVICE __device__ __forceinline__
+// A function called once per work item, kept out of line so that its registers are not added to
+// its caller's (the caller's own may be at the limit).
+#define MDR_DEVICE_CALL __device__ __noinline__
 #define MDR_ENTRY(name, item_fn, Args)                                          \
     extern "C" __global__ void name(const Args args) {                           \
         const long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x; \
@@ -43,6 +46,7 @@
 #define __restrict__ __restrict
 // Everything a lane loop calls must be inlined into it for the loop to vectorize.
 #define MDR_DEVICE inline __attribute__((always_inline))
+#define MDR_DEVICE_CALL inline
 // Work items take MDR_LANES adjacent pixels, and their loops over them (marked MDR_SIMD) become
 // SIMD instructions: 8 floats fill one AVX register, 8 doubles two (cpu_build.py picks AVX2
 // where the CPU has it). -DMDR_LANES=1 builds the GPU's shape instead, one pixel per work item,
@@ -113,6 +117,9 @@ template <typename T>
 MDR_DEVICE T mdr_tiny() { return sizeof(T) == 4 ? T(FLT_MIN) : T(DBL_MIN); }
 template <typename T>
 MDR_DEVICE T mdr_largest() { return sizeof(T) == 4 ? T(FLT_MAX) : T(DBL_MAX); }
+// The spacing of a type's numbers at 1.
+template <typename T>
+MDR_DEVICE T mdr_epsilon() { return sizeof(T) == 4 ? T(FLT_EPSILON) : T(DBL_EPSILON); }
 template <typename T>
 MDR_DEVICE T mdr_min(T a, T b) { return b < a ? b : a; }
 template <typename T>

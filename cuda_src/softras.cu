@@ -14,10 +14,11 @@
 //             for its tile whose box meets those pixels and blends them in; saves three
 //             aggregates per pixel for the backward.
 //   backward  one item per chunk of a face's box (so no item visits more than CHUNK_PIXELS
-//             pixels, however large the face): loops over the chunk's pixels, MDR_LANES at a
-//             time, recomputes the pairs and accumulates the face's gradients in registers. A
-//             face's first chunk writes its gradients, each other chunk its partial gradients
-//             to a slot of its own.
+//             pixels, however large the face): loops over the chunk's pixels in the columns the
+//             face can reach from the chunk's rows (reach_columns), MDR_LANES at a time,
+//             recomputes the pairs and accumulates the face's gradients in registers. A face's
+//             first chunk writes its gradients, each other chunk its partial gradients to a slot
+//             of its own (zeros for a chunk the face cannot reach).
 //   reduce    one item per face: adds the partial gradients of a face's other chunks to the
 //             first's, in chunk order (zero for a face of none).
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
@@ -306,6 +307,26 @@ MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * 
 // converted to the pixels whose centers it holds. A thousandth of a pixel of slack keeps
 // rounding from ever dropping a pixel; eval_boundary decides exactly.
 #define BOX_SLACK 1e-3
+// The first and last columns whose centers lie in [x0, x1] (screen units, give or take the
+// slack), and the first and last rows whose centers lie in [y0, y1]: x = (2c + 1 - W) / H and
+// y = (H - 2r - 1) / H inverted, clamped to the image in floating point (a far-off face must not
+// overflow a conversion to int; the caller converts once it has checked first <= last).
+template <typename T>
+MDR_DEVICE T first_column(T x0, const RasterArgs<T>& a) {
+    return mdr_max(mdr_ceil((x0 * T(a.height) + T(a.width) - T(1)) / T(2) - T(BOX_SLACK)), T(0));
+}
+template <typename T>
+MDR_DEVICE T last_column(T x1, const RasterArgs<T>& a) {
+    return mdr_min(mdr_floor((x1 * T(a.height) + T(a.width) - T(1)) / T(2) + T(BOX_SLACK)), T(a.width - 1));
+}
+template <typename T>
+MDR_DEVICE T first_row(T y1, const RasterArgs<T>& a) {
+    return mdr_max(mdr_ceil((T(a.height) - T(1) - y1 * T(a.height)) / T(2) - T(BOX_SLACK)), T(0));
+}
+template <typename T>
+MDR_DEVICE T last_row(T y0, const RasterArgs<T>& a) {
+    return mdr_min(mdr_floor((T(a.height) - T(1) - y0 * T(a.height)) / T(2) + T(BOX_SLACK)), T(a.height - 1));
+}
 template <typename T>
 __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     int* box = a.face_boxes + 4 * item;
@@ -315,17 +336,10 @@ __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     if (!face_is_drawn(f, a)) return;
     store_face(f, a.face_data + FACE_RECORD * item);
     const T grow = mdr_sqrt(T(a.distance_cutoff));
-    const T x0 = mdr_min(f.x[0], mdr_min(f.x[1], f.x[2])) - grow;
-    const T x1 = mdr_max(f.x[0], mdr_max(f.x[1], f.x[2])) + grow;
-    const T y0 = mdr_min(f.y[0], mdr_min(f.y[1], f.y[2])) - grow;
-    const T y1 = mdr_max(f.y[0], mdr_max(f.y[1], f.y[2])) + grow;
-    const T h = T(a.height), w = T(a.width), slack = T(BOX_SLACK);
-    // Invert x = (2c + 1 - W) / H and y = (H - 2r - 1) / H, clamping in floating point before
-    // converting to int (a far-off face must not overflow the conversion).
-    const T col0 = mdr_max(mdr_ceil((x0 * h + w - T(1)) / T(2) - slack), T(0));
-    const T col1 = mdr_min(mdr_floor((x1 * h + w - T(1)) / T(2) + slack), w - T(1));
-    const T row0 = mdr_max(mdr_ceil((h - T(1) - y1 * h) / T(2) - slack), T(0));
-    const T row1 = mdr_min(mdr_floor((h - T(1) - y0 * h) / T(2) + slack), h - T(1));
+    const T col0 = first_column(mdr_min(f.x[0], mdr_min(f.x[1], f.x[2])) - grow, a);
+    const T col1 = last_column(mdr_max(f.x[0], mdr_max(f.x[1], f.x[2])) + grow, a);
+    const T row0 = first_row(mdr_max(f.y[0], mdr_max(f.y[1], f.y[2])) + grow, a);
+    const T row1 = last_row(mdr_min(f.y[0], mdr_min(f.y[1], f.y[2])) - grow, a);
     if (!(col0 <= col1 && row0 <= row1)) return;
     box[0] = (int)row0, box[1] = (int)row1, box[2] = (int)col0, box[3] = (int)col1;
     a.face_tiles[item] = (box[1] / MDR_TILE - box[0] / MDR_TILE + 1) * (box[3] / MDR_TILE - box[2] / MDR_TILE + 1);
@@ -458,10 +472,44 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The columns, among col0 .. col1, of rows row0 .. row1 whose pixels face f can reach (a pixel
+// inside f, or within r = sqrt(distance_cutoff) of it): false when none. A pixel p in reach has
+// its nearest point q of f within r, so q.y is within r of the rows' centers and |p.x - q.x| <= r:
+// p's column is within r of the x-extent of f's part in the band of y within r of the rows. That
+// part is a polygon whose corners are f's corners in the band and the crossings of f's edges with
+// the band's two lines. For rounding, the band and the extent are grown by a margin (BOX_SLACK of
+// a pixel and 16 ulps of f's largest coordinate), and the columns found as setup finds the box's.
+// (Out of line on the GPU: inlined, it made the float64 backward spill on sm_75 and sm_80.)
+template <typename T>
+MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col0, int col1, const RasterArgs<T>& a,
+                              int* columns) {
+    T size = T(1);
+    for (int k = 0; k < 3; ++k) size = mdr_max(size, mdr_max(mdr_abs(f.x[k]), mdr_abs(f.y[k])));
+    const T reach = mdr_sqrt(T(a.distance_cutoff)) + T(2 * BOX_SLACK) / T(a.height) + T(16) * mdr_epsilon<T>() * size;
+    const T y0 = pixel_y(row1, a) - reach, y1 = pixel_y(row0, a) + reach;
+    T x0 = mdr_largest<T>(), x1 = -mdr_largest<T>();
+    for (int k = 0; k < 3; ++k) {
+        const int n = k == 2 ? 0 : k + 1;
+        const bool in_band = (f.y[k] >= y0) & (f.y[k] <= y1);
+        x0 = in_band ? mdr_min(x0, f.x[k]) : x0, x1 = in_band ? mdr_max(x1, f.x[k]) : x1;
+        const T low = mdr_min(f.y[k], f.y[n]), high = mdr_max(f.y[k], f.y[n]);
+        for (const T y : {y0, y1}) {
+            const bool crosses = (low <= y) & (y <= high) & (low < high);
+            const T x = f.x[k] + (y - f.y[k]) / (f.y[n] - f.y[k]) * (f.x[n] - f.x[k]);
+            x0 = crosses ? mdr_min(x0, x) : x0, x1 = crosses ? mdr_max(x1, x) : x1;
+        }
+    }
+    const T first = mdr_max(first_column(x0 - reach, a), T(col0)), last = mdr_min(last_column(x1 + reach, a), T(col1));
+    if (!(first <= last)) return false;
+    columns[0] = (int)first, columns[1] = (int)last;
+    return true;
+}
+
 // backward: one item per chunk of face j's box (see backward_chunk); sums over the pixels i of
-// the chunk, MDR_LANES adjacent pixels at a time from the chunk's left edge (box-aligned, not
-// tile-aligned as in the forward: a 5-pixel-wide box then takes one lane group per row, not one
-// or two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
+// the chunk in the columns j can reach from its rows (reach_columns; the other pixels' pairs
+// cannot count), MDR_LANES adjacent pixels at a time from the first of those columns (not
+// tile-aligned as in the forward: 5 such columns then take one lane group per row, not one or
+// two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
 // in chunk order, so results stay reproducible.
 // With gI = dL/dI_i (C values) and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
 //   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
@@ -619,7 +667,8 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
 }
 
 // One backward item: chunk `item` of all faces' chunks (chunk_faces names its face; its place
-// among the face's chunks gives its pixels, clipped to the box).
+// among the face's chunks gives its pixels, clipped to the box, then to the columns the face
+// reaches from its rows, see reach_columns).
 template <typename T, int CH, bool PERSPECTIVE>
 __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const long long face = a.chunk_faces[item];
@@ -628,11 +677,18 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const ChunkShape shape = chunk_shape(box[3] - box[2] + 1);
     const int band = shape.across == 1 ? chunk : chunk / shape.across, piece = chunk - band * shape.across;
     const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
-    const int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
+    int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
     // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
     T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * a.channels);
-    backward_lanes<T, CH, PERSPECTIVE>(a, face, region, chunk == 0 ? a.grad_verts + 9 * face : partial,
-                                       chunk == 0 ? a.grad_attrs + 3 * a.channels * face : partial + 9);
+    T* out_verts = chunk == 0 ? a.grad_verts + 9 * face : partial;
+    T* out_attrs = chunk == 0 ? a.grad_attrs + 3 * a.channels * face : partial + 9;
+    // (backward_lanes loads the face again: keeping this copy alive through it would cost registers.)
+    if (reach_columns(load_face(a.face_data + FACE_RECORD * face), region[0], region[1], region[2], region[3], a, region + 2)) {
+        backward_lanes<T, CH, PERSPECTIVE>(a, face, region, out_verts, out_attrs);
+    } else {  // no pair of the chunk counts
+        for (int v = 0; v < 9; ++v) out_verts[v] = T(0);
+        for (int v = 0; v < 3 * a.channels; ++v) out_attrs[v] = T(0);
+    }
 }
 
 template <typename T>

@@ -77,3 +77,28 @@ def test_bench_refuses_a_thread_count_that_is_not_a_number():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.splitlines()[-1] == "bench.py: error: --threads: expected counts separated by commas, got '1,two'"
+
+
+def test_bench_compare_times_every_kernel_of_both_checkouts():
+    # This checkout against itself (a directory: no worktree made), on the 2-face case.
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_compare.py"), str(ROOT), str(ROOT), "--only", "f2_",
+         "--rounds", "1", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if not line.startswith("#")]
+    rows = list(csv.DictReader(lines))
+    assert [(row["case"], row["side"]) for row in rows] == [("f2_1024px", "old"), ("f2_1024px", "new")]
+    for row in rows:
+        stages = [float(row[stage]) for stage in ("setup", "bin", "forward", "backward", "reduce")]
+        assert all(ms > 0 for ms in stages)
+        assert abs(float(row["whole_backward"]) - (stages[3] + stages[4])) <= 2e-3
+    assert "# f2_1024px: backward new / old = " in run.stdout
+
+
+def test_bench_compare_refuses_a_case_filter_that_matches_nothing():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_compare.py"), str(ROOT), "--only", "f7_"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "--only: no case name contains 'f7_'" in run.stderr

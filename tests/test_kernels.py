@@ -39,6 +39,21 @@ def random_faces(generator, batch, count, *, spread=1.2, size=0.5, depth=(1.5, 4
     return torch.cat([corners, z], dim=-1), attrs
 
 
+def slivers(generator, count, *, length=2.0, width=0.02, spread=1.3, depth=(1.5, 4.0), channels=3):
+    """Needles: faces ``length`` long and 0.5 to 1.5 ``width`` wide, pointing in random directions,
+    centered within ``spread`` of the image's center (so some stick out of it), corner depths
+    drawn from ``depth``."""
+    centers = (torch.rand(count, 2, generator=generator, dtype=F64) * 2 - 1) * spread
+    angle = torch.rand(count, generator=generator, dtype=F64) * 2 * torch.pi
+    along = torch.stack([angle.cos(), angle.sin()], -1)
+    across = torch.stack([-along[:, 1], along[:, 0]], -1)
+    corners = torch.stack([centers - along * length / 2, centers + along * length / 2,
+                           centers + across * width * (torch.rand(count, 1, generator=generator, dtype=F64) + 0.5)], 1)
+    z = depth[0] + torch.rand(count, 3, 1, generator=generator, dtype=F64) * (depth[1] - depth[0])
+    attrs = torch.rand(1, count, 3, channels, generator=generator, dtype=F64)
+    return torch.cat([corners, z], -1).unsqueeze(0), attrs
+
+
 def make_case(name: str) -> Case:
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     default = SoftRasSettings(sigma=1e-3, gamma=1e-2, background=(0.2, 0.4, 0.6))
@@ -78,6 +93,15 @@ def make_case(name: str) -> Case:
     if name == "one channel, tall image":
         v, c = random_faces(g, 1, 10, channels=1)
         return Case(v, c, 5, 40, dataclasses.replace(default, background=()))
+    if name.startswith("slivers reaching far"):
+        # Boxes far wider than 64 pixels (one-row chunks) and boxes split into bands, whose chunks
+        # the backward narrows to the columns the face reaches (softras.cu, reach_columns): a
+        # chunk narrowed too far would drop pairs several pixels from a sliver (sigma 3e-3:
+        # reach ~0.16 screen units, 5 pixels).
+        v, c = slivers(g, 12)
+        small, cs = slivers(g, 8, length=0.4, width=0.005, spread=1.0)
+        settings = dataclasses.replace(default, sigma=3e-3, perspective="orthographic" not in name)
+        return Case(torch.cat([v, small], 1), torch.cat([c, cs], 1), 72, 60, settings)
     match = re.fullmatch(r"sigma (\S+) gamma (\S+)", name)
     if match:
         sigma, gamma = float(match[1]), float(match[2])
@@ -98,6 +122,8 @@ CASES = [
     "orthographic",
     "silhouette only",
     "one channel, tall image",
+    "slivers reaching far",
+    "slivers reaching far, orthographic",
     *(f"sigma {s} gamma {g}" for s, g in [(1e-6, 1e-4), (1e-5, 1e-3), (1e-4, 1e-4), (1e-3, 1e-1),
                                           (1e-2, 1.0), (1e-1, 1e-2)]),
 ]

@@ -266,8 +266,9 @@ class ForwardResult:
     bins: TileBins
 
     def pairs_visited(self) -> int:
-        """(pixel, face) pairs evaluated, by the forward and again by the backward: each face
-        with every pixel of its box."""
+        """(pixel, face) pairs evaluated by the forward, each face with every pixel of its box;
+        the backward evaluates at most as many (it skips the columns of a chunk its face cannot
+        reach, softras.cu's reach_columns)."""
         rows = (self.face_boxes[..., 1] - self.face_boxes[..., 0] + 1).clamp(min=0)
         cols = (self.face_boxes[..., 3] - self.face_boxes[..., 2] + 1).clamp(min=0)
         return int((rows.long() * cols.long()).sum())
