@@ -285,72 +285,77 @@ MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * 
 // The two texels along one axis of `size` texels around x (texel units, centers at integers) and
 // the weight of the second, frac in [0, 1). Indices always lie in [0, size), whatever x is (a NaN
 // or huge x only comes from pairs that do not count, whose values are dropped).
+// (Integer arithmetic rather than boolean selects: GCC's vectorizer finds no vector type for
+// the bools of `wrap & ...`, which kept whole lane loops scalar.)
 template <typename T>
-MDR_DEVICE void texel_axis(T x, int size, bool wrap, int& i0, int& i1, T& frac) {
+MDR_DEVICE void texel_axis(T x, int size, int wrap, int& i0, int& i1, T& frac) {
     x = x == x ? x : T(0);
-    x = wrap ? x - T(size) * mdr_floor(x / T(size)) : mdr_min(mdr_max(x, T(-1)), T(size));  // in [-1, size]
+    const T wrapped = x - T(size) * mdr_floor(x / T(size)), clamped = mdr_min(mdr_max(x, T(-1)), T(size));
+    x = wrap ? wrapped : clamped;  // in [-1, size]
     const T x0 = mdr_floor(x);
     frac = x - x0;
     const int i = (int)x0;
-    const int first = wrap & (i >= size) ? i - size : i;  // x rounded up to size: texel 0
-    const int second = wrap & (first + 1 >= size) ? 0 : first + 1;
-    i0 = first < 0 ? 0 : first >= size ? size - 1 : first;
-    i1 = second < 0 ? 0 : second >= size ? size - 1 : second;
+    const int first = i - size * (i >= size ? wrap : 0);  // wrapped, x rounded up to size: texel 0
+    const int second = first + 1 - size * (first + 1 >= size ? wrap : 0);
+    i0 = mdr_min(mdr_max(first, 0), size - 1);
+    i1 = mdr_min(mdr_max(second, 0), size - 1);
 }
 
-// The bilinear footprint of texture coordinate (u, v): the texels around it (rows r0, r1 and
-// columns c0, c1, indices into the texture) and the weights of the second row and column. Kept
-// this small (the weights are derived when used) so that the GPU's backward holds it in registers.
+// The bilinear footprints of MDR_LANES texture coordinates (u, v), lane `lane` at [lane]: the
+// texels around each (rows r0, r1 and columns c0, c1, indices into the texture) and the weights
+// of the second row and column. A structure of arrays of plain numbers, as Pairs: GCC vectorizes
+// no lane loop that holds a structure value (it stays an aggregate in memory). Kept this small
+// (the weights are derived when used) so that the GPU's backward holds it in registers.
 template <typename T>
-struct Footprint {
-    int r0, r1, c0, c1;
-    T fx, fy;
+struct Footprints {
+    int r0[MDR_LANES], r1[MDR_LANES], c0[MDR_LANES], c1[MDR_LANES];
+    T fx[MDR_LANES], fy[MDR_LANES];
 };
 
 template <typename T>
-MDR_DEVICE Footprint<T> texel_footprint(T u, T v, const RasterArgs<T>& a) {
-    Footprint<T> s;
-    texel_axis(u * T(a.texture_width) - T(0.5), a.texture_width, a.texture_wrap != 0, s.c0, s.c1, s.fx);
-    texel_axis((T(1) - v) * T(a.texture_height) - T(0.5), a.texture_height, a.texture_wrap != 0, s.r0, s.r1, s.fy);
-    return s;
+MDR_DEVICE void texel_footprint(T u, T v, const RasterArgs<T>& a, Footprints<T>& s, int lane) {
+    texel_axis(u * T(a.texture_width) - T(0.5), a.texture_width, a.texture_wrap, s.c0[lane], s.c1[lane], s.fx[lane]);
+    texel_axis((T(1) - v) * T(a.texture_height) - T(0.5), a.texture_height, a.texture_wrap, s.r0[lane], s.r1[lane], s.fy[lane]);
 }
 
-// Texel t of the footprint (0: (r0, c0), 1: (r0, c1), 2: (r1, c0), 3: (r1, c1)), row-major.
+// Texel t of a footprint (0: (r0, c0), 1: (r0, c1), 2: (r1, c0), 3: (r1, c1)), row-major.
 // Texture indices fit in int (the launch code refuses textures of 2**31 values or more).
 template <typename T>
-MDR_DEVICE int footprint_texel(const Footprint<T>& s, int t, const RasterArgs<T>& a) {
-    return (t < 2 ? s.r0 : s.r1) * a.texture_width + (t % 2 == 0 ? s.c0 : s.c1);
+MDR_DEVICE int footprint_texel(const Footprints<T>& s, int lane, int t, const RasterArgs<T>& a) {
+    return (t < 2 ? s.r0[lane] : s.r1[lane]) * a.texture_width + (t % 2 == 0 ? s.c0[lane] : s.c1[lane]);
 }
 
 // Its bilinear weight beta_t.
 template <typename T>
-MDR_DEVICE T footprint_weight(const Footprint<T>& s, int t) {
-    return (t % 2 == 0 ? T(1) - s.fx : s.fx) * (t < 2 ? T(1) - s.fy : s.fy);
+MDR_DEVICE T footprint_weight(const Footprints<T>& s, int lane, int t) {
+    return (t % 2 == 0 ? T(1) - s.fx[lane] : s.fx[lane]) * (t < 2 ? T(1) - s.fy[lane] : s.fy[lane]);
 }
 
-// Channel `channel` of the texture at footprint s, and its derivatives along u and v (the forward
-// drops them): dx/du = Wt and dy/dv = -Ht (x across, y down) times the bilinear sample's slopes
-// along x and y. Where clamping puts both texels of an axis on one, the slope along it is 0.
+// Channel `channel` of the texture at lane `lane`'s footprint, and its derivatives along u and v
+// (the forward drops them): dx/du = Wt and dy/dv = -Ht (x across, y down) times the bilinear
+// sample's slopes along x and y. Where clamping puts both texels of an axis on one, the slope
+// along it is 0.
 template <typename T>
-MDR_DEVICE T sample_texture(const Footprint<T>& s, int channel, const RasterArgs<T>& a, T& d_u, T& d_v) {
+MDR_DEVICE T sample_texture(const Footprints<T>& s, int lane, int channel, const RasterArgs<T>& a, T& d_u, T& d_v) {
     const T* texture = a.texture + channel;
-    const int row0 = s.r0 * a.texture_width, row1 = s.r1 * a.texture_width;
-    const T t00 = texture[(row0 + s.c0) * a.channels], t01 = texture[(row0 + s.c1) * a.channels];
-    const T t10 = texture[(row1 + s.c0) * a.channels], t11 = texture[(row1 + s.c1) * a.channels];
-    const T top = t00 + (t01 - t00) * s.fx, bottom = t10 + (t11 - t10) * s.fx;
-    d_u = ((t01 - t00) * (T(1) - s.fy) + (t11 - t10) * s.fy) * T(a.texture_width);
+    const int row0 = s.r0[lane] * a.texture_width, row1 = s.r1[lane] * a.texture_width;
+    const T t00 = texture[(row0 + s.c0[lane]) * a.channels], t01 = texture[(row0 + s.c1[lane]) * a.channels];
+    const T t10 = texture[(row1 + s.c0[lane]) * a.channels], t11 = texture[(row1 + s.c1[lane]) * a.channels];
+    const T fx = s.fx[lane], fy = s.fy[lane];
+    const T top = t00 + (t01 - t00) * fx, bottom = t10 + (t11 - t10) * fx;
+    d_u = ((t01 - t00) * (T(1) - fy) + (t11 - t10) * fy) * T(a.texture_width);
     d_v = (top - bottom) * T(a.texture_height);
-    return top + (bottom - top) * s.fy;
+    return top + (bottom - top) * fy;
 }
 
 // The footprint of lane `lane`'s interpolated texture coordinate uv_ij = sum_k w^_k uv_k, where
 // uv = (u_0, v_0, u_1, ...) are the face's corners' (face_attrs is (B, F, 3, 2) when textured;
 // read where used rather than held, which would take registers the GPU's backward lacks).
 template <typename T>
-MDR_DEVICE Footprint<T> pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int lane, const RasterArgs<T>& a) {
+MDR_DEVICE void pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int lane, const RasterArgs<T>& a, Footprints<T>& s) {
     T u = T(0), v = T(0);
     for (int k = 0; k < 3; ++k) u += q.w_hat[k][lane] * uv[2 * k], v += q.w_hat[k][lane] * uv[2 * k + 1];
-    return texel_footprint(u, v, a);
+    texel_footprint(u, v, a, s, lane);
 }
 
 // The number of texels; also the key of texel slots that hold nothing.
@@ -482,14 +487,16 @@ __device__ void forward_lanes(const RasterArgs<T>& a, long long item) {
                     m[lane] = m_new[lane];
                 }
             }
+            Footprints<T> footprint;  // textured only
             MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                 const T w = counts[lane] != T(0) ? q.D[lane] * mdr_exp((q.zhat[lane] - m[lane]) * inv_gamma) : T(0);
                 weight_sum[lane] += w;
                 if constexpr (TEXTURED) {
-                    const Footprint<T> s = pair_footprint(q, a.face_attrs + face * 6, lane, a);
+                    pair_footprint(q, a.face_attrs + face * 6, lane, a, footprint);
                     for (int c = 0; c < CH; ++c) {
                         T d_u, d_v;  // unused
-                        color[c][lane] += c < chunk_channels ? w * sample_texture(s, chunk + c, a, d_u, d_v) : T(0);
+                        const T sample = sample_texture(footprint, lane, mdr_min(chunk + c, C - 1), a, d_u, d_v);
+                        color[c][lane] += c < chunk_channels ? w * sample : T(0);
                     }
                 } else {
                     for (int c = 0; c < CH; ++c) {
@@ -524,15 +531,15 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
 }
 
 // The four texel slots of the pair of face `face` (box `box`) and pixel (row, col), which counts:
-// for each texel t of its footprint s, the texel's key and beta_t dL/dC_ij (g_sample: dL/dC_ij
+// for each texel t of its footprint (lane `lane` of s), the texel's key and beta_t dL/dC_ij (g_sample: dL/dC_ij
 // of this chunk's channels).
 template <typename T>
 MDR_DEVICE void write_texel_slots(const RasterArgs<T>& a, long long face, const int* box, int row, int col,
-                                  const Footprint<T>& s, const T* g_sample, int chunk, int chunk_channels) {
+                                  const Footprints<T>& s, int lane, const T* g_sample, int chunk, int chunk_channels) {
     const long long slot = 4 * (a.box_starts[face] + (long long)(row - box[0]) * (box[3] - box[2] + 1) + col - box[2]);
     for (int t = 0; t < 4; ++t) {
-        const T weight = footprint_weight(s, t);
-        a.texel_keys[slot + t] = footprint_texel(s, t, a);
+        const T weight = footprint_weight(s, lane, t);
+        a.texel_keys[slot + t] = footprint_texel(s, lane, t, a);
         for (int c = 0; c < chunk_channels; ++c) a.texel_values[(slot + t) * a.channels + chunk + c] = weight * g_sample[c];
     }
 }
@@ -621,7 +628,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                 if (!any_lane(near)) continue;  // as in the forward
                 // Textured: each lane's footprint and dL/dC_ij, written into its texel slots after
                 // the lane loop (a scatter inside it would keep it from vectorizing).
-                Footprint<T> footprint[L];
+                Footprints<T> footprint;
                 T g_sample[L][CHANNEL_CHUNK], counted[L];
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                     const bool counts = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane);
@@ -639,13 +646,14 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                         const T w = q.D[lane] * mdr_exp(mdr_min(q.zhat[lane] - m, T(0)) * inv_gamma);
                         const T g_color = w * inv_weight_sum;  // dL/dC_ij / gI
                         T g_w = T(0), g_u = T(0), g_v = T(0);  // g_u, g_v: dL/duv_ij when textured
-                        Footprint<T> s;
-                        if constexpr (TEXTURED) s = pair_footprint(q, uv, lane, a);
+                        if constexpr (TEXTURED) pair_footprint(q, uv, lane, a, footprint);
                         if constexpr (TEXTURED) {
-                            for (int c = 0; c < chunk_channels; ++c) {
-                                const T gI = grad[(chunk + c) * HW + lane], image_c = image[(chunk + c) * HW + lane];
+                            for (int c = 0; c < CH; ++c) {  // (to CH, not chunk_channels: a loop of fixed length vectorizes)
+                                const int channel = mdr_min(chunk + c, C - 1);  // any channel past the last: gI = 0
+                                const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
+                                const T gI = c < chunk_channels ? grad_c : T(0);
                                 T d_u, d_v;
-                                const T color = sample_texture(s, chunk + c, a, d_u, d_v);
+                                const T color = sample_texture(footprint, lane, channel, a, d_u, d_v);
                                 g_u += gI * g_color * d_u, g_v += gI * g_color * d_v;
                                 g_w += gI * (color - image_c);
                                 g_sample[lane][c] = g_color * gI;
@@ -669,7 +677,6 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                                 g_attr[k][0][lane] += counts ? q.w_hat[k][lane] * g_u : T(0);
                                 g_attr[k][1][lane] += counts ? q.w_hat[k][lane] * g_v : T(0);
                             }
-                            footprint[lane] = s;
                         }
                         g_w *= inv_weight_sum;
                         g_zhat = g_w * w * inv_gamma;
@@ -722,7 +729,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                 if constexpr (TEXTURED) {
                     for (int lane = 0; lane < L; ++lane)  // a lane counts only inside the box, from start on
                         if (counted[lane] != T(0))
-                            write_texel_slots(a, item, box, row, col0 + lane, footprint[lane], g_sample[lane], chunk, chunk_channels);
+                            write_texel_slots(a, item, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
                 }
             }
         }
