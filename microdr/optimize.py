@@ -72,7 +72,7 @@ from .errors import InputError, MicroDRError
 from .files import remove_stale_temporaries, write_files
 from .images import to_uint8
 from .losses import Evaluation, MeshTopology, Metrics, loss_terms
-from .mesh import Mesh
+from .mesh import Mesh, Texture
 from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .raster.cpu import kernels_own_the_cores
@@ -220,6 +220,8 @@ def resolve_settings(
         raise InputError(scene.source, f"optimize.{key}", message)
     if settings.remesh is not None:
         _check_remeshable(scene, parameters, settings.vertex_parametrization)
+    if "texture" in parameters:
+        _check_texturable(scene, parameters, settings, has_rgb)
     if "vertices" in parameters:
         _warn_of_missing_silhouettes(targets)
     return replace(settings, parameters=parameters, loss=loss, sigma_schedule=sigma_schedule)
@@ -246,6 +248,43 @@ def _check_remeshable(scene: Scene, parameters: tuple[str, ...], parametrization
                 scene.source, f"meshes[{index}]",
                 f"optimize.remesh needs closed manifold meshes, and this one is not: {problem}",
             )  # fmt: skip
+
+
+def _check_texturable(scene: Scene, parameters: tuple[str, ...], settings: OptimizeSettings, has_rgb: bool) -> None:
+    """Raise unless a free ``"texture"`` can be fit: one mesh with texture coordinates, a
+    texture to start from (its own, or ``optimize.texture_resolution``), color targets, no
+    lights, no free colors and no remeshing (which would drop the texture coordinates)."""
+    if not has_rgb:
+        raise InputError(TARGETS_SOURCE, "", '"texture" is a free parameter but no target has color')
+    if len(scene.meshes) != 1 or scene.meshes[0].mesh.face_uvs is None:
+        raise InputError(
+            scene.source, "meshes",
+            '"texture" is a free parameter: the scene needs one mesh, from an OBJ file with texture coordinates '
+            "(vt) and a material library (mtllib)",
+        )  # fmt: skip
+    if scene.meshes[0].texture is None and settings.texture_resolution is None:
+        raise InputError(
+            scene.source, "optimize", '"texture" is a free parameter but the mesh has none: give texture_resolution'
+        )
+    if "colors" in parameters:
+        raise InputError(scene.source, "optimize.parameters", 'both "colors" and "texture" are free: a textured mesh has no colors')
+    if settings.remesh is not None:
+        raise InputError(scene.source, "optimize.remesh", "remeshing would drop the texture coordinates")
+    if scene.lights is not None:
+        raise InputError(scene.source, "lights", "lights do not shade textured meshes")
+
+
+def start_texture(scene: Scene, settings: OptimizeSettings) -> Scene:
+    """``scene`` with its mesh drawn with the texture a free ``"texture"`` starts from: gray
+    (0.5) at ``settings.texture_resolution`` ``(width, height)`` when given (wrapping as the
+    mesh's own texture does, or around), else its own; ``scene`` itself otherwise."""
+    if "texture" not in settings.parameters or settings.texture_resolution is None:
+        return scene
+    scene_mesh = scene.meshes[0]
+    width, height = settings.texture_resolution
+    wrap = scene_mesh.texture.wrap if scene_mesh.texture is not None else True
+    gray = Texture(torch.full((height, width, 3), 0.5), wrap)
+    return replace(scene, meshes=(replace(scene_mesh, texture=gray),))
 
 
 def _warn_of_missing_silhouettes(targets: Targets) -> None:
@@ -327,7 +366,7 @@ class Parameters(torch.nn.Module):
     FREE = {
         "displacement": "vertices", "center": "vertices", "translation": "translation",
         "log_scale": "scale", "color_logits": "colors", "ambient": "light", "directions": "light",
-        "intensities": "light", "eye_offsets": "camera",
+        "intensities": "light", "eye_offsets": "camera", "texture_logits": "texture",
     }  # fmt: skip
 
     def __init__(
@@ -361,6 +400,9 @@ class Parameters(torch.nn.Module):
             self.intensities = torch.nn.Parameter(_inverse_softplus(lights.intensities))
         if "camera" in self.names:
             self.eye_offsets = torch.nn.Parameter(like.new_zeros(len(scene.cameras), 3))
+        if "texture" in self.names:  # the scene's start texture (start_texture), as logits
+            image = self.start.texture.image.clamp(COLOR_MARGIN, 1 - COLOR_MARGIN)
+            self.texture_logits = torch.nn.Parameter(torch.logit(image))
 
     def _start_at(self, start: FaceSoup) -> None:
         """Set the start mesh, and the :class:`~microdr.losses.MeshTopology` of its faces."""
@@ -416,6 +458,12 @@ class Parameters(torch.nn.Module):
             ]
         )
 
+    def texture(self) -> Texture | None:
+        """The texture the mesh is drawn with (the run's dtype and device), or ``None``."""
+        if "texture" not in self.names:
+            return self.start.texture
+        return replace(self.start.texture, image=torch.sigmoid(self.texture_logits))
+
     def lights(self) -> Lights | LightTensors | None:
         if "light" not in self.names:
             return self.scene.lights
@@ -444,8 +492,12 @@ class Parameters(torch.nn.Module):
             count = scene_mesh.mesh.num_vertices
             colors = colors.float().cpu()
             vertex_colors = colors if scene_mesh.color_mode == "vertex" else None
-            mesh = Mesh(vertices[first : first + count], scene_mesh.mesh.faces, vertex_colors)
-            meshes.append(replace(scene_mesh, mesh=mesh, transform=Transform(), colors=colors))
+            texture = self.texture() if scene_mesh.texture is not None else None  # the only mesh
+            if texture is not None:
+                texture = replace(texture, image=texture.image.float().cpu())
+            mesh = Mesh(vertices[first : first + count], scene_mesh.mesh.faces, vertex_colors,
+                        scene_mesh.mesh.face_uvs, texture)
+            meshes.append(replace(scene_mesh, mesh=mesh, transform=Transform(), colors=colors, texture=texture))
             first += count
         cameras = self.scene.cameras
         if "camera" in self.names:
@@ -623,9 +675,9 @@ class Optimization:
         if targets.size != (scene.render.width, scene.render.height):
             size = (scene.render.width, scene.render.height)
             raise ValueError(f"targets are {targets.size}, the scene renders {size}")
-        self.scene = scene
         self.targets = targets
         self.settings = resolve_settings(scene, targets, settings)
+        self.scene = scene = start_texture(scene, self.settings)
         self.seed = seed
         backend = backend or scene.render.backend
         self.device = preferred_device(backend) if device is None else torch.device(device)
@@ -692,6 +744,7 @@ class Optimization:
                 vertices=vertices,
                 faces=self.parameters.start.faces,
                 topology=self.parameters.topology,
+                texture=None if self.parameters.texture() is None else self.parameters.texture().image,
             )
             terms, weights = self._loss(evaluation)
             total = sum(
@@ -854,6 +907,7 @@ class Optimization:
             poses=None if poses is None else [poses[i] for i in indices],
             backend=self.backend,
             colors=colors,
+            texture=self.parameters.texture(),
         )
 
     def _loss(self, evaluation: Evaluation) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -901,6 +955,7 @@ class Optimization:
                 render,
                 self.scene.lights,
                 backend=self.backend,
+                texture=start.texture,
             )
             .float()
             .cpu()
@@ -1025,7 +1080,8 @@ def _scene_digest(scene: Scene) -> str:
     digest.update(repr((scene.render, scene.cameras, scene.lights)).encode())
     for scene_mesh in scene.meshes:
         digest.update(repr((scene_mesh.transform, scene_mesh.color_mode)).encode())
-        for tensor in (scene_mesh.mesh.vertices, scene_mesh.mesh.faces, scene_mesh.colors):
+        textured = () if scene_mesh.texture is None else (scene_mesh.mesh.face_uvs, scene_mesh.texture.image)
+        for tensor in (scene_mesh.mesh.vertices, scene_mesh.mesh.faces, scene_mesh.colors, *textured):
             digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
 

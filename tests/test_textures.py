@@ -157,3 +157,149 @@ def test_too_many_texel_slots_are_refused_with_their_memory():
     message = too_many_slots(MAX_TEXEL_SLOTS + 4, 3, 4)
     # 24 bytes a slot in float32 RGB: the key, the sorted index, three values.
     assert f"{(MAX_TEXEL_SLOTS + 4) * 24 / 2**30:.1f} GiB" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# OBJ and MTL files, scenes, the optimizer and its outputs.
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from microdr.errors import InputError  # noqa: E402
+from microdr.losses import psnr  # noqa: E402
+from microdr.materials import textured_obj_files  # noqa: E402
+from microdr.mesh import load_obj  # noqa: E402
+from microdr.optimize import optimize  # noqa: E402
+from microdr.render import render_scene  # noqa: E402
+from microdr.scene import load_scene, parse_scene  # noqa: E402
+from microdr.targets import Targets  # noqa: E402
+
+#: A 2 x 3 RGB texture, 8-bit, row 0 on top.
+PIXELS = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[10, 20, 30], [40, 50, 60], [70, 80, 90]]], np.uint8)
+
+#: A square of two triangles facing +z: v/vt corners, then v/vt/vn, the texture's whole [0, 1]^2.
+SQUARE = (
+    "mtllib square.mtl\nv -1 -1 0\nv 1 -1 0\nv 1 1 0\nv -1 1 0\n"
+    "vt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvn 0 0 1\nusemtl painted\nf 1/1 2/2 3/3\nf 1/1/1 3/3/1 4/4/1\n"
+)
+
+
+def write_square(folder, obj=SQUARE, mtl="newmtl painted\nKd 1 1 1\nmap_Kd -clamp on painted.png\n"):
+    Image.fromarray(PIXELS).save(folder / "painted.png")
+    (folder / "square.mtl").write_text(mtl)
+    (folder / "square.obj").write_text(obj)
+    return folder / "square.obj"
+
+
+def test_obj_texture_coordinates_and_mtl_texture_are_read(tmp_path):
+    mesh = load_obj(write_square(tmp_path))
+    assert mesh.face_uvs.tolist() == [[[0, 0], [1, 0], [1, 1]], [[0, 0], [1, 1], [0, 1]]]
+    assert torch.equal(mesh.texture.image, torch.from_numpy(PIXELS).float() / 255)
+    assert mesh.texture.wrap is False  # -clamp on
+
+
+def test_without_usemtl_the_librarys_material_is_used_and_wraps_by_default(tmp_path):
+    path = write_square(tmp_path, SQUARE.replace("usemtl painted\n", ""), "newmtl painted\nmap_Kd painted.png\n")
+    assert load_obj(path).texture.wrap is True
+
+
+def test_a_material_library_without_map_kd_keeps_the_uvs_and_gives_no_texture(tmp_path):
+    mesh = load_obj(write_square(tmp_path, mtl="newmtl painted\nKd 1 0 0\n"))
+    assert mesh.texture is None and mesh.face_uvs.shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("obj, mtl, where, message", [
+    (SQUARE.replace("mtllib square.mtl", "mtllib missing.mtl"), None, "square.obj: line 1",
+     "material library 'missing.mtl'"),
+    (SQUARE.replace("usemtl painted", "usemtl other"), None, "square.obj: line 11", 'material "other" is in no'),
+    (SQUARE.replace("f 1/1/1 3/3/1 4/4/1", "f 1 3 4"), None, "square.obj: line 13", "without texture coordinates"),
+    (SQUARE, "newmtl painted\nmap_Kd -o 0.5 painted.png\n", "square.mtl: line 2", "map_Kd option '-o'"),
+    (SQUARE, "newmtl painted\nmap_Kd nowhere.png\n", "square.mtl: line 2", "map_Kd 'nowhere.png'"),
+])  # fmt: skip
+def test_bad_materials_name_the_file_and_line(tmp_path, obj, mtl, where, message):
+    path = write_square(tmp_path, obj) if mtl is None else write_square(tmp_path, obj, mtl)
+    with pytest.raises(InputError) as error:
+        load_obj(path)
+    text = str(error.value).replace('"', "'")
+    assert where in text and message.replace('"', "'") in text and "\n" not in text
+
+
+def square_scene(folder, **extra):
+    data = {
+        "image": {"width": 24, "height": 24},
+        "render": {"sigma": 1e-5},
+        "meshes": [{"file": "square.obj"}],
+        "cameras": [{"eye": [0, 0, 3], "target": [0, 0, 0], "fov": 60}],
+        **extra,
+    }
+    (folder / "scene.json").write_text(json.dumps(data))
+    return folder / "scene.json"
+
+
+def test_a_scene_draws_the_texture_as_the_image_shows_it(tmp_path):
+    write_square(tmp_path)
+    image = render_scene(load_scene(square_scene(tmp_path)), backend="cpu")[0]
+    # The square spans x, y in [-1, 1]; at the camera's 60 degrees it is 2 / (2 tan 30 * 3) of
+    # the view, centered. Its top-left quarter shows the texture's top-left texel (red) and its
+    # bottom-right quarter the bottom-right one, as the PNG shows them.
+    top_left, bottom_right = image[:3, 7, 7], image[:3, 16, 16]
+    torch.testing.assert_close(top_left, torch.tensor([1.0, 0, 0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(bottom_right, torch.tensor([70, 80, 90]) / 255, atol=0.05, rtol=0)
+
+
+def test_textured_meshes_are_unlit_and_alone(tmp_path):
+    write_square(tmp_path)
+    with pytest.raises(InputError, match="lights do not shade textured meshes"):
+        load_scene(square_scene(tmp_path, lights={"ambient": 0.5}))
+    with pytest.raises(InputError, match="must be the scene's only one"):
+        load_scene(square_scene(tmp_path, meshes=[{"file": "square.obj"}, {"primitive": "cube"}]))
+    # A color given draws the mesh in it instead.
+    scene = load_scene(square_scene(tmp_path, meshes=[{"file": "square.obj", "color": [0, 0, 1]}]))
+    assert scene.meshes[0].texture is None
+
+
+def test_written_textured_obj_reads_back_and_renders_the_same(tmp_path):
+    write_square(tmp_path)
+    scene = load_scene(square_scene(tmp_path))
+    mesh = scene.meshes[0].mesh
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in textured_obj_files(mesh, "mesh.obj", "texture.png").items():
+        (out / name).write_bytes(data)
+    assert "map_Kd -clamp on texture.png" in (out / "mesh.mtl").read_text()
+    again = load_obj(out / "mesh.obj")
+    assert torch.equal(again.face_uvs, mesh.face_uvs) and torch.equal(again.texture.image, mesh.texture.image)
+    (out / "scene.json").write_text((tmp_path / "scene.json").read_text().replace("square.obj", "mesh.obj"))
+    assert torch.equal(render_scene(load_scene(out / "scene.json"), backend="cpu"),
+                       render_scene(scene, backend="cpu"))
+
+
+def test_psnr_inside_a_mask_counts_only_its_pixels():
+    rgb, target = torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    rgb[0, :, 0, 0] = 0.1  # inside: squared error 0.01 on each channel
+    rgb[0, :, 1, 1] = 0.5  # outside the mask
+    mask = torch.tensor([[[True, True], [False, False]]])
+    # Mean over 2 pixels x 3 channels of (0.01, 0.01, 0.01, 0, 0, 0): 0.005.
+    assert psnr(rgb, target, mask).item() == pytest.approx(-10 * np.log10(0.005), rel=1e-6)
+
+
+def test_a_free_texture_starts_gray_and_fits_its_targets(tmp_path):
+    write_square(tmp_path)
+    truth = load_scene(square_scene(tmp_path))
+    targets = Targets.from_images(render_scene(truth, backend="cpu").clamp(0, 1))
+    optimize_section = {"parameters": ["texture"], "texture_resolution": [6, 4], "lr": 0.2,
+                        "loss": {"rgb_l2": 1, "texture_smoothness": 0.001}, "iterations": 40}
+    scene = load_scene(square_scene(tmp_path, optimize=optimize_section))
+    result = optimize(scene, targets, outdir=tmp_path / "run", backend="cpu")
+    # The start: gray everywhere inside the square; the end: near the targets.
+    assert torch.allclose(result.start_images[0, :3, 12, 12], torch.tensor(0.5), atol=1e-3)
+    assert result.metrics.mean_psnr_inside > 25 > result.start_metrics.mean_psnr_inside
+    texture = result.scene.meshes[0].texture
+    assert texture.image.shape == (4, 6, 3) and texture.wrap is False
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final"]["fit"]["psnr_inside"] == pytest.approx(result.metrics.mean_psnr_inside)
+    written = load_obj(tmp_path / "run" / "mesh.obj")
+    assert written.texture.image.shape == (4, 6, 3)
+    assert (tmp_path / "run" / "mesh.mtl").is_file() and (tmp_path / "run" / "texture.png").is_file()
