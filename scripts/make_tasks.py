@@ -103,6 +103,11 @@ class Task:
     min_held_out_psnr_inside: float | None = None
 
     @property
+    def recovers_colors(self) -> bool:
+        """Whether the task scores colors (its targets have them); else it fits silhouettes."""
+        return self.min_psnr is not None or self.min_held_out_psnr_inside is not None
+
+    @property
     def scene(self) -> Path:
         return TASKS_DIR / f"{self.name}.json"
 
@@ -258,7 +263,7 @@ def picture(run: Measured) -> np.ndarray:
     start = load_scene(run.task.scene)
     cameras = [start.cameras[0], held_out_cameras(start.cameras[0])[1]]
     # A task that recovers no colors has none to show.
-    clay = run.task.min_psnr is None and run.task.min_held_out_psnr_inside is None
+    clay = not run.task.recovers_colors
     shown = [
         preview(scene, cameras, clay)
         for scene in (load_scene(run.task.truth), start, run.result.scene)
