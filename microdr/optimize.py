@@ -491,10 +491,11 @@ class Parameters(torch.nn.Module):
         for scene_mesh, colors in zip(self.scene.meshes, self.colors()):
             count = scene_mesh.mesh.num_vertices
             colors = colors.float().cpu()
-            vertex_colors = colors if scene_mesh.color_mode == "vertex" else None
             texture = self.texture() if scene_mesh.texture is not None else None  # the only mesh
             if texture is not None:
                 texture = replace(texture, image=texture.image.float().cpu())
+            # A textured mesh's colors are its texture's.
+            vertex_colors = colors if scene_mesh.color_mode == "vertex" and texture is None else None
             mesh = Mesh(vertices[first : first + count], scene_mesh.mesh.faces, vertex_colors,
                         scene_mesh.mesh.face_uvs, texture)
             meshes.append(replace(scene_mesh, mesh=mesh, transform=Transform(), colors=colors, texture=texture))

@@ -301,5 +301,5 @@ def test_a_free_texture_starts_gray_and_fits_its_targets(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final"]["fit"]["psnr_inside"] == pytest.approx(result.metrics.mean_psnr_inside)
     written = load_obj(tmp_path / "run" / "mesh.obj")
-    assert written.texture.image.shape == (4, 6, 3)
+    assert written.texture.image.shape == (4, 6, 3) and written.vertex_colors is None
     assert (tmp_path / "run" / "mesh.mtl").is_file() and (tmp_path / "run" / "texture.png").is_file()
