@@ -219,12 +219,14 @@ class OptimizeSettings:
     """The optional ``optimize`` section.
 
     - ``parameters``: a non-empty array of distinct names among ``"vertices"``,
-      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``; default ``None``:
+      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``, ``"texture"`` (the
+      texture of a scene's only mesh, which needs texture coordinates); default ``None``:
       chosen from the targets by the optimizer (``microdr.optimize.resolve_settings``).
     - ``vertex_parametrization``: ``"offset"`` (default) or ``"bounded"``.
     - ``loss``: weights >= 0 for ``silhouette_iou``, ``rgb_l1``, ``rgb_l2``, ``laplacian``,
-      ``flatten``, ``edge_length``; missing ones are 0 and at least one of the first three must
-      be > 0. Held here with all six keys; default ``None``: chosen by the optimizer.
+      ``flatten``, ``edge_length``, ``texture_smoothness``; missing ones are 0 and at least one
+      of the first three must be > 0. Held here with all seven keys; default ``None``: chosen by
+      the optimizer.
     - ``mask_rgb``: weigh the RGB terms by the target's alpha, so that only the object's colors
       count; default ``false``.
     - ``lr``: Adam's learning rate, in ``(0, 10]``; default 0.01.
