@@ -766,13 +766,14 @@ __device__ void backward_textured_item(const RasterArgs<T>& a, long long item) {
 // (stably, so in slot order): dL/dtexture[t] = the sum of its slots' values, added in that order.
 template <typename T>
 __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
-    const int C = a.channels;
+    const int C = a.channels;  // at most CHANNEL_CHUNK in a textured render
     const long long begin = item == 0 ? 0 : a.texel_ends[item - 1], end = a.texel_ends[item];
-    for (int c = 0; c < C; ++c) {
-        T sum = T(0);
-        for (long long entry = begin; entry < end; ++entry) sum += a.texel_values[(long long)a.texel_entries[entry] * C + c];
-        a.grad_texture[item * C + c] = sum;
+    T sum[CHANNEL_CHUNK] = {};
+    for (long long entry = begin; entry < end; ++entry) {
+        const T* values = a.texel_values + (long long)a.texel_entries[entry] * C;
+        for (int c = 0; c < C; ++c) sum[c] += values[c];
     }
+    for (int c = 0; c < C; ++c) a.grad_texture[item * C + c] = sum[c];
 }
 
 // ---------------------------------------------------------------------------------------------
