@@ -62,7 +62,7 @@ struct RasterArgs {
     long long* texel_keys;        // (4 * box pixels): the texel of each slot, texels() if none
     T* texel_values;              // (4 * box pixels, C): dL/dtexel of each slot
     const int* texel_entries;     // the slots sorted by texel key
-    const long long* texel_ends;  // (texels() + 1): one past each texel's last entry in texel_entries
+    const long long* texel_ends;  // (texels()): one past each texel's last entry in texel_entries
     T* grad_texture;              // like texture
     long long n_items;
     int batch, faces, channels, height, width;
@@ -801,17 +801,20 @@ extern "C" long long softras_lanes() { return MDR_LANES; }
 
 // The CPU target's stable sort of (key, value) pairs by key (microdr/raster/kernels.py,
 // sort_by_tile: the bin pairs by tile, and the texel slots by texel): a counting sort, one pass
-// to count, one to place in pair order. Null values place each pair's index instead.
+// to count, one to place in pair order. Null values place each pair's index instead; pairs with
+// a key of `tiles` or more are left out (texel slots that hold nothing).
 extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_faces, int* tile_faces,
                                      long long* tile_ends, long long pairs, long long tiles) {
     for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
-    for (long long p = 0; p < pairs; ++p) ++tile_ends[bin_keys[p]];
+    for (long long p = 0; p < pairs; ++p)
+        if (bin_keys[p] < tiles) ++tile_ends[bin_keys[p]];
     long long end = 0;  // tile_ends[t] becomes where tile t starts, then moves to its end while filled
     for (long long t = 0; t < tiles; ++t) {
         const long long count = tile_ends[t];
         tile_ends[t] = end;
         end += count;
     }
-    for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces ? bin_faces[p] : (int)p;
+    for (long long p = 0; p < pairs; ++p)
+        if (bin_keys[p] < tiles) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces ? bin_faces[p] : (int)p;
 }
 #endif

@@ -303,3 +303,14 @@ def test_a_free_texture_starts_gray_and_fits_its_targets(tmp_path):
     written = load_obj(tmp_path / "run" / "mesh.obj")
     assert written.texture.image.shape == (4, 6, 3) and written.vertex_colors is None
     assert (tmp_path / "run" / "mesh.mtl").is_file() and (tmp_path / "run" / "texture.png").is_file()
+
+
+@pytest.mark.parametrize("sort", ["torch", "cpu"])
+def test_slots_sort_by_texel_stably_leaving_out_those_that_hold_nothing(sort):
+    from microdr.raster.cpu import cpu_target
+    from microdr.raster.kernels import sort_by_tile
+
+    keys = torch.tensor([3, 1, 4, 1, 5, 0, 4, 2])  # 5 texels: key 5 is a slot that holds nothing
+    runs = (sort_by_tile if sort == "torch" else cpu_target().sort_by_tile)(keys, None, 5)
+    assert runs.tile_ends.tolist() == [1, 3, 4, 5, 7]
+    assert runs.tile_faces[:7].tolist() == [5, 1, 3, 7, 0, 2, 6]  # slot order within a texel

@@ -194,11 +194,12 @@ def too_many_pairs(pairs: int) -> str | None:
 def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> TileBins:
     """The bin pairs ``(bin_keys, bin_faces)`` sorted by tile key, stably: within a tile the
     faces stay in face order, so the blend order is fixed. ``bin_faces=None`` sorts the pairs'
-    own indices (int32), as the texel slots are sorted by texel key (``tiles`` keys, then). Any
-    target may use this; the CPU target has a faster counting sort of its own
-    (``softras_sort_by_tile``)."""
-    order = torch.argsort(bin_keys, stable=True)
-    tile_ends = torch.cumsum(torch.bincount(bin_keys, minlength=tiles), 0)
+    own indices (int32), as the texel slots are sorted by texel key (``tiles`` keys, then); pairs
+    with a key of ``tiles`` or more are left out (slots that hold nothing). Any target may use
+    this; the CPU target has a faster counting sort of its own (``softras_sort_by_tile``)."""
+    kept = torch.nonzero(bin_keys < tiles).flatten()
+    order = kept[torch.argsort(bin_keys[kept], stable=True)]
+    tile_ends = torch.cumsum(torch.bincount(bin_keys[kept], minlength=tiles), 0)
     return TileBins(order.int() if bin_faces is None else bin_faces[order], tile_ends)
 
 
@@ -294,7 +295,7 @@ def _reduce_texels(target: KernelTarget, args: np.ndarray, slots, texture: torch
     slot order) and each texel's added up in that order by the texels kernel."""
     _, keys, values = slots
     texels = texture.shape[0] * texture.shape[1]
-    runs = target.sort_by_tile(keys, None, texels + 1)  # the last key: slots that hold nothing
+    runs = target.sort_by_tile(keys, None, texels)  # leaves out the slots that hold nothing (key texels)
     grad_texture = torch.empty_like(texture)
     args["texel_entries"], args["texel_ends"] = _pointer(runs.tile_faces), _pointer(runs.tile_ends)
     args["grad_texture"] = _pointer(grad_texture)
