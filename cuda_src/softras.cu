@@ -1,10 +1,11 @@
 // The soft rasterizer (docs/MODEL.md): forward and hand-written backward.
 //
-// Four kernels (a fifth for textures), each a 1-D grid of independent work items that own their outputs (no atomics,
-// so results are bitwise reproducible on the CPU whatever the thread count):
+// Five kernels (two more for textures), each a 1-D grid of independent work items that own their
+// outputs (no atomics, so results are bitwise reproducible on the CPU whatever the thread count):
 //   setup     one item per face (b, j): whether the face is skipped, the box of pixels it can
-//             touch (its screen bounding box grown by the cut-off distance), and how many
-//             tiles (MDR_TILE x MDR_TILE pixels) that box overlaps.
+//             touch (its screen bounding box grown by the cut-off distance), how many tiles
+//             (MDR_TILE x MDR_TILE pixels) that box overlaps, and how many chunks (of at most
+//             CHUNK_PIXELS pixels, see chunk_shape) the backward splits it into.
 //   bin       one item per face: writes one (tile key, face) pair per overlapped tile into the
 //             face's slots of the pair list (slots sized by a prefix sum of setup's counts, so
 //             nothing can overflow). The launch code then sorts the pairs by tile, stably, so
@@ -12,13 +13,20 @@
 //   forward   one item per MDR_LANES adjacent pixels of a tile row: loops over the faces listed
 //             for its tile whose box meets those pixels and blends them in; saves three
 //             aggregates per pixel for the backward.
-//   backward  one item per face (b, j): loops over the pixels of its box, MDR_LANES at a time,
-//             recomputes the pairs and accumulates the face's gradients in registers.
-//   backward_textured  the backward of textured renders, which also writes texel gradients.
+//   backward  one item per chunk of a face's box (so no item visits more than CHUNK_PIXELS
+//             pixels, however large the face): loops over the chunk's pixels, MDR_LANES at a
+//             time, recomputes the pairs and accumulates the face's gradients in registers. A
+//             face's first chunk writes its gradients, each other chunk its partial gradients
+//             to a slot of its own.
+//   reduce    one item per face: adds the partial gradients of a face's other chunks to the
+//             first's, in chunk order (zero for a face of none).
+//   backward_textured  the backward of textured renders: the same chunks, and each pair's texel
+//             gradients written into slots fixed by the pair's place in its face's box.
 //   texels    textured renders only: one item per texel, adds up the texel gradients that the
 //             backward wrote into fixed slots, once the launch code has sorted them by texel.
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
-// eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed pairs).
+// eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed
+// pairs + chunks).
 // MDR_LANES (portability.h) is 1 on the GPU, where every thread takes one pixel, and a SIMD
 // vector's width on the CPU, where the lane loops (MDR_SIMD) compile to vector instructions.
 //
@@ -30,6 +38,10 @@
 // face_tiles (B, F) int = tiles overlapped; bin_starts (B, F) = first slot of each face;
 // bin_keys, bin_faces (pairs) = b * tiles + tile (row-major tiles), j; tile_faces (pairs) = the
 // faces sorted by tile; tile_ends (B * tiles) = one past each tile's last entry in tile_faces.
+// face_chunks (B, F) int = chunks of the box (chunk_shape); chunk_starts (B, F) = first chunk of
+// each face; chunk_faces (chunks) = b * F + j of each chunk; partial_starts (B, F) = first
+// partial slot of each face (a slot per chunk but the first); partials (partial slots, 9 + 3C) =
+// a chunk's gradients, laid out as grad_verts then grad_attrs of its face.
 // Pixel (r, c) has its center at x = (2c + 1 - W) / H, y = (H - 2r - 1) / H (screen units,
 // microdr/conventions.py).
 
@@ -55,6 +67,11 @@ struct RasterArgs {
     int* bin_faces;
     const int* tile_faces;
     const long long* tile_ends;
+    int* face_chunks;
+    const long long* chunk_starts;
+    const long long* chunk_faces;
+    const long long* partial_starts;
+    T* partials;
     // Textured renders (null texture otherwise): face_attrs are then texture coordinates (B, F, 3, 2)
     // and the C channels are sampled from texture (texture_height, texture_width, C).
     const T* texture;
@@ -65,6 +82,7 @@ struct RasterArgs {
     const long long* texel_ends;  // (texels()): one past each texel's last entry in texel_entries
     T* grad_texture;              // like texture
     long long n_items;
+    long long chunks;  // backward work items: sum of face_chunks
     int batch, faces, channels, height, width;
     int perspective, cull_backfaces;
     int pitch, tiles_x, tiles_y;  // pitch: row stride of image, aux and grad_image, a multiple of MDR_TILE
@@ -88,6 +106,27 @@ struct Face {
 // Tiles are MDR_TILE x MDR_TILE pixels; a tile row holds a whole number of lane groups.
 #define MDR_TILE 8
 static_assert(MDR_TILE % MDR_LANES == 0, "a tile row must hold whole lane groups");
+
+// The backward splits a face's box (rows x cols pixels) into chunks of at most CHUNK_PIXELS,
+// one work item each: bands of whole rows of the box where it is at most CHUNK_PIXELS wide
+// (a 12 x 11 box: 3 chunks of 5, 5 and 2 rows; its lane groups per row are the box's, as if
+// unsplit), else pieces of one row, as wide as an even split of the row allows. Chunk (cr, cc)
+// holds rows row0 + cr * band .. + band - 1 and columns col0 + cc * width .. + width - 1,
+// clipped to the box; chunks are numbered row-major.
+#define CHUNK_PIXELS (MDR_TILE * MDR_TILE)
+struct ChunkShape {
+    int band, width;  // rows and columns of a chunk
+    int across;       // chunks per band
+};
+MDR_DEVICE ChunkShape chunk_shape(int cols) {
+    ChunkShape s;
+    // One integer division for a box at most CHUNK_PIXELS wide (every backward item computes
+    // this, and a division takes tens of cycles).
+    s.across = cols <= CHUNK_PIXELS ? 1 : (cols + CHUNK_PIXELS - 1) / CHUNK_PIXELS;
+    s.width = s.across == 1 ? cols : (cols + s.across - 1) / s.across;
+    s.band = CHUNK_PIXELS / s.width;
+    return s;
+}
 
 template <typename T>
 MDR_DEVICE Face<T> make_face(const T* __restrict__ corners) {
@@ -152,7 +191,7 @@ struct Pairs {
     static constexpr int L = MDR_LANES;
     T e[3][L];          // e_k = sign(area2) E_k = |area2| b_k (b_k the barycentrics)
     T b_clip[3][L];     // clipped barycentrics b~_k = max(e_k, 0) / S
-    T clip_sum[L];      // S = sum_l max(e_l, 0)
+    T inv_clip_sum[L];  // 1 / S, S = sum_l max(e_l, 0) (1 where S = 0)
     T w_hat[3][L];      // interpolation weights w^_k
     T z_ij[L], zhat[L];  // depth and normalized inverse depth
     T d[L];             // squared distance to the boundary
@@ -216,12 +255,11 @@ template <bool PERSPECTIVE, typename T>
 MDR_DEVICE bool eval_depth(const Face<T>& f, const RasterArgs<T>& a, Pairs<T>& q, int lane) {
     T clip_sum = T(0);
     for (int k = 0; k < 3; ++k) clip_sum += mdr_max(q.e[k][lane], T(0));
-    q.clip_sum[lane] = clip_sum;
     // The b_k sum to 1, so some b_k > 0; only rounding in E_k (a face tiny or thin next to its
     // distance from p) can leave none. Such a pair does not count, and gets stand-in weights of
     // 1/3 so that the values the lane loops compute (and then drop) stay finite.
     const bool clip_ok = clip_sum > T(0);
-    const T inv_clip_sum = T(1) / (clip_ok ? clip_sum : T(1));
+    const T inv_clip_sum = q.inv_clip_sum[lane] = T(1) / (clip_ok ? clip_sum : T(1));
     T b_clip[3];
     for (int k = 0; k < 3; ++k)
         b_clip[k] = q.b_clip[k][lane] = clip_ok ? mdr_max(q.e[k][lane], T(0)) * inv_clip_sum : T(1) / T(3);
@@ -373,7 +411,7 @@ __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     int* box = a.face_boxes + 4 * item;
     const Face<T> f = make_face(a.face_verts + 9 * item);
     box[0] = 1, box[1] = 0, box[2] = 1, box[3] = 0;  // empty
-    a.face_tiles[item] = 0;
+    a.face_tiles[item] = 0, a.face_chunks[item] = 0;
     if (!face_is_drawn(f, a)) return;
     store_face(f, a.face_data + FACE_RECORD * item);
     const T grow = mdr_sqrt(T(a.distance_cutoff));
@@ -391,6 +429,8 @@ __device__ void setup_item(const RasterArgs<T>& a, long long item) {
     if (!(col0 <= col1 && row0 <= row1)) return;
     box[0] = (int)row0, box[1] = (int)row1, box[2] = (int)col0, box[3] = (int)col1;
     a.face_tiles[item] = (box[1] / MDR_TILE - box[0] / MDR_TILE + 1) * (box[3] / MDR_TILE - box[2] / MDR_TILE + 1);
+    const ChunkShape chunks = chunk_shape(box[3] - box[2] + 1);
+    a.face_chunks[item] = chunks.across * ((box[1] - box[0] + chunks.band) / chunks.band);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -544,11 +584,17 @@ MDR_DEVICE void write_texel_slots(const RasterArgs<T>& a, long long face, const 
     }
 }
 
+// Values per face corner in face_attrs and grad_attrs: the C attributes, or (textured) the 2
+// texture coordinates.
+template <typename T>
+MDR_DEVICE int corner_values(const RasterArgs<T>& a) { return a.texture ? 2 : a.channels; }
+
 // ---------------------------------------------------------------------------------------------
-// backward: one item per face j; sums over the pixels i of its box, MDR_LANES adjacent pixels
-// at a time from the box's left edge, not from tile columns as in the forward (a 5-pixel-wide
-// box then takes one lane group per row, not one or two). Lane sums are added up in a fixed
-// order at the end, so results stay reproducible.
+// backward: one item per chunk of face j's box (see backward_chunk); sums over the pixels i of
+// the chunk, MDR_LANES adjacent pixels at a time from the chunk's left edge (box-aligned, not
+// tile-aligned as in the forward: a 5-pixel-wide box then takes one lane group per row, not one
+// or two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
+// in chunk order, so results stay reproducible.
 // With gI = dL/dI_i (C values) and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
 //   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
 //   dL/dw_ij    = gI . (C_ij - I_i) / W_i             =: gw
@@ -574,17 +620,20 @@ MDR_DEVICE void write_texel_slots(const RasterArgs<T>& a, long long face, const 
 //   dL/duv_ij = dL/dC_ij . dC_ij/duv,   dL/dw^_k = dL/duv_ij . uv_k,   dL/duv_k += w^_k dL/duv_ij,
 //   dL/dtexel_t += beta_t dL/dC_ij: written, not added, into the pair's four texel slots
 //   4 (box_starts[face] + (row - row0) box_width + col - col0) + t, which depend only on the
-//   pair, so whichever work item visits it writes the same slots; pairs that do not count leave
+//   pair, so whichever chunk visits it writes the same slots; pairs that do not count leave
 //   their slots' key at texels() (nothing). reduce_texels then adds each texel's slots up.
+// This function: face `face` (b * F + j) over the pixels of rows region[0] .. region[1] and
+// columns region[2] .. region[3] (inclusive, inside its box); writes the sums to out_verts
+// (9 values, laid out as grad_verts) and out_attrs (3 corner_values(a) values, as grad_attrs).
 template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
-__device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
+__device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int* region, T* __restrict__ out_verts,
+                               T* __restrict__ out_attrs) {
     constexpr int L = MDR_LANES;
     const int C = a.channels, HW = a.height * a.pitch;
-    const int b = (int)(item / a.faces);
-    const int* box = a.face_boxes + 4 * item;
-    const Face<T> f = load_face(a.face_data + FACE_RECORD * item);  // read only if the box is not empty
+    const int b = (int)(face / a.faces);
+    const Face<T> f = load_face(a.face_data + FACE_RECORD * face);
     const T inv_gamma = T(1 / a.gamma);
-    // Per lane, summed over the box: dL/dx, dL/dy and dL/dz of the corners (x_k at [k], y_k at
+    // Per lane, summed over the region: dL/dx, dL/dy and dL/dz of the corners (x_k at [k], y_k at
     // [3 + k], z_k at [6 + k]). Every term below is linear in gI and gA, so each pass adds the
     // share of its channels (the first pass also the silhouette's).
     T g_corner[9][L];
@@ -599,17 +648,18 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
         for (int c = 0; c < CH; ++c) {
             plane[c] = mdr_min(chunk + c, C);
             for (int k = 0; k < 3; ++k)
-                corner_color[k][c] = !TEXTURED && c < chunk_channels ? a.face_attrs[(item * 3 + k) * C + chunk + c] : T(0);
+                corner_color[k][c] = !TEXTURED && c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
         }
-        const T* uv = a.face_attrs + item * 6;  // textured: the corners' texture coordinates
+        const T* uv = a.face_attrs + face * 6;  // textured: the corners' texture coordinates
+        const int* box = a.face_boxes + 4 * face;  // textured: where the pairs' texel slots are
         T g_attr[3][CHANNEL_CHUNK][L];  // dL/dc_k per lane
         for (int k = 0; k < 3; ++k)
             for (int c = 0; c < CH; ++c)
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) g_attr[k][c][lane] = T(0);
 
-        for (int row = box[0]; row <= box[1]; ++row) {
+        for (int row = region[0]; row <= region[1]; ++row) {
             const T py = pixel_y(row, a);
-            for (int start = box[2]; start <= box[3]; start += L) {
+            for (int start = region[2]; start <= region[3]; start += L) {
                 // Lanes col0 .. col0 + L - 1 take the pixels start .. start + L - 1 of the row; at the
                 // right edge col0 moves left to stay inside the padded row (the lanes before start
                 // are masked: the previous group had them).
@@ -623,7 +673,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                     const int col = col0 + lane;
                     px[lane] = pixel_x(col, a);
-                    near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= start) & (col <= box[3]) ? T(1) : T(0);
+                    near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= start) & (col <= region[3]) ? T(1) : T(0);
                 }
                 if (!any_lane(near)) continue;  // as in the forward
                 // Textured: each lane's footprint and dL/dC_ij, written into its texel slots after
@@ -709,7 +759,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                         // Clipping -> E_k -> corners.
                         T g_clip_mean = T(0);
                         for (int k = 0; k < 3; ++k) g_clip_mean += g_b_clip[k] * q.b_clip[k][lane];
-                        const T inv_clip_sum = T(1) / q.clip_sum[lane];
+                        const T inv_clip_sum = q.inv_clip_sum[lane];
                         for (int k = 0; k < 3; ++k) {
                             const T g_e = q.e[k][lane] > T(0) ? (g_b_clip[k] - g_clip_mean) * inv_clip_sum : T(0);
                             const T g_E = f.orientation * g_e;
@@ -727,38 +777,75 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long item) {
                     }
                 }
                 if constexpr (TEXTURED) {
-                    for (int lane = 0; lane < L; ++lane)  // a lane counts only inside the box, from start on
+                    for (int lane = 0; lane < L; ++lane)  // a lane counts only inside the region, from start on
                         if (counted[lane] != T(0))
-                            write_texel_slots(a, item, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
+                            write_texel_slots(a, face, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
                 }
             }
         }
         for (int k = 0; k < 3; ++k) {
             if constexpr (TEXTURED) {
-                for (int d = 0; d < 2; ++d) a.grad_attrs[(item * 3 + k) * 2 + d] = lane_sum(g_attr[k][d]);
+                for (int d = 0; d < 2; ++d) out_attrs[k * 2 + d] = lane_sum(g_attr[k][d]);
             } else {
                 for (int c = 0; c < mdr_min(chunk_channels, CH); ++c)  // (chunk_channels <= CH: a hint for the compiler)
-                    a.grad_attrs[(item * 3 + k) * C + chunk + c] = lane_sum(g_attr[k][c]);
+                    out_attrs[k * C + chunk + c] = lane_sum(g_attr[k][c]);
             }
         }
     }
-    T* grad_verts = a.grad_verts + 9 * item;  // (corner, axis)
-    for (int v = 0; v < 9; ++v) grad_verts[3 * (v % 3) + v / 3] = lane_sum(g_corner[v]);
+    for (int v = 0; v < 9; ++v) out_verts[3 * (v % 3) + v / 3] = lane_sum(g_corner[v]);  // (corner, axis)
+}
+
+// One backward item: chunk `item` of all faces' chunks (chunk_faces names its face; its place
+// among the face's chunks gives its pixels, clipped to the box).
+template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
+__device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
+    const long long face = a.chunk_faces[item];
+    const int chunk = (int)(item - a.chunk_starts[face]);
+    const int* box = a.face_boxes + 4 * face;
+    const ChunkShape shape = chunk_shape(box[3] - box[2] + 1);
+    const int band = shape.across == 1 ? chunk : chunk / shape.across, piece = chunk - band * shape.across;
+    const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
+    const int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
+    // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
+    const int values = corner_values(a);
+    T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * values);
+    backward_lanes<T, CH, PERSPECTIVE, TEXTURED>(a, face, region, chunk == 0 ? a.grad_verts + 9 * face : partial,
+                                                 chunk == 0 ? a.grad_attrs + 3 * values * face : partial + 9);
 }
 
 template <typename T>
 __device__ void backward_item(const RasterArgs<T>& a, long long item) {
     if (a.channels == 0)
-        a.perspective ? backward_lanes<T, 0, true, false>(a, item) : backward_lanes<T, 0, false, false>(a, item);
+        a.perspective ? backward_chunk<T, 0, true, false>(a, item) : backward_chunk<T, 0, false, false>(a, item);
     else
-        a.perspective ? backward_lanes<T, CHANNEL_CHUNK, true, false>(a, item) : backward_lanes<T, CHANNEL_CHUNK, false, false>(a, item);
+        a.perspective ? backward_chunk<T, CHANNEL_CHUNK, true, false>(a, item) : backward_chunk<T, CHANNEL_CHUNK, false, false>(a, item);
 }
 
 // The textured backward is a kernel of its own: in one with the others, its registers would be
 // theirs too (on the GPU a kernel takes the most registers any of its paths needs).
 template <typename T>
 __device__ void backward_textured_item(const RasterArgs<T>& a, long long item) {
-    a.perspective ? backward_lanes<T, CHANNEL_CHUNK, true, true>(a, item) : backward_lanes<T, CHANNEL_CHUNK, false, true>(a, item);
+    a.perspective ? backward_chunk<T, CHANNEL_CHUNK, true, true>(a, item) : backward_chunk<T, CHANNEL_CHUNK, false, true>(a, item);
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduce: one item per face; a face's first chunk wrote its gradients, to which the partials of
+// its other chunks are added, in chunk order; a face of no chunk (not drawn, or its box off the
+// image) gets zeros.
+template <typename T>
+__device__ void reduce_item(const RasterArgs<T>& a, long long item) {
+    const int chunks = a.face_chunks[item], A = corner_values(a);
+    T* __restrict__ grad_verts = a.grad_verts + 9 * item;
+    T* __restrict__ grad_attrs = a.grad_attrs + 3 * A * item;
+    if (chunks == 0) {
+        for (int v = 0; v < 9; ++v) grad_verts[v] = T(0);
+        for (int v = 0; v < 3 * A; ++v) grad_attrs[v] = T(0);
+    }
+    for (int chunk = 1; chunk < chunks; ++chunk) {  // chunk-major: each chunk's values are adjacent
+        const T* __restrict__ partial = a.partials + (a.partial_starts[item] + chunk - 1) * (9 + 3 * A);
+        for (int v = 0; v < 9; ++v) grad_verts[v] += partial[v];
+        for (int v = 0; v < 3 * A; ++v) grad_attrs[v] += partial[9 + v];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -777,7 +864,8 @@ __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points: softras_{setup,bin,forward,backward,backward_textured,texels}_{f32,f64}. One thread per work item.
+// Entry points: softras_{setup,bin,forward,backward,reduce,backward_textured,texels}_{f32,f64}.
+// One thread per work item.
 MDR_ENTRY(softras_setup_f32, setup_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_setup_f64, setup_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_bin_f32, bin_item<float>, RasterArgs<float>)
@@ -786,6 +874,8 @@ MDR_ENTRY(softras_forward_f32, forward_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_forward_f64, forward_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_backward_f32, backward_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_backward_f64, backward_item<double>, RasterArgs<double>)
+MDR_ENTRY(softras_reduce_f32, reduce_item<float>, RasterArgs<float>)
+MDR_ENTRY(softras_reduce_f64, reduce_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_backward_textured_f32, backward_textured_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_backward_textured_f64, backward_textured_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_texels_f32, reduce_texels_item<float>, RasterArgs<float>)

@@ -66,7 +66,7 @@ def project_views(
     points_cam = (flat - eye[:, None]) @ rotation.transpose(-1, -2)  # (N, P, 3)
     depth = -points_cam[..., 2]
 
-    def per_camera(values):  # (N, 1) on the points' dtype and device
+    def per_camera(values):  # (N, 1) or (N, 1, k) on the points' dtype and device
         return torch.tensor(values, dtype=points.dtype, device=points.device)[:, None]
 
     # Perspective: f * (x, y) / max(z, near), f = 1 / tan(fov / 2); orthographic: (x, y) / s.
@@ -74,7 +74,12 @@ def project_views(
     focal = per_camera([_focal(c) for c in cameras])
     near = per_camera([c.near for c in cameras])
     scale = torch.where(perspective, focal / depth.clamp(min=near), 1.0 / per_camera([_half_height(c) for c in cameras]))
-    screen = torch.cat([points_cam[..., :2] * scale[..., None], depth[..., None]], dim=-1)
+    # Then x is stretched by fx / fy and the optical axis moved to the principal point: exactly
+    # nothing for look-at cameras (a product with 1 and a sum with 0).
+    stretch = per_camera([(c.fx_over_fy, 1.0) for c in cameras])  # (N, 1, 2)
+    principal = per_camera([c.principal_point for c in cameras])
+    screen_xy = points_cam[..., :2] * scale[..., None] * stretch + principal
+    screen = torch.cat([screen_xy, depth[..., None]], dim=-1)
     return screen.reshape(len(cameras), *points.shape)
 
 

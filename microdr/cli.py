@@ -33,6 +33,7 @@ except ImportError:
     from click.exceptions import MissingParameter, NoSuchOption, UsageError
 
 from . import __version__
+from .camera_files import image_files, nerf_transforms, relative_path, transforms_text
 from .defaults import BACKENDS
 from .errors import InputError, MicroDRError, show_value
 from .files import check_writable_file, write_files
@@ -59,7 +60,8 @@ from .scene import (
     override_optimize,
     too_many_pixels,
 )
-from .targets import read_targets
+from .targets import SOURCE as TARGET_SOURCE
+from .targets import read_target_files, read_targets
 from .verify import compare_backends, shrink
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -256,6 +258,17 @@ def render(
             show_default=False,
         ),
     ] = None,
+    cameras_out: Annotated[
+        Optional[str],
+        typer.Option(
+            "--cameras-out",
+            metavar="JSON",
+            help="Also write the cameras in NeRF's transforms.json format, each frame naming its "
+            "rendered image: a scene with cameras {\"from\": JSON} and no TARGET optimizes "
+            "against them.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Render every camera of SCENE to 8-bit PNG images, or a turntable GIF.
 
@@ -273,13 +286,18 @@ def render(
         loaded = replace(loaded, render=replace(loaded.render, **_image_size(size, loaded)))
     used = resolve_backend(backend or loaded.render.backend)
     jobs = _render_jobs(loaded, Path(output), grid, turntable)
+    extra = [] if cameras_out is None else [Path(cameras_out)]
     _refuse_to_overwrite_inputs(loaded, [Path(output), *(path for path, _ in jobs)])
+    _refuse_to_overwrite_inputs(loaded, extra, "--cameras-out")
     _check_suffix(output, ".gif" if turntable else ".png")
+    files: dict[Path, bytes] = {}
+    if cameras_out is not None:
+        cameras = len(loaded.cameras)
+        files[Path(cameras_out)] = _cameras_file(loaded, jobs, Path(cameras_out), cameras)
     # Before the slow part, and before the line about the backend: bad input gets one line.
-    for path, _ in jobs:
+    for path in [*(path for path, _ in jobs), *extra]:
         check_writable_file(path)
     _announce_backend(used)
-    files: dict[Path, bytes] = {}
     lines = []
     for path, cameras in jobs:
         scene_part = replace(loaded, cameras=cameras)
@@ -294,6 +312,23 @@ def _announce_backend(backend: str) -> None:
     """The line a run starts with on stderr: the backend that computes it, so that a slow one
     is no surprise."""
     typer.echo(f"microdr: backend {describe_backend(backend)}", err=True)
+
+
+def _cameras_file(
+    scene: Scene, jobs: list[tuple[Path, tuple[Camera, ...]]], path: Path, cameras: int
+) -> bytes:
+    """``--cameras-out``'s NeRF ``transforms.json``: the cameras of the render ``jobs`` (one
+    image per camera of ``scene``'s ``cameras``), each frame naming its image relative to
+    ``path``'s folder."""
+    if len(jobs) != cameras or any(len(views) != 1 for _, views in jobs):
+        raise InputError("--cameras-out", "", "needs one image per camera: leave out --grid and "
+                         "--turntable")
+    if path.suffix.lower() != ".json":
+        raise InputError("--cameras-out", "", f"expected a .json path, got {path}")
+    images = [relative_path(image, path.parent) for image, _ in jobs]
+    views = [views[0] for _, views in jobs]
+    data = nerf_transforms(views, scene.render.width, scene.render.height, images, "--cameras-out")
+    return transforms_text(data).encode()
 
 
 def _check_render_flags(grid: bool, turntable: int | None, alpha: bool) -> None:
@@ -389,13 +424,14 @@ def _orbit(camera: Camera, frames: int) -> tuple[Camera, ...]:
     return tuple(cameras)
 
 
-def _refuse_to_overwrite_inputs(scene: Scene, outputs: list[Path]) -> None:
-    """Raise if an output path is the scene file or one of its mesh files."""
+def _refuse_to_overwrite_inputs(scene: Scene, outputs: list[Path], flag: str = "-o") -> None:
+    """Raise, naming ``flag``, if an output path is the scene file, its camera file or one of its
+    mesh files."""
     inputs = input_files(scene)
     for output in outputs:
         role = inputs.get(output.resolve())
         if role:
-            raise InputError("-o", "", f"refusing to overwrite {output}: it is {role}")
+            raise InputError(flag, "", f"refusing to overwrite {output}: it is {role}")
 
 
 def _plural(count: int, noun: str) -> str:
@@ -410,16 +446,16 @@ def _plural(count: int, noun: str) -> str:
 def optimize(
     scene: SceneArgument,
     targets: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Argument(
             help="One image per camera, in the scene's order: files, folders (their images "
             "sorted by name) or quoted glob patterns. RGB (the silhouette: the pixels unlike "
             "render.background), RGBA (alpha: the silhouette) or grayscale (a silhouette), 8 or "
-            "16 bits.",
+            "16 bits. Default, for cameras from a camera file: the images it names, in its order.",
             metavar="TARGET...",
             show_default=False,
         ),
-    ],
+    ] = None,
     output: Annotated[
         Optional[str],
         typer.Option(
@@ -521,10 +557,18 @@ def optimize(
             loaded, iterations=iterations, lr=lr, params=params, holdout=holdout
         )
         size = (loaded.render.width, loaded.render.height)
-        images = read_targets(
-            targets, len(loaded.cameras), size, resize=resize,
-            background=loaded.render.background,
-        )  # fmt: skip
+        background = loaded.render.background
+        if targets:
+            images = read_targets(
+                targets, len(loaded.cameras), size, resize=resize, background=background
+            )
+        elif loaded.camera_file is not None:
+            images = read_target_files(
+                image_files(loaded.camera_file), size, resize=resize, background=background
+            )
+        else:
+            raise InputError(f"{TARGET_SOURCE}...", "", "missing argument (one image per camera; "
+                             'only cameras {"from": FILE} name their own)')
         outdir = Path(resume or output or default_outdir(scene))
         with _progress(settings.iterations, log_every) as progress:
             try:

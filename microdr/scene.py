@@ -157,6 +157,14 @@ class Camera:
     - ``target``: default ``[0, 0, 0]``. ``up``: nonzero, default ``[0, 1, 0]``. ``eye`` must
       differ from ``target`` and ``eye - target`` must not be parallel to ``up``.
     - ``near``, ``far``: view depths with ``0 < near < far``; defaults 0.1 and 100.
+    - ``fx_over_fy``: the horizontal focal length over the vertical one, > 0 (pixels that are
+      not square); default 1.
+    - ``principal_point``: ``[x, y]``, where the optical axis meets the image, in screen units
+      (``microdr.conventions``); default ``[0, 0]``, the image's center.
+
+    A camera read from a camera file (``cameras: {"from": ...}``, :mod:`microdr.camera_files`)
+    is held as a look-at camera too: ``eye`` its center, ``up`` its image's up direction,
+    ``target`` on its optical axis (the point nearest the world origin).
     """
 
     projection: str
@@ -167,6 +175,22 @@ class Camera:
     half_height: float | None
     near: float
     far: float
+    fx_over_fy: float = 1.0
+    principal_point: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class CameraFile:
+    """Where a scene's cameras were read from: ``cameras: {"from": PATH, "images": FOLDER}``.
+
+    ``path``: the camera file, or COLMAP model folder, as found from the scene's folder.
+    ``images``: one per camera, in the file's order, the image it names, in ``FOLDER`` (default
+    the camera file's folder); a name without its file's suffix (NeRF's ``file_path``) is
+    completed by :func:`microdr.camera_files.image_files`.
+    """
+
+    path: Path
+    images: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -278,7 +302,8 @@ class Scene:
     one), optional ``image``, ``render``, ``lights`` and ``optimize`` sections.
 
     ``source`` is the scene file's name as the user gave it; ``lights`` and ``optimize`` are
-    ``None`` when their sections are absent.
+    ``None`` when their sections are absent; ``camera_file`` is ``None`` unless the cameras come
+    from a camera file.
     """
 
     source: str
@@ -287,6 +312,7 @@ class Scene:
     cameras: tuple[Camera, ...]
     lights: Lights | None
     optimize: OptimizeSettings | None
+    camera_file: CameraFile | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +321,16 @@ class Scene:
 
 def load_scene(path: str | os.PathLike) -> Scene:
     """Read and validate a scene file; mesh files are found relative to its folder."""
+    return parse_scene(read_json(path), str(path), Path(path).parent)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's value, objects as :class:`_JSONObject`; bad JSON is one :class:`InputError`
+    naming the file and the line."""
     source = str(path)
     text = read_text(path)
     try:
-        data = json.loads(text, object_pairs_hook=_JSONObject.from_pairs)
+        return json.loads(text, object_pairs_hook=_JSONObject.from_pairs)
     except json.JSONDecodeError as error:
         raise InputError(
             source, f"line {error.lineno} column {error.colno}", f"invalid JSON: {error.msg}"
@@ -306,7 +338,6 @@ def load_scene(path: str | os.PathLike) -> Scene:
     except (ValueError, RecursionError) as error:
         # Integers longer than Python's digit limit, or nesting deeper than the recursion limit.
         raise InputError(source, "", f"invalid JSON: {error}") from None
-    return parse_scene(data, source, Path(path).parent)
 
 
 def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
@@ -319,9 +350,19 @@ def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
     # In file order, so that the first mistake is the one reported.
     render = _render_settings(root["image"], root["render"])
     meshes = tuple(_scene_mesh(node, base_dir) for node in root["meshes"].array())
-    cameras = tuple(
-        _camera(node) for node in root["cameras"].array(min_length=1, max_length=MAX_CAMERAS)
-    )
+    camera_file = None
+    if isinstance(root["cameras"].value, dict):
+        if "from" not in root["cameras"].value:
+            root["cameras"].expected('an array or {"from": PATH} (a camera file)')
+        from .camera_files import read_cameras  # it reads JSON with this module's readers
+
+        size = (render.width, render.height) if root["image"].given else None
+        cameras, camera_file, size = read_cameras(root["cameras"], base_dir, size)
+        render = replace(render, width=size[0], height=size[1])
+    else:
+        cameras = tuple(
+            _camera(node) for node in root["cameras"].array(min_length=1, max_length=MAX_CAMERAS)
+        )
     textured = [i for i, mesh in enumerate(meshes) if mesh.texture is not None]
     if textured and len(meshes) > 1:
         root["meshes"].fail(f"mesh {textured[0]} is textured: a textured mesh must be the scene's only one")
@@ -334,6 +375,7 @@ def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
         cameras=cameras,
         lights=_lights(root["lights"]) if root["lights"].given else None,
         optimize=_optimize(root["optimize"], len(cameras)) if root["optimize"].given else None,
+        camera_file=camera_file,
     )
 
 
@@ -508,8 +550,9 @@ def _transform(node: _Node) -> Transform:
 
 def _camera(node: _Node) -> Camera:
     camera = node.object(
-        ("projection", "fov", "half_height", "eye", "orbit", "target", "up", "near", "far")
-    )
+        ("projection", "fov", "half_height", "eye", "orbit", "target", "up", "near", "far",
+         "fx_over_fy", "principal_point")
+    )  # fmt: skip
     projection = camera["projection"].choice(PROJECTIONS, default="perspective")
     if projection == "perspective":
         fov = camera["fov"].number(_Interval(0, 180, True, True), default=60.0)
@@ -531,7 +574,11 @@ def _camera(node: _Node) -> Camera:
         node.fail("eye and target are the same point")
     if _parallel(tuple(e - t for e, t in zip(eye, target)), up):
         node.fail("eye - target is parallel to up")
-    return Camera(projection, eye, target, up, fov, half_height, near, far)
+    fx_over_fy = camera["fx_over_fy"].number(_POSITIVE, default=1.0)
+    principal_point = camera["principal_point"].vector(2, default=(0.0, 0.0))
+    return Camera(
+        projection, eye, target, up, fov, half_height, near, far, fx_over_fy, principal_point
+    )
 
 
 def _orbit_eye(node: _Node, target: Vec3) -> Vec3:
@@ -755,9 +802,11 @@ _OPTIMIZE_READERS: dict[str, Callable[[_Node], Any]] = {
 
 def input_files(scene: Scene) -> dict[Path, str]:
     """The files ``scene`` was read from, resolved, each with its role in messages: ``"the scene
-    file"`` or ``"a mesh of the scene"``. A primitive's name (``"cube"``) gives a path that is
-    no file, which no output path matches in practice."""
+    file"``, ``"the scene's camera file"`` or ``"a mesh of the scene"``. A primitive's name
+    (``"cube"``) gives a path that is no file, which no output path matches in practice."""
     inputs = {Path(scene.source).resolve(): "the scene file"}
+    if scene.camera_file is not None:
+        inputs.setdefault(scene.camera_file.path.resolve(), "the scene's camera file")
     for scene_mesh in scene.meshes:
         inputs.setdefault(
             (Path(scene.source).parent / scene_mesh.name).resolve(), "a mesh of the scene"
@@ -822,7 +871,7 @@ def _camera_json(camera: Camera) -> dict[str, Any]:
         lens = {"fov": camera.fov}
     else:
         lens = {"half_height": camera.half_height}
-    return {
+    entry = {
         "projection": camera.projection,
         **lens,
         "eye": list(camera.eye),
@@ -831,6 +880,11 @@ def _camera_json(camera: Camera) -> dict[str, Any]:
         "near": camera.near,
         "far": camera.far,
     }
+    if camera.fx_over_fy != 1.0:
+        entry["fx_over_fy"] = camera.fx_over_fy
+    if camera.principal_point != (0.0, 0.0):
+        entry["principal_point"] = list(camera.principal_point)
+    return entry
 
 
 def _optimize_json(settings: OptimizeSettings) -> dict[str, Any]:

@@ -230,6 +230,18 @@ def read_targets(
             "expected one image per camera, in the scene's order; "
             f"cameras: {cameras}, images: {len(paths)}",
         )
+    return read_target_files(paths, size, resize=resize, background=background)
+
+
+def read_target_files(
+    paths: Sequence[Path],
+    size: tuple[int, int],
+    *,
+    resize: bool = False,
+    background: Sequence[float] | None = None,
+) -> Targets:
+    """The targets in image files ``paths``, one per camera in order (such as a camera file's,
+    :func:`microdr.camera_files.image_files`); the rest as :func:`read_targets`."""
     images = [_fit(read_image(path), str(path), size, resize) for path in paths]
     return Targets.from_images(images, [str(path) for path in paths], background=background)
 

@@ -1,13 +1,20 @@
 """Benchmark the rasterizer backends: forward and forward + backward time, peak memory.
 
-    python scripts/bench.py [--quick] [--csv FILE] [--plot FILE] [--threads N] [--only TEXT]
+    python scripts/bench.py [--quick] [--csv FILE] [--plot FILE] [--threads N[,N...]] [--only TEXT]
                             [--backends NAMES] [--texture]
 
 Cases: icospheres of 1,280 / 5,120 / 20,480 / 81,920 faces filling about half the image,
 square images of 64 / 256 / 1024 pixels, batch 1 and 8, silhouette only (no attribute channel)
 and RGB, with ``sigma`` chosen so the soft edge is about one pixel wide at each resolution --
 ``sqrt(sigma)`` (the distance at which ``D = sigmoid(-1)``) equals one pixel, ``2 / H`` screen
-units, so ``sigma = 4 / H**2`` -- and with SoftRas's fixed ``sigma = 1e-4``.
+units, so ``sigma = 4 / H**2`` -- and with SoftRas's fixed ``sigma = 1e-4``. Then a few large
+faces at 1024 x 1024 (RGB, one-pixel edge): a square of 2 faces filling the image, and the
+12-face cube (its front face overfills the image), where a backward work item per face would
+walk a million pixels alone.
+
+``backward_item_max_pixels`` is the most pixels one backward work item visits (softras.cu splits
+every face's box into chunks of at most 64); ``--threads 1,2`` runs each case with each count and
+prints how many times faster the most threads are.
 
 Each timing is the median of several runs after a warm-up (fewer for slow cases). Peak memory
 is the largest resident-set growth above the level before the case (CPU) or
@@ -41,7 +48,7 @@ import microdr  # noqa: E402, F401  (before torch: it sets torch's OpenMP wait p
 import torch  # noqa: E402
 
 from microdr.camera import CameraTensors, project  # noqa: E402
-from microdr.mesh import icosphere  # noqa: E402
+from microdr.mesh import Mesh, cube, icosphere  # noqa: E402
 from microdr.raster import SoftRasSettings, backend_status, rasterize  # noqa: E402
 from microdr.raster.kernels import kernel_forward  # noqa: E402
 from microdr.raster.cpu import cpu_target  # noqa: E402
@@ -51,7 +58,7 @@ from microdr.render import raster_settings, scene_faces  # noqa: E402
 from microdr.scene import Camera, load_scene  # noqa: E402
 
 COLUMNS = ["case", "backend", "faces", "width", "height", "batch", "channels", "threads",
-           "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited"]
+           "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited", "backward_item_max_pixels"]
 SUBDIVISIONS = {1280: 3, 5120: 4, 20480: 5, 81920: 6}
 #: The reference evaluates every (pixel, face) pair densely; beyond this many it is skipped.
 REFERENCE_MAX_PAIRS = {"quick": 2e7, "full": 1e8}
@@ -78,10 +85,26 @@ class Case:
         return f"f{self.faces}_{self.size}px_b{self.batch}_{kind}_sigma-{self.sigma_rule}"
 
 
+#: The cases of a few large faces at 1024 x 1024 (see the module's docstring).
+LARGE_FACES = [Case(2, 1024, 1, 3, "1px"), Case(12, 1024, 1, 3, "1px")]
+
+
+def case_mesh(faces: int) -> Mesh:
+    """The mesh of a case of ``faces`` faces: an icosphere, or for 2 faces a square (side 3 in
+    the plane z = 0, wider than the view there: it fills the image), for 12 the cube of edge 2."""
+    if faces == 2:
+        square = torch.tensor([[-1.5, -1.5, 0.0], [1.5, -1.5, 0.0], [1.5, 1.5, 0.0], [-1.5, 1.5, 0.0]])
+        return Mesh(square, torch.tensor([[0, 1, 2], [0, 2, 3]]))
+    if faces == 12:
+        return cube()
+    return icosphere(SUBDIVISIONS[faces])
+
+
 def inputs(case: Case, device: str, mesh=None):
     """Screen-space corners, attributes and settings of ``case``; ``mesh`` replaces the case's
-    icosphere (scripts/gpu_cost_model.py: meshes of other face counts, seen the same way)."""
-    mesh = mesh if mesh is not None else icosphere(SUBDIVISIONS[case.faces])
+    own (:func:`case_mesh`; scripts/gpu_cost_model.py: meshes of other face counts, seen the
+    same way)."""
+    mesh = mesh if mesh is not None else case_mesh(case.faces)
     corners = mesh.vertices[mesh.faces].to(device)
     # Each batch element sees the sphere turned a little, so the elements differ.
     screens = []
@@ -186,6 +209,13 @@ def pairs_visited(case: Case, backend: str, verts, attrs, settings) -> int:
     return kernel_forward(cpu_target(), verts, attrs, case.size, case.size, settings).pairs_visited()
 
 
+def backward_item_max_pixels(case: Case, verts, attrs, settings) -> int:
+    """The most pixels one work item of the kernels' backward visits (see
+    ForwardResult.most_pixels_per_backward_item)."""
+    result = kernel_forward(cpu_target(), verts, attrs, case.size, case.size, settings)
+    return result.most_pixels_per_backward_item()
+
+
 def run_case(case: Case, backend: str, device: str, budget_s: float) -> dict:
     verts, attrs, settings = inputs(case, device)
 
@@ -208,6 +238,7 @@ def run_case(case: Case, backend: str, device: str, budget_s: float) -> dict:
         "threads": torch.get_num_threads(), "forward_ms": round(forward_ms, 3),
         "forward_backward_ms": round(forward_backward_ms, 3), "peak_mb": round(memory.megabytes, 1),
         "pairs_visited": pairs_visited(case, backend, verts, attrs, settings) if backend != "cuda" else "",
+        "backward_item_max_pixels": backward_item_max_pixels(case, verts, attrs, settings) if backend == "cpu" else "",
     }
 
 
@@ -265,9 +296,9 @@ def print_texture_ratios(rows: list[dict]) -> None:
 def cases(quick: bool) -> list[Case]:
     if quick:
         return [Case(f, s, 1, 3, "1px") for f, s in [(1280, 64), (5120, 256), (20480, 256), (81920, 1024)]] + [
-            Case(5120, 64, 8, 0, "softras"), Case(1280, 64, 1, 3, "softras")]
+            Case(5120, 64, 8, 0, "softras"), Case(1280, 64, 1, 3, "softras"), *LARGE_FACES]
     grid = itertools.product(SUBDIVISIONS, (64, 256, 1024), (1, 8), (0, 3), ("1px", "softras"))
-    return [Case(*values) for values in grid]
+    return [Case(*values) for values in grid] + LARGE_FACES
 
 
 def backends() -> list[tuple[str, str]]:
@@ -303,7 +334,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axes.set(xscale="log", yscale="log", xlabel=label, ylabel="forward + backward (ms)")
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=7)
-    figure.suptitle(f"microDR, RGB, batch 1, one-pixel soft edge, {torch.get_num_threads()} threads")
+    figure.suptitle(f"microDR, RGB, batch 1, one-pixel soft edge, {rows[0]['threads']} threads")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -313,27 +344,49 @@ def print_speedups(rows: list[dict]) -> None:
     for row in rows:
         if row["backend"] == "reference":
             continue
-        ref = next((r for r in rows if r["case"] == row["case"] and r["backend"] == "reference"), None)
+        ref = next((r for r in rows if r["case"] == row["case"] and r["backend"] == "reference"
+                    and r["threads"] == row["threads"]), None)
         if ref:
             print(f"# {row['case']}: {row['backend']} kernels {ref['forward_backward_ms'] / row['forward_backward_ms']:.0f}x "
-                  f"faster than the reference (forward + backward)")
+                  f"faster than the reference (forward + backward, {row['threads']} threads)")
+
+
+def print_thread_speedups(rows: list[dict]) -> None:
+    """Per case and backend run with several thread counts: how many times faster the most
+    threads are than the fewest (forward + backward)."""
+    for row in rows:
+        runs = [r for r in rows if r["case"] == row["case"] and r["backend"] == row["backend"]]
+        fewest, most = min(runs, key=lambda r: r["threads"]), max(runs, key=lambda r: r["threads"])
+        if row is most and most is not fewest:
+            print(f"# {row['case']}: {row['backend']} {most['threads']} threads "
+                  f"{fewest['forward_backward_ms'] / most['forward_backward_ms']:.2f}x faster than {fewest['threads']} "
+                  f"(forward + backward)")
+
+
+def print_backward_items(rows: list[dict]) -> None:
+    """The most pixels any backward work item visited, over the cases run."""
+    visited = [(r["backward_item_max_pixels"], r["case"]) for r in rows if r["backward_item_max_pixels"] != ""]
+    if visited:
+        pixels, case = max(visited)
+        print(f"# backward: the most pixels any work item visited: {pixels} ({case})")
 
 
 def print_time_per_pair(rows: list[dict]) -> None:
     """Forward + backward nanoseconds per visited pair, across face counts at a fixed image,
-    batch, channel count and sigma rule: flat means the cost follows the pairs, not the faces."""
+    batch, channel count, sigma rule and thread count: flat means the cost follows the pairs,
+    not the faces."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["backend"] == "cpu":
             rule = row["case"].rsplit("_", 1)[1]
-            groups.setdefault((row["width"], row["batch"], row["channels"], rule), []).append(row)
-    for (size, batch, channels, rule), members in groups.items():
+            groups.setdefault((row["width"], row["batch"], row["channels"], rule, row["threads"]), []).append(row)
+    for (size, batch, channels, rule, threads), members in groups.items():
         if len(members) < 2:
             continue
         per_pair = {r["faces"]: 1e6 * r["forward_backward_ms"] / r["pairs_visited"] for r in members}
         spread = max(per_pair.values()) / min(per_pair.values())
         listed = ", ".join(f"{faces} faces {ns:.1f}" for faces, ns in sorted(per_pair.items()))
-        print(f"# ns per pair, {size}px b{batch} c{channels} {rule}: {listed} (max / min {spread:.2f})")
+        print(f"# ns per pair, {size}px b{batch} c{channels} {rule} {threads} threads: {listed} (max / min {spread:.2f})")
 
 
 def print_gpu_resources(archs=("sm_80", "sm_90")) -> None:
@@ -352,7 +405,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few cases, under 2 minutes")
     parser.add_argument("--csv", type=Path, help="write the table as CSV")
     parser.add_argument("--plot", type=Path, help="write a log-log plot (needs matplotlib: pip install -e '.[bench]')")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--threads", default="2", help="CPU threads (default 2); several, comma-separated: "
+                                                        "each case runs with each")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     parser.add_argument("--backends", help="comma-separated: run only these backends (cpu, reference, cuda; "
                                            "default: all that run here)")
@@ -369,7 +423,12 @@ def main() -> None:
         if missing:
             parser.error(f"--backends: {', '.join(missing)} cannot run here (see: microdr info)")
         chosen = [(backend, device) for backend, device in chosen if backend in wanted]
-    torch.set_num_threads(args.threads)
+    try:
+        thread_counts = [int(count) for count in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads: expected counts separated by commas, got {args.threads!r}")
+    if min(thread_counts) < 1:
+        parser.error(f"--threads: counts must be at least 1, got {args.threads!r}")
     limit = args.reference_max_pairs or REFERENCE_MAX_PAIRS["quick" if args.quick else "full"]
     budget = 1.0 if args.quick else 3.0
     print_gpu_resources()
@@ -387,10 +446,14 @@ def main() -> None:
             if backend == "reference" and pairs > limit:
                 print(f"# {case.name}: reference skipped ({pairs:.2g} pairs > {limit:.2g})", flush=True)
                 continue
-            row = run_case(case, backend, device, budget)
-            rows.append(row)
-            print(",".join(str(row[c]) for c in COLUMNS), flush=True)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                row = run_case(case, backend, device, budget)
+                rows.append(row)
+                print(",".join(str(row[c]) for c in COLUMNS), flush=True)
     print_speedups(rows)
+    print_thread_speedups(rows)
+    print_backward_items(rows)
     print_time_per_pair(rows)
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
@@ -398,7 +461,7 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:
-        plot(rows, args.plot)
+        plot([row for row in rows if row["threads"] == max(thread_counts)], args.plot)
 
 
 if __name__ == "__main__":

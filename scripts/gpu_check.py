@@ -7,7 +7,7 @@ timeout and all within ``--budget`` seconds (default 570, under 10 minutes): ``m
 the tests marked ``gpu`` (one that skips fails the step); ``microdr gradcheck --backend cuda``
 on every bundled scene (``scenes/*.json``, ``scenes/tasks/*.json``) in float32 and float64;
 ``scripts/bench.py``'s full grid on the ``cuda`` backend, one face count per step (1024 x 1024
-with 81,920 faces and batch 8 among them); and SoftRas's airplane task
+with 81,920 faces and batch 8 among them, and the few large faces); and SoftRas's airplane task
 (``scripts/softras_airplane.py --holdout odd``) fitted by ``microdr optimize --backend cuda``
 (skipped, saying so, where ``--data`` has no SoftRas data). The report (default
 ``gpu_check_report.md``) has a table of the steps (pass, FAIL, timeout, skipped; wall seconds),
@@ -47,8 +47,10 @@ BUDGET_S = 570.0
 MIN_STEP_S = 5.0
 #: Lines of a step's output the report keeps when the step did not pass (or shows a tail).
 TAIL_LINES = 40
-#: scripts/bench.py's face counts, one step each (its ``--only f<faces>_`` selects them).
-BENCH_FACES = (1280, 5120, 20480, 81920)
+#: scripts/bench.py's face counts, one step each (its ``--only f<faces>_`` selects them): the
+#: icospheres, then the few large faces (2 and 12 at 1024 x 1024, whose backward is split into
+#: chunks of at most 64 pixels).
+BENCH_FACES = (1280, 5120, 20480, 81920, 2, 12)
 DTYPES = ("float32", "float64")
 
 

@@ -10,7 +10,7 @@ the work counts). Per case and GPU (A100, H100), the model is
 
 Warp instructions come from the kernels' own numbers:
 
-- instructions per pair: softras.cu's forward_lanes and backward_lanes (float32, RGB, perspective)
+- instructions per pair: softras.cu's forward_lanes and backward_chunk (float32, RGB, perspective)
   compiled to PTX for sm_80 / sm_90; the per-pair loop is the innermost loop (a label and a
   backward branch to it) whose body holds an ``ex2`` (the exp of D). Its whole body counts for a
   pair that meets its face's box (every path, an upper bound: the rare rescale of the online
@@ -22,11 +22,13 @@ Warp instructions come from the kernels' own numbers:
 - pairs: the bench's own inputs (``bench.inputs``) run through setup on the CPU kernels; a warp
   is 32 consecutive work items. Forward: a warp is 4 rows of an 8 x 8 tile, and goes through
   every face listed for its tile; the face's box meets its rows (full body) or not (skip path).
-  Backward today: a warp is 32 consecutive faces, each looping over its own box one pixel at a
-  time, so a warp takes as many iterations as its largest box, and the largest box in the
-  render takes at least (its pixels) x (body) x LONE_WARP_CPI cycles on one warp alone.
-  Backward balanced (issue 14 item 1, one work item per (tile, face) pair and pixel): the
-  forward's warps with the backward's body.
+  Backward (softras.cu today, issue 14 item 1): a warp is 32 consecutive chunks (at most 64
+  pixels of one face's box each, ``kernels.chunk_pixels``), each looping over its pixels one at a
+  time, so a warp takes as many iterations as its largest chunk; then the reduce, one thread per
+  face, adds a face's partials: the face of the most chunks takes (chunks - 1) x (9 + 3C) x
+  LONE_WARP_CPI cycles alone. For comparison, the backward before it, one work item per face:
+  a warp is 32 consecutive faces, each looping over its whole box, and the largest box takes
+  at least (its pixels) x (body) x LONE_WARP_CPI cycles on one warp alone.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import torch  # noqa: E402
 from microdr.mesh import Mesh  # noqa: E402
 from microdr.raster.cpu import cpu_target  # noqa: E402
 from microdr.raster.cuda import resource_usage, source_dir  # noqa: E402
-from microdr.raster.kernels import BLOCK, TILE, kernel_forward  # noqa: E402
+from microdr.raster.kernels import BLOCK, TILE, chunk_pixels, kernel_forward  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ LONE_WARP_CPI = 4.0
 #: Per kernel launch or small torch op (forward: setup, 2 cumsums, bin, sort, bincount,
 #: forward, allocations; backward: the kernel and its allocations).
 LAUNCH_US = 5.0
-LAUNCHES = {"forward": 8, "backward": 3}
+LAUNCHES = {"forward": 8, "backward": 7}  # backward: cumsums and repeat_interleave, backward, reduce, allocations
 #: The sort of the (tile, face) list: a fixed cost plus a rate, both assumptions (CUB radix sort).
 SORT_US, SORT_KEYS_PER_S = 20.0, 2e9
 #: The anchors: jrender's README, forward + backward ms at 1024 x 1024.
@@ -95,7 +97,7 @@ extern "C" __global__ void probe_forward(const RasterArgs<float> a) {
     forward_lanes<float, CHANNEL_CHUNK, true, false>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
 }
 extern "C" __global__ void probe_backward(const RasterArgs<float> a) {
-    backward_lanes<float, CHANNEL_CHUNK, true, false>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
+    backward_chunk<float, CHANNEL_CHUNK, true, false>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
 }
 """
 
@@ -109,7 +111,7 @@ class LoopCount:
 
 
 def ptx_of_probes(arch: str) -> str:
-    """PTX of forward_lanes and backward_lanes (float32, RGB, perspective) as kernels of their own."""
+    """PTX of forward_lanes and backward_chunk (float32, RGB, perspective) as kernels of their own."""
     with tempfile.TemporaryDirectory() as folder:
         probe, ptx = Path(folder) / "probe.cu", Path(folder) / "probe.ptx"
         probe.write_text(_PROBE)
@@ -181,7 +183,11 @@ class Work:
     pairs: int  # (pixel, face) pairs in the faces' boxes (the bench's pairs_visited)
     tile_pairs: int  # listed (tile, face) pairs
     warp_hits: int  # (warp, face) pairs of the forward whose box meets the warp's rows
-    backward_warp_iterations: int  # today: per 32 consecutive faces, the largest box
+    chunks: int  # backward work items
+    partial_chunks: int  # chunks but each face's first: slots of partial gradients
+    chunk_warp_iterations: int  # per 32 consecutive chunks, the largest chunk's pixels
+    most_chunks: int  # of one face (its reduce thread's partials, plus one)
+    face_warp_iterations: int  # one work item per face, as before: per 32 consecutive faces, the largest box
     largest_box: int  # pixels
 
 
@@ -194,10 +200,20 @@ def count_work(verts: torch.Tensor, attrs: torch.Tensor, size: int, settings) ->
     area = torch.where(drawn, (row1 - row0 + 1) * (col1 - col0 + 1), 0)
     rows_per_warp = WARP // TILE
     warp_hits = torch.where(drawn, (row1 // rows_per_warp - row0 // rows_per_warp + 1) * (col1 // TILE - col0 // TILE + 1), 0)
-    padded = torch.nn.functional.pad(area, (0, -area.numel() % WARP))
+    chunks = chunk_pixels(result.face_boxes)
     return Work(faces=verts.shape[0] * verts.shape[1], pixels=verts.shape[0] * size * size, channels=attrs.shape[-1],
                 pairs=int(area.sum()), tile_pairs=int(result.bins.tile_faces.numel()), warp_hits=int(warp_hits.sum()),
-                backward_warp_iterations=int(padded.view(-1, WARP).amax(1).sum()), largest_box=int(area.max()))
+                chunks=chunks.numel(), partial_chunks=int((result.face_chunks.long() - 1).clamp(min=0).sum()),
+                chunk_warp_iterations=warp_iterations(chunks),
+                most_chunks=int(result.face_chunks.max()), face_warp_iterations=warp_iterations(area),
+                largest_box=int(area.max()))
+
+
+def warp_iterations(pixels: torch.Tensor) -> int:
+    """Loop iterations of the warps of 32 consecutive work items, each looping over its ``pixels``:
+    per warp, its largest item's."""
+    padded = torch.nn.functional.pad(pixels, (0, -pixels.numel() % WARP))
+    return int(padded.view(-1, WARP).amax(1).sum()) if padded.numel() else 0
 
 
 def issue_ms(warp_instructions: float, gpu: Gpu, registers: int) -> float:
@@ -213,20 +229,20 @@ def memory_ms(dram_bytes: float, gpu: Gpu) -> float:
 @dataclass(frozen=True)
 class Estimate:
     forward_ms: float
-    backward_today_ms: float
-    backward_balanced_ms: float
+    backward_ms: float  # per chunk, then the reduce (softras.cu)
+    backward_per_face_ms: float  # one work item per face, as before
 
     @property
-    def total_today_ms(self) -> float:
-        return self.forward_ms + self.backward_today_ms
+    def total_ms(self) -> float:
+        return self.forward_ms + self.backward_ms
 
     @property
-    def total_balanced_ms(self) -> float:
-        return self.forward_ms + self.backward_balanced_ms
+    def total_per_face_ms(self) -> float:
+        return self.forward_ms + self.backward_per_face_ms
 
 
 def estimate(work: Work, gpu: Gpu, loops: dict[str, LoopCount], registers: dict[str, int]) -> Estimate:
-    """Forward, backward today and backward balanced milliseconds of one render on ``gpu``."""
+    """Forward, backward (per chunk) and backward per face milliseconds of one render on ``gpu``."""
     word = 4  # float32
     warps_listed = work.tile_pairs * TILE * TILE // WARP
     misses = warps_listed - work.warp_hits
@@ -242,12 +258,16 @@ def estimate(work: Work, gpu: Gpu, loops: dict[str, LoopCount], registers: dict[
         memory_ms(face_bytes + 4 * work.tile_pairs * 16 + planes, gpu)))
     backward_memory = memory_ms(face_bytes + planes + work.pixels * (work.channels + 1) * word, gpu)
     overhead = LAUNCHES["backward"] * LAUNCH_US / 1e3
+    # Per chunk: its face (8 bytes) and, but for a face's first, partials written and read back.
+    values = 9 + 3 * work.channels
+    chunk_bytes = work.chunks * 8 + 2 * work.partial_chunks * values * word
+    reduce_ms = (work.most_chunks - 1) * values * LONE_WARP_CPI / (gpu.clock_ghz * 1e6)
+    chunked = overhead + reduce_ms + max(issue_ms(work.chunk_warp_iterations * bwd.body, gpu, registers["backward"]),
+                                         memory_ms(chunk_bytes, gpu) + backward_memory)
     lone_warp_ms = work.largest_box * bwd.body * LONE_WARP_CPI / (gpu.clock_ghz * 1e6)
-    today = overhead + max(issue_ms(work.backward_warp_iterations * bwd.body, gpu, registers["backward"]),
-                           lone_warp_ms, backward_memory)
-    balanced = overhead + max(issue_ms(work.warp_hits * bwd.body + misses * bwd.skip, gpu, registers["backward"]),
-                              backward_memory)
-    return Estimate(forward, today, balanced)
+    per_face = (LAUNCHES["backward"] - 4) * LAUNCH_US / 1e3 + max(
+        issue_ms(work.face_warp_iterations * bwd.body, gpu, registers["backward"]), lone_warp_ms, backward_memory)
+    return Estimate(forward, chunked, per_face)
 
 
 def uv_sphere(segments: int, rings: int) -> Mesh:
@@ -297,8 +317,8 @@ def main() -> None:
               f"{warps_per_sm(registers[gpu.arch]['forward'], gpu)} warps/SM, {fwd.body} PTX per pair ({fwd.skip} skipped); "
               f"backward {registers[gpu.arch]['backward']} registers, {warps_per_sm(registers[gpu.arch]['backward'], gpu)} "
               f"warps/SM, {bwd.body} PTX per pair ({bwd.skip} skipped)")
-    print("gpu,case,faces,pairs,tile_pairs,largest_box,forward_ms,backward_today_ms,backward_balanced_ms,"
-          "total_today_ms,total_balanced_ms,jrender_ms", flush=True)
+    print("gpu,case,faces,pairs,tile_pairs,chunks,largest_box,forward_ms,backward_ms,backward_per_face_ms,"
+          "total_ms,total_per_face_ms,jrender_ms", flush=True)
     for name, case, mesh in model_cases():
         if args.only not in name:
             continue
@@ -307,9 +327,9 @@ def main() -> None:
         anchor = ANCHORS.get(case.faces, {}).get("jrender", "") if case.batch == 1 else ""
         for gpu in GPUS:
             e = estimate(work, gpu, loops[gpu.arch], registers[gpu.arch])
-            print(f"{gpu.name},{name},{case.faces},{work.pairs},{work.tile_pairs},{work.largest_box},"
-                  f"{e.forward_ms:.3f},{e.backward_today_ms:.3f},{e.backward_balanced_ms:.3f},"
-                  f"{e.total_today_ms:.3f},{e.total_balanced_ms:.3f},{anchor}", flush=True)
+            print(f"{gpu.name},{name},{case.faces},{work.pairs},{work.tile_pairs},{work.chunks},{work.largest_box},"
+                  f"{e.forward_ms:.3f},{e.backward_ms:.3f},{e.backward_per_face_ms:.3f},"
+                  f"{e.total_ms:.3f},{e.total_per_face_ms:.3f},{anchor}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from microdr.raster import SoftRasSettings, rasterize
 from microdr.raster.cpu import cpu_target
 from microdr.raster.cpu_build import build_info, compiler, flags, source_dir
 from microdr.raster.cuda import CudaTarget
-from microdr.raster.kernels import ARGS_DTYPE, STAGES, SoftRasterize, launch_size, work_items
+from microdr.raster.kernels import (ARGS_DTYPE, BYTES_PER_CHUNK, MAX_BACKWARD_BYTES, STAGES, SoftRasterize, launch_size,
+                                    work_items)
 from microdr.scene import MAX_CAMERAS, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 
 from helpers import assert_matches
@@ -116,10 +117,12 @@ LARGEST_RENDERS = [
 @pytest.mark.parametrize("stage", STAGES)
 def test_launch_sizes_fit_cuda_limits(stage, render):
     batch, faces, width, height = render
-    n_items = work_items(stage, batch, faces, width, height, CudaTarget.lanes)
-    # Independently of work_items: one item per face, or per pixel of the padded image.
+    # The most backward chunks a render may have: their faces alone (8 bytes each) fill the limit.
+    most_chunks = MAX_BACKWARD_BYTES // BYTES_PER_CHUNK
+    n_items = work_items(stage, batch, faces, width, height, CudaTarget.lanes, most_chunks)
+    # Independently of work_items: one item per face, per pixel of the padded image, or per chunk.
     padded = -(-width // 8) * 8 * (-(-height // 8) * 8)
-    assert n_items == (batch * padded if stage == "forward" else batch * faces)
+    assert n_items == {"forward": batch * padded, "backward": most_chunks}.get(stage, batch * faces)
     grid, block = launch_size(n_items)
     assert 1 <= block <= MAX_THREADS_PER_BLOCK and block % 32 == 0  # whole warps
     assert 1 <= grid <= MAX_GRID_X

@@ -65,26 +65,34 @@ def test_warps_per_sm_from_registers():
     assert model.warps_per_sm(32, H100) == 64
 
 
-def work(scale: int = 1, largest_box: int = 100) -> model.Work:
+def work(scale: int = 1, largest_box: int = 100, most_chunks: int = 2) -> model.Work:
     return model.Work(faces=1000, pixels=2**20, channels=3, pairs=scale * 10**6, tile_pairs=scale * 2 * 10**4,
-                      warp_hits=scale * 3 * 10**4, backward_warp_iterations=scale * 10**5, largest_box=largest_box)
+                      warp_hits=scale * 3 * 10**4, chunks=scale * 3000, partial_chunks=scale * 2000,
+                      chunk_warp_iterations=scale * 4 * 10**4, most_chunks=most_chunks,
+                      face_warp_iterations=scale * 10**5, largest_box=largest_box)
 
 
 def test_times_are_positive_and_grow_with_the_pairs():
     loops = {"forward": model.LoopCount(300, 10), "backward": model.LoopCount(400, 100)}
     registers = {"forward": 64, "backward": 150}
     small, large = (model.estimate(work(scale), A100, loops, registers) for scale in (1, 10))
-    for field in ("forward_ms", "backward_today_ms", "backward_balanced_ms"):
+    for field in ("forward_ms", "backward_ms", "backward_per_face_ms"):
         assert 0 < getattr(small, field) < getattr(large, field)
     # Issue-bound forward, by hand: warps of the listed tiles 2e4 * 2 = 4e4, 3e4 of them full
     # (300) and 1e4 skipped (10); A100 issues 108 * 4 * 1.41e9 * 0.5 per second (32 warps/SM).
     issue_ms = (3e4 * 300 + 1e4 * 10) / (108 * 4 * 1.41e9 * 0.5) * 1e3
     overhead_ms = (8 * 5 + 20 + 2e4 / 2e9 * 1e6) / 1e3
     assert small.forward_ms == pytest.approx(overhead_ms + issue_ms)
-    # One face with a huge box: today's backward is one warp's walk over it, balanced is not.
-    lopsided = model.estimate(work(largest_box=10**6), A100, loops, registers)
-    assert lopsided.backward_today_ms == pytest.approx(15e-3 + 1e6 * 400 * 4 / 1.41e9 * 1e3)
-    assert lopsided.backward_balanced_ms == small.backward_balanced_ms < lopsided.backward_today_ms / 100
+    # Backward, issue-bound: 4e4 warp iterations of 400 instructions, 12 warps/SM (150 registers:
+    # 3 per scheduler of the 4 that hide latency), 7 launches, and the reduce of the face of 2
+    # chunks: one partial of 9 + 3 * 3 values at 4 cycles each.
+    backward_issue_ms = 4e4 * 400 / (108 * 4 * 1.41e9 * 0.5 * 3 / 4) * 1e3
+    assert small.backward_ms == pytest.approx(7 * 5e-3 + 18 * 4 / 1.41e9 * 1e3 + backward_issue_ms)
+    # One face with a huge box: the per-face backward is one warp's walk over it; the per-chunk
+    # one is not, and its reduce (a million pixels: 16,384 chunks of 64) stays small.
+    lopsided = model.estimate(work(largest_box=10**6, most_chunks=16384), A100, loops, registers)
+    assert lopsided.backward_per_face_ms == pytest.approx(15e-3 + 1e6 * 400 * 4 / 1.41e9 * 1e3)
+    assert lopsided.backward_ms < lopsided.backward_per_face_ms / 100
 
 
 def test_count_work_agrees_with_the_bench():
@@ -94,7 +102,20 @@ def test_count_work_agrees_with_the_bench():
     assert counted.pairs == bench.pairs_visited(case, "cpu", verts, attrs, settings)
     # Each listed (tile, face) pair is two warps, of which the box meets one or both.
     assert counted.tile_pairs <= counted.warp_hits <= 2 * counted.tile_pairs
-    assert 0 < counted.largest_box <= counted.backward_warp_iterations <= counted.pairs
+    assert 0 < counted.largest_box <= counted.face_warp_iterations <= counted.pairs
+    # Chunks: at most 64 pixels each, at least one per drawn face.
+    assert counted.faces <= counted.chunks == counted.partial_chunks + counted.faces
+    assert counted.chunk_warp_iterations <= 64 * -(-counted.chunks // 32)
+    assert 1 <= counted.most_chunks <= counted.chunks
+
+
+def test_few_large_faces_split_into_chunks():
+    # The bench's 2 faces filling 1024 x 1024: each box is the whole image, 16,384 chunks of 64.
+    case = bench.LARGE_FACES[0]
+    verts, attrs, settings = bench.inputs(case, "cpu")
+    counted = model.count_work(verts, attrs, case.size, settings)
+    assert (counted.chunks, counted.most_chunks, counted.largest_box) == (2 * 16384, 16384, 1024 * 1024)
+    assert counted.chunk_warp_iterations == 64 * 1024
 
 
 @pytest.mark.parametrize("faces", sorted(model.UV_SPHERES))

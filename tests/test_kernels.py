@@ -22,6 +22,7 @@ from microdr.raster import SoftRasSettings, backend_status, rasterize
 from microdr.raster.cpu import LANES_VARIABLE, cpu_target
 from microdr.raster.cpu_build import cache_path
 from microdr.raster.cuda import CudaTarget, resource_usage
+from microdr.raster import kernels
 from microdr.raster.kernels import STAGES, TEXTURE_STAGE, TEXTURED_BACKWARD, SoftRasterize
 
 from helpers import LANE_SHAPES, Case, assert_matches, run
@@ -160,8 +161,10 @@ def test_gradcheck_cpu_kernels(perspective, cpu_lanes):
     )
 
 
-def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts(cpu_lanes):
-    case = make_case("random mesh")
+@pytest.mark.parametrize("name", ["random mesh", "tiny and screen-filling"])
+def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts(name, cpu_lanes):
+    # The second case's large faces are split into many backward chunks, added up by the reduce.
+    case = make_case(name)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -173,6 +176,33 @@ def test_cpu_kernels_are_deterministic_across_runs_and_thread_counts(cpu_lanes):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_chunk_pixels_split_boxes_into_bands_of_at_most_64_pixels():
+    boxes = torch.tensor([[[0, 11, 0, 10],  # 12 x 11: bands of 5 rows (55 pixels), the last of 2
+                           [3, 10, 5, 12],  # 8 x 8: one chunk
+                           [0, 0, 0, 129],  # one row of 130: pieces of 44, 44 and 42 columns
+                           [1, 0, 1, 0],  # not drawn: no chunk
+                           [0, 1, 0, 64]]])  # 2 x 65: one-row pieces of 33 and 32 columns
+    assert kernels.chunk_pixels(boxes).tolist() == [55, 55, 22, 64, 44, 44, 42, 33, 32, 33, 32]
+
+
+def test_setup_counts_the_chunks_the_host_accounts_for(cpu_lanes):
+    # softras.cu's chunk_shape (setup's face_chunks) and kernels.chunk_pixels agree, and the
+    # chunks cover every pixel of every box exactly once, none more than 64 pixels.
+    case = make_case("tiny and screen-filling")
+    result = kernels.kernel_forward(cpu_target(), case.verts, case.attrs, case.width, case.height, case.settings)
+    pixels = kernels.chunk_pixels(result.face_boxes)
+    assert int(result.face_chunks.sum()) == pixels.numel() > result.face_chunks.numel()
+    assert int(pixels.sum()) == result.pairs_visited()
+    assert result.most_pixels_per_backward_item() == int(pixels.max()) <= 64
+
+
+def test_too_many_chunks_is_refused_with_the_memory_they_need():
+    assert kernels.too_many_chunks(2**20, 2**20, 3, 8) is None
+    problem = kernels.too_many_chunks(2**28, 2**28, 3, 4)  # 8 + 72 bytes each: 20 GiB
+    assert problem.startswith(f"the backward splits the faces' reach into {2**28} chunks of at most 64 pixels")
+    assert "they need 20.0 GiB, more than the limit of 4 GiB" in problem
 
 
 def test_the_gpu_shape_is_a_library_of_its_own(monkeypatch):

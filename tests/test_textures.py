@@ -63,7 +63,7 @@ class TexturedCase:
 def make_case(name: str) -> TexturedCase:
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     settings = SoftRasSettings(sigma=1e-3, gamma=1e-2, background=(0.2, 0.4, 0.6))
-    batch, faces, channels, size, texture_size = 1, 40, 3, (24, 24), (5, 7)
+    batch, faces, channels, size, texture_size, spread_size = 1, 40, 3, (24, 24), (5, 7), 0.5
     if name == "clamped":
         settings = dataclasses.replace(settings, texture_wrap=False)
     elif name == "batch, one channel, non-square":
@@ -75,15 +75,18 @@ def make_case(name: str) -> TexturedCase:
         texture_size = (64, 48)
     elif name == "one row of two texels":
         texture_size = (1, 2)
+    elif name == "faces of many backward chunks":  # boxes of hundreds of pixels, chunks of 64
+        faces, spread_size = 12, 3.0
     centers = (torch.rand(batch, faces, 1, 2, generator=g, dtype=F64) * 2 - 1) * 1.2
-    corners = centers + (torch.rand(batch, faces, 3, 2, generator=g, dtype=F64) - 0.5) * 0.5
+    corners = centers + (torch.rand(batch, faces, 3, 2, generator=g, dtype=F64) - 0.5) * spread_size
     z = 1.5 + torch.rand(batch, faces, 3, 1, generator=g, dtype=F64) * 2.5
     uvs = torch.rand(batch, faces, 3, 2, generator=g, dtype=F64) * 3 - 1  # past [0, 1]: wrap and clamp
     texture = torch.rand(*texture_size, channels, generator=g, dtype=F64)
     return TexturedCase(torch.cat([corners, z], dim=-1), uvs, texture, *size, settings)
 
 
-CASES = ["wrapped", "clamped", "batch, one channel, non-square", "orthographic", "fine texture", "one row of two texels"]
+CASES = ["wrapped", "clamped", "batch, one channel, non-square", "orthographic", "fine texture", "one row of two texels",
+         "faces of many backward chunks"]
 
 
 def run(case: TexturedCase, backend: str, dtype: torch.dtype, seed: int = 0):

@@ -1,7 +1,8 @@
 """The kernels behind the seam: one autograd Function and the launch code both targets share.
 
-``cuda_src/softras.cu`` defines four kernels per dtype (``softras_{setup,bin,forward,backward}_
-{f32,f64}``), and two more for textured renders (``softras_{backward_textured,texels}_*``), each a 1-D grid of independent work items taking one argument block,
+``cuda_src/softras.cu`` defines five kernels per dtype (``softras_{setup,bin,forward,backward,
+reduce}_{f32,f64}``), and two more for textured renders (``softras_{backward_textured,texels}_*``),
+each a 1-D grid of independent work items taking one argument block,
 :data:`ARGS_DTYPE`. This module fills that block and sizes the grid; a *target* (``cpu.py``:
 the source compiled by the host C++ compiler; ``cuda.py``: the same source through PyCUDA) only
 compiles the source and launches a named kernel. Nothing here knows which target runs.
@@ -24,9 +25,10 @@ ARGS_DTYPE = np.dtype(
         "face_verts", "face_attrs", "background", "face_boxes", "face_data", "image", "aux",
         "grad_image", "grad_verts", "grad_attrs",
         "face_tiles", "bin_starts", "bin_keys", "bin_faces", "tile_faces", "tile_ends",
+        "face_chunks", "chunk_starts", "chunk_faces", "partial_starts", "partials",
         "texture", "box_starts", "texel_keys", "texel_values", "texel_entries", "texel_ends", "grad_texture",
     )]
-    + [("n_items", np.int64)]
+    + [("n_items", np.int64), ("chunks", np.int64)]
     + [(name, np.int32) for name in (
         "batch", "faces", "channels", "height", "width", "perspective", "cull_backfaces",
         "pitch", "tiles_x", "tiles_y", "texture_height", "texture_width", "texture_wrap",
@@ -47,12 +49,21 @@ BLOCK = 128
 #: every face reaches every tile lists faces x tiles.
 MAX_LISTED_PAIRS = 2**28
 BYTES_PER_LISTED_PAIR = 16
+#: The backward's work items are chunks of at most TILE x TILE pixels of the faces' boxes
+#: (softras.cu, chunk_shape): each takes 8 bytes (its face), and each chunk but a face's first
+#: also a slot of partial gradients, 9 + 3C values (:func:`partial_bytes`; plus 20 bytes per
+#: face: its chunk count and first chunk and slot). A box has at most twice as many chunks as
+#: tiles it overlaps; the backward refuses to allocate more than MAX_BACKWARD_BYTES for them
+#: (:func:`too_many_chunks`), so a backward has at most 2**29 work items.
+BYTES_PER_CHUNK = 8
+MAX_BACKWARD_BYTES = 2**32
 #: The textured backward writes 4 texel slots per (pixel, face) pair of the faces' boxes (every
-#: pair visited, whether it counts or not, so that a slot's place depends on the pair alone);
-#: each slot takes its texel key (8 bytes), the slot's index once sorted by texel (4) and C
-#: values of the dtype: 24 bytes in float32 RGB, 96 per pair visited (36 and 144 in float64).
-#: At most MAX_TEXEL_SLOTS (int32 indices): 6 GiB in float32 RGB at the limit. Ordinary renders
-#: take far fewer: the cow (5,856 faces) filling a 256 x 256 view visits 9.1e5 pairs, 88 MB of slots.
+#: pair visited, whether it counts or not, so that a slot's place depends on the pair alone, not
+#: on the chunk that visits it); each slot takes its texel key (8 bytes), the slot's index once
+#: sorted by texel (4) and C values of the dtype: 24 bytes in float32 RGB, 96 per pair visited
+#: (36 and 144 in float64); the sort adds 8 bytes per texel. At most MAX_TEXEL_SLOTS (int32
+#: indices): 6 GiB in float32 RGB at the limit. Ordinary renders take far fewer: the cow (5,856
+#: faces) filling a 256 x 256 view visits 9.1e5 pairs, 88 MB of slots.
 SLOTS_PER_PAIR = 4
 MAX_TEXEL_SLOTS = 2**28
 BYTES_PER_SLOT_BESIDES_VALUES = 12
@@ -67,7 +78,7 @@ class KernelTarget(Protocol):
     #: Adjacent pixels per work item (MDR_LANES): 1 on the GPU, a SIMD width on the CPU.
     lanes: int
 
-    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> "TileBins":
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> "TileBins":
         """What :func:`sort_by_tile` returns, computed on this target."""
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
@@ -117,18 +128,22 @@ def _tiles(width: int, height: int) -> tuple[int, int]:
 
 
 #: The kernels of softras.cu, in launch order; textured renders run TEXTURED_BACKWARD instead
-#: of the backward, then TEXTURE_STAGE.
-STAGES = ("setup", "bin", "forward", "backward")
+#: of the backward, and TEXTURE_STAGE last.
+STAGES = ("setup", "bin", "forward", "backward", "reduce")
 TEXTURED_BACKWARD = "backward_textured"
 TEXTURE_STAGE = "texels"
 
 
-def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, texels: int = 0) -> int:
-    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and backward; for
+def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, chunks: int,
+               texels: int = 0) -> int:
+    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and reduce; for
     forward, one per ``lanes`` adjacent pixels of each row of each tile of each image; for
+    backward (textured too), one per chunk (``chunks`` in all, see :func:`chunk_layout`); for
     texels, one per texel (``texels`` of them)."""
     if stage == TEXTURE_STAGE:
         return texels
+    if stage in ("backward", TEXTURED_BACKWARD):
+        return chunks
     if stage != "forward":
         return batch * faces
     tiles_x, tiles_y = _tiles(width, height)
@@ -143,9 +158,9 @@ def launch_size(n_items: int) -> tuple[int, int]:
 
 def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarray) -> None:
     """Runs ``stage``'s kernel over its work items (:func:`work_items`, for the sizes in ``args``)."""
-    sizes = (int(args[field][0]) for field in ("batch", "faces", "width", "height"))
+    batch, faces, width, height, chunks = (int(args[field][0]) for field in ("batch", "faces", "width", "height", "chunks"))
     texels = int(args["texture_height"][0]) * int(args["texture_width"][0])
-    n_items = work_items(stage, *sizes, target.lanes, texels)
+    n_items = work_items(stage, batch, faces, width, height, target.lanes, chunks, texels)
     if n_items == 0:
         return
     args["n_items"] = n_items
@@ -203,6 +218,70 @@ def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: 
     return TileBins(order.int() if bin_faces is None else bin_faces[order], tile_ends)
 
 
+def partial_bytes(channels: int, itemsize: int) -> int:
+    """Bytes of one chunk's partial gradients: 9 corner values and 3 per channel."""
+    return (9 + 3 * channels) * itemsize
+
+
+def too_many_chunks(chunks: int, partial_chunks: int, channels: int, itemsize: int) -> str | None:
+    """Why the backward refuses ``chunks`` work items, ``partial_chunks`` of them with partial
+    gradients of ``channels`` channels of ``itemsize`` bytes (one line, with the memory they
+    would take), or ``None`` if it does not."""
+    needed = chunks * BYTES_PER_CHUNK + partial_chunks * partial_bytes(channels, itemsize)
+    if needed <= MAX_BACKWARD_BYTES:
+        return None
+    return (
+        f"the backward splits the faces' reach into {chunks} chunks of at most {TILE * TILE} pixels, {partial_chunks} "
+        f"of them with partial gradients; they need {needed / 2**30:.1f} GiB, more than the limit of "
+        f"{MAX_BACKWARD_BYTES / 2**30:.0f} GiB: lower sigma, the image size or the face count"
+    )
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the backward's work items go (softras.cu's layouts): the first chunk of each face,
+    the face of each chunk, and the first partial slot of each face (a slot for each chunk but
+    its first)."""
+
+    chunk_starts: torch.Tensor  # (B * F,) int64
+    chunk_faces: torch.Tensor  # (chunks,) int64
+    partial_starts: torch.Tensor  # (B * F,) int64
+    partial_chunks: int  # slots of partial gradients
+
+
+#: The most pixels of a backward chunk (CHUNK_PIXELS in softras.cu).
+CHUNK_PIXELS = TILE * TILE
+
+
+def chunk_pixels(face_boxes: torch.Tensor) -> torch.Tensor:
+    """The pixels of every backward chunk, in the backward's item order (``(chunks,)`` int64),
+    from the ``(B, F, 4)`` boxes: softras.cu's chunk_shape, restated for the host's accounting
+    (bench.py, gpu_cost_model.py; a test holds the two to the same counts)."""
+    boxes = face_boxes.reshape(-1, 4).long()
+    rows = (boxes[:, 1] - boxes[:, 0] + 1).clamp(min=0)
+    cols = (boxes[:, 3] - boxes[:, 2] + 1).clamp(min=0)
+    across = -(-cols // CHUNK_PIXELS)
+    width = -(-cols // across.clamp(min=1))
+    band = CHUNK_PIXELS // width.clamp(min=1)
+    counts = torch.where(rows > 0, across * -(-rows // band), 0)
+    face = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    chunk = torch.arange(face.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    band_rows = (rows[face] - chunk // across[face] * band[face]).clamp(max=band[face])
+    piece_cols = (cols[face] - chunk % across[face] * width[face]).clamp(max=width[face])
+    return band_rows * piece_cols
+
+
+def chunk_layout(face_chunks: torch.Tensor) -> ChunkLayout:
+    """The backward's chunks from setup's per-face counts ``face_chunks`` (``(B, F)`` int32)."""
+    counts = face_chunks.flatten().long()
+    chunk_starts = torch.cumsum(counts, 0) - counts
+    chunk_faces = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    slots = (counts - 1).clamp(min=0)
+    partial_ends = torch.cumsum(slots, 0)
+    partial_chunks = int(partial_ends[-1]) if partial_ends.numel() else 0
+    return ChunkLayout(chunk_starts, chunk_faces, partial_ends - slots, partial_chunks)
+
+
 @dataclass(frozen=True)
 class ForwardResult:
     """What the forward leaves: the image and what the backward needs (layouts in softras.cu;
@@ -212,12 +291,18 @@ class ForwardResult:
     aux: torch.Tensor  # (B, 3, H, pitch): m_i, W_i, T_i
     face_boxes: torch.Tensor  # (B, F, 4) int32
     face_data: torch.Tensor  # (B, F, FACE_RECORD)
+    face_chunks: torch.Tensor  # (B, F) int32: the backward's work items per face
     bins: TileBins
 
     def pairs_visited(self) -> int:
         """(pixel, face) pairs evaluated, by the forward and again by the backward: each face
         with every pixel of its box."""
         return int(box_pixels(self.face_boxes).sum())
+
+    def most_pixels_per_backward_item(self) -> int:
+        """The most pixels one backward work item visits (0 when no face is drawn)."""
+        pixels = chunk_pixels(self.face_boxes)
+        return int(pixels.max()) if pixels.numel() else 0
 
 
 def box_pixels(face_boxes: torch.Tensor) -> torch.Tensor:
@@ -237,16 +322,18 @@ def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, 
     face_boxes = torch.empty(batch, faces, 4, dtype=torch.int32, device=device)
     face_data = face_attrs.new_empty(batch, faces, FACE_RECORD)
     face_tiles = torch.empty(batch, faces, dtype=torch.int32, device=device)
+    face_chunks = torch.empty(batch, faces, dtype=torch.int32, device=device)
     image = face_attrs.new_empty(batch, channels + 1, height, _pitch(width))
     aux = face_attrs.new_empty(batch, 3, height, _pitch(width))
     args = _args(face_verts, face_attrs, width, height, settings, texture, background=background,
-                 face_boxes=face_boxes, face_data=face_data, face_tiles=face_tiles, image=image, aux=aux)
+                 face_boxes=face_boxes, face_data=face_data, face_tiles=face_tiles, face_chunks=face_chunks,
+                 image=image, aux=aux)
     _launch(target, "setup", face_verts.dtype, args)
     tiles = int(args["tiles_x"][0]) * int(args["tiles_y"][0])
     bins = bin_faces(target, args, face_tiles, face_verts.dtype, batch, tiles)
     args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_faces), _pointer(bins.tile_ends)
     _launch(target, "forward", face_verts.dtype, args)
-    return ForwardResult(image, aux, face_boxes, face_data, bins)
+    return ForwardResult(image, aux, face_boxes, face_data, face_chunks, bins)
 
 
 def visible(padded: torch.Tensor, width: int) -> torch.Tensor:
@@ -255,21 +342,34 @@ def visible(padded: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height, settings,
-                    padded_image, aux, face_boxes, face_data, grad_image, texture=None):
+                    padded_image, aux, face_boxes, face_data, face_chunks, grad_image, texture=None):
     """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs, dL/dtexture)`` from
     ``dL/dimage`` (``(B, C + 1, H, W)``; the forward's buffers are the padded ones of
-    :class:`ForwardResult`); ``dL/dtexture`` is ``None`` without a texture."""
+    :class:`ForwardResult`): the backward kernel over the chunks, then the reduce over the faces
+    (and, textured, the texels'; ``dL/dtexture`` is ``None`` without a texture). The partial
+    gradients hold 9 + 3 A values, A = face_attrs' last side (2 texture coordinates, textured)."""
+    layout = chunk_layout(face_chunks)
+    chunks = layout.chunk_faces.numel()
+    problem = too_many_chunks(chunks, layout.partial_chunks, face_attrs.shape[-1], face_attrs.element_size())
+    if problem:
+        raise MicroDRError(problem)
     grad_verts = torch.empty_like(face_verts)
     grad_attrs = torch.empty_like(face_attrs)
+    partials = face_attrs.new_empty(layout.partial_chunks, 9 + 3 * face_attrs.shape[-1])
     if _pitch(width) != width:
         grad_image = torch.nn.functional.pad(grad_image, (0, _pitch(width) - width))
     args = _args(face_verts, face_attrs, width, height, settings, texture, face_boxes=face_boxes, face_data=face_data,
-                 image=padded_image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs)
+                 image=padded_image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs,
+                 face_chunks=face_chunks, chunk_starts=layout.chunk_starts, chunk_faces=layout.chunk_faces,
+                 partial_starts=layout.partial_starts, partials=partials)
+    args["chunks"] = chunks
     if texture is None:
         _launch(target, "backward", face_verts.dtype, args)
+        _launch(target, "reduce", face_verts.dtype, args)
         return grad_verts, grad_attrs, None
     slots = _texel_slots(args, face_boxes, texture)
     _launch(target, TEXTURED_BACKWARD, face_verts.dtype, args)
+    _launch(target, "reduce", face_verts.dtype, args)
     return grad_verts, grad_attrs, _reduce_texels(target, args, slots, texture)
 
 
@@ -325,7 +425,7 @@ class SoftRasterize(torch.autograd.Function):
         texture = None if texture is None else texture.contiguous()
         result = kernel_forward(target, face_verts, face_attrs, width, height, settings, texture)
         ctx.save_for_backward(face_verts, face_attrs, result.padded_image, result.aux, result.face_boxes,
-                              result.face_data, texture)
+                              result.face_data, result.face_chunks, texture)
         ctx.config = (width, height, settings, target)
         return visible(result.padded_image, width)
 
