@@ -271,13 +271,14 @@ def texture_rows(budget_s: float) -> list[dict]:
             forward_ms = timed(forward, "cpu", budget_s)
             with PeakMemory("cpu") as memory:
                 forward_backward_ms = timed(forward_backward, "cpu", budget_s)
-            pairs = kernel_forward(cpu_target(), verts, attrs, size, size, settings, texture).pairs_visited()
+            result = kernel_forward(cpu_target(), verts, attrs, size, size, settings, texture)
             rows.append({
                 "case": f"cow{soup.faces.shape[0]}_{size}px_b1_{kind}_sigma-{rule}", "backend": "cpu",
                 "faces": soup.faces.shape[0], "width": size, "height": size, "batch": 1, "channels": 3,
                 "threads": torch.get_num_threads(), "forward_ms": round(forward_ms, 3),
                 "forward_backward_ms": round(forward_backward_ms, 3), "peak_mb": round(memory.megabytes, 1),
-                "pairs_visited": pairs,
+                "pairs_visited": result.pairs_visited(),
+                "backward_item_max_pixels": result.most_pixels_per_backward_item(),
             })  # fmt: skip
     return rows
 
@@ -435,11 +436,13 @@ def main() -> None:
     cpu_target()  # compiles the kernels (once per source and flags), so no timing includes the compiler
     rows = []
     print(",".join(COLUMNS), flush=True)
-    if args.texture:
-        rows = texture_rows(budget)
-        for row in rows:
+    for threads in thread_counts if args.texture else ():
+        torch.set_num_threads(threads)
+        texture_case_rows = texture_rows(budget)
+        for row in texture_case_rows:
             print(",".join(str(row[c]) for c in COLUMNS), flush=True)
-        print_texture_ratios(rows)
+        print_texture_ratios(texture_case_rows)
+        rows += texture_case_rows
     for case in (c for c in cases(args.quick) if args.only in c.name and not args.texture):
         for backend, device in chosen:
             pairs = case.batch * case.size**2 * case.faces
