@@ -1,7 +1,7 @@
 // The soft rasterizer (docs/MODEL.md): forward and hand-written backward.
 //
-// Five kernels, each a 1-D grid of independent work items that own their outputs (no atomics,
-// so results are bitwise reproducible on the CPU whatever the thread count):
+// Five kernels (two more for textures), each a 1-D grid of independent work items that own their
+// outputs (no atomics, so results are bitwise reproducible on the CPU whatever the thread count):
 //   setup     one item per face (b, j): whether the face is skipped, the box of pixels it can
 //             touch (its screen bounding box grown by the cut-off distance), how many tiles
 //             (MDR_TILE x MDR_TILE pixels) that box overlaps, and how many chunks (of at most
@@ -21,6 +21,10 @@
 //             of its own (zeros for a chunk the face cannot reach).
 //   reduce    one item per face: adds the partial gradients of a face's other chunks to the
 //             first's, in chunk order (zero for a face of none).
+//   backward_textured  the backward of textured renders: the same chunks, and each pair's texel
+//             gradients written into slots fixed by the pair's place in its face's box.
+//   texels    textured renders only: one item per texel, adds up the texel gradients that the
+//             backward wrote into fixed slots, once the launch code has sorted them by texel.
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
 // eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed
 // pairs + chunks).
@@ -69,11 +73,21 @@ struct RasterArgs {
     const long long* chunk_faces;
     const long long* partial_starts;
     T* partials;
+    // Textured renders (null texture otherwise): face_attrs are then texture coordinates (B, F, 3, 2)
+    // and the C channels are sampled from texture (texture_height, texture_width, C).
+    const T* texture;
+    const long long* box_starts;  // (B, F): box pixels of the faces before, for the texel slots
+    long long* texel_keys;        // (4 * box pixels): the texel of each slot, texels() if none
+    T* texel_values;              // (4 * box pixels, C): dL/dtexel of each slot
+    const int* texel_entries;     // the slots sorted by texel key
+    const long long* texel_ends;  // (texels()): one past each texel's last entry in texel_entries
+    T* grad_texture;              // like texture
     long long n_items;
     long long chunks;  // backward work items: sum of face_chunks
     int batch, faces, channels, height, width;
     int perspective, cull_backfaces;
     int pitch, tiles_x, tiles_y;  // pitch: row stride of image, aux and grad_image, a multiple of MDR_TILE
+    int texture_height, texture_width, texture_wrap;
     double sigma, gamma, eps, distance_cutoff, near, far;
 };
 
@@ -302,6 +316,92 @@ template <typename T>
 MDR_DEVICE T pixel_y(int row, const RasterArgs<T>& a) { return T(a.height - 2 * row - 1) / T(a.height); }
 
 // ---------------------------------------------------------------------------------------------
+// Textures (docs/MODEL.md, "Textures"): C_ij = texture(uv_ij), uv_ij = sum_k w^_k uv_k, sampled
+// bilinearly with texel centers at half-integers: x = u Wt - 1/2 across, y = (1 - v) Ht - 1/2 down
+// (OBJ's v = 0 is the image's bottom row, texture row 0 its top), wrapping around or clamped to
+// the edge texels. The forward and the backward sample through these same functions.
+
+// The two texels along one axis of `size` texels around x (texel units, centers at integers) and
+// the weight of the second, frac in [0, 1). Indices always lie in [0, size), whatever x is (a NaN
+// or huge x only comes from pairs that do not count, whose values are dropped).
+// (Integer arithmetic rather than boolean selects: GCC's vectorizer finds no vector type for
+// the bools of `wrap & ...`, which kept whole lane loops scalar.)
+template <typename T>
+MDR_DEVICE void texel_axis(T x, int size, int wrap, int& i0, int& i1, T& frac) {
+    x = x == x ? x : T(0);
+    const T wrapped = x - T(size) * mdr_floor(x / T(size)), clamped = mdr_min(mdr_max(x, T(-1)), T(size));
+    x = wrap ? wrapped : clamped;  // in [-1, size]
+    const T x0 = mdr_floor(x);
+    frac = x - x0;
+    const int i = (int)x0;
+    const int first = i - size * (i >= size ? wrap : 0);  // wrapped, x rounded up to size: texel 0
+    const int second = first + 1 - size * (first + 1 >= size ? wrap : 0);
+    i0 = mdr_min(mdr_max(first, 0), size - 1);
+    i1 = mdr_min(mdr_max(second, 0), size - 1);
+}
+
+// The bilinear footprints of MDR_LANES texture coordinates (u, v), lane `lane` at [lane]: the
+// texels around each (rows r0, r1 and columns c0, c1, indices into the texture) and the weights
+// of the second row and column. A structure of arrays of plain numbers, as Pairs: GCC vectorizes
+// no lane loop that holds a structure value (it stays an aggregate in memory). Kept this small
+// (the weights are derived when used) so that the GPU's backward holds it in registers.
+template <typename T>
+struct Footprints {
+    int r0[MDR_LANES], r1[MDR_LANES], c0[MDR_LANES], c1[MDR_LANES];
+    T fx[MDR_LANES], fy[MDR_LANES];
+};
+
+template <typename T>
+MDR_DEVICE void texel_footprint(T u, T v, const RasterArgs<T>& a, Footprints<T>& s, int lane) {
+    texel_axis(u * T(a.texture_width) - T(0.5), a.texture_width, a.texture_wrap, s.c0[lane], s.c1[lane], s.fx[lane]);
+    texel_axis((T(1) - v) * T(a.texture_height) - T(0.5), a.texture_height, a.texture_wrap, s.r0[lane], s.r1[lane], s.fy[lane]);
+}
+
+// Texel t of a footprint (0: (r0, c0), 1: (r0, c1), 2: (r1, c0), 3: (r1, c1)), row-major.
+// Texture indices fit in int (the launch code refuses textures of 2**31 values or more).
+template <typename T>
+MDR_DEVICE int footprint_texel(const Footprints<T>& s, int lane, int t, const RasterArgs<T>& a) {
+    return (t < 2 ? s.r0[lane] : s.r1[lane]) * a.texture_width + (t % 2 == 0 ? s.c0[lane] : s.c1[lane]);
+}
+
+// Its bilinear weight beta_t.
+template <typename T>
+MDR_DEVICE T footprint_weight(const Footprints<T>& s, int lane, int t) {
+    return (t % 2 == 0 ? T(1) - s.fx[lane] : s.fx[lane]) * (t < 2 ? T(1) - s.fy[lane] : s.fy[lane]);
+}
+
+// Channel `channel` of the texture at lane `lane`'s footprint, and its derivatives along u and v
+// (the forward drops them): dx/du = Wt and dy/dv = -Ht (x across, y down) times the bilinear
+// sample's slopes along x and y. Where clamping puts both texels of an axis on one, the slope
+// along it is 0.
+template <typename T>
+MDR_DEVICE T sample_texture(const Footprints<T>& s, int lane, int channel, const RasterArgs<T>& a, T& d_u, T& d_v) {
+    const T* texture = a.texture + channel;
+    const int row0 = s.r0[lane] * a.texture_width, row1 = s.r1[lane] * a.texture_width;
+    const T t00 = texture[(row0 + s.c0[lane]) * a.channels], t01 = texture[(row0 + s.c1[lane]) * a.channels];
+    const T t10 = texture[(row1 + s.c0[lane]) * a.channels], t11 = texture[(row1 + s.c1[lane]) * a.channels];
+    const T fx = s.fx[lane], fy = s.fy[lane];
+    const T top = t00 + (t01 - t00) * fx, bottom = t10 + (t11 - t10) * fx;
+    d_u = ((t01 - t00) * (T(1) - fy) + (t11 - t10) * fy) * T(a.texture_width);
+    d_v = (top - bottom) * T(a.texture_height);
+    return top + (bottom - top) * fy;
+}
+
+// The footprint of lane `lane`'s interpolated texture coordinate uv_ij = sum_k w^_k uv_k, where
+// uv = (u_0, v_0, u_1, ...) are the face's corners' (face_attrs is (B, F, 3, 2) when textured;
+// read where used rather than held, which would take registers the GPU's backward lacks).
+template <typename T>
+MDR_DEVICE void pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int lane, const RasterArgs<T>& a, Footprints<T>& s) {
+    T u = T(0), v = T(0);
+    for (int k = 0; k < 3; ++k) u += q.w_hat[k][lane] * uv[2 * k], v += q.w_hat[k][lane] * uv[2 * k + 1];
+    texel_footprint(u, v, a, s, lane);
+}
+
+// The number of texels; also the key of texel slots that hold nothing.
+template <typename T>
+MDR_DEVICE long long texels(const RasterArgs<T>& a) { return (long long)a.texture_height * a.texture_width; }
+
+// ---------------------------------------------------------------------------------------------
 // setup: one item per face. A pair can count only if the pixel is inside the face or within
 // sqrt(distance_cutoff) of it, so the face's box is its screen bounding box grown by that much,
 // converted to the pixels whose centers it holds. A thousandth of a pixel of slack keeps
@@ -376,9 +476,10 @@ __device__ void bin_item(const RasterArgs<T>& a, long long item) {
 // The color sums of CH = CHANNEL_CHUNK channels (3: RGB) are held per lane; more channels take more
 // passes over the faces, each recomputing the same m_i, W_i and T_i. Silhouettes alone (CH = 0)
 // skip the blend (m_i and W_i stay the background's). A face whose box misses the pixels costs
-// one test; a pair outside the box or the image does not count.
+// one test; a pair outside the box or the image does not count. TEXTURED: the colors C_ij are
+// sampled from the texture (at most CHANNEL_CHUNK channels) instead of interpolated.
 #define CHANNEL_CHUNK 3
-template <typename T, int CH, bool PERSPECTIVE>
+template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
 __device__ void forward_lanes(const RasterArgs<T>& a, long long item) {
     constexpr int L = MDR_LANES, GROUPS = MDR_TILE / MDR_LANES;  // lane groups per tile row
     const int C = a.channels, HW = a.height * a.pitch, tiles = a.tiles_x * a.tiles_y;
@@ -426,7 +527,7 @@ __device__ void forward_lanes(const RasterArgs<T>& a, long long item) {
             T corner_color[3][CHANNEL_CHUNK];  // c_k of this chunk's channels, 0 past the last
             for (int k = 0; k < 3; ++k)
                 for (int c = 0; c < CH; ++c)
-                    corner_color[k][c] = c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
+                    corner_color[k][c] = !TEXTURED && c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
             T m_new[L];
             bool raised = false;
             MDR_SIMD for (int lane = 0; lane < L; ++lane)
@@ -440,13 +541,23 @@ __device__ void forward_lanes(const RasterArgs<T>& a, long long item) {
                     m[lane] = m_new[lane];
                 }
             }
+            Footprints<T> footprint;  // textured only
             MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                 const T w = counts[lane] != T(0) ? q.D[lane] * mdr_exp((q.zhat[lane] - m[lane]) * inv_gamma) : T(0);
                 weight_sum[lane] += w;
-                for (int c = 0; c < CH; ++c) {
-                    T c_ij = T(0);
-                    for (int k = 0; k < 3; ++k) c_ij += q.w_hat[k][lane] * corner_color[k][c];
-                    color[c][lane] += w * c_ij;
+                if constexpr (TEXTURED) {
+                    pair_footprint(q, a.face_attrs + face * 6, lane, a, footprint);
+                    for (int c = 0; c < CH; ++c) {
+                        T d_u, d_v;  // unused
+                        const T sample = sample_texture(footprint, lane, mdr_min(chunk + c, C - 1), a, d_u, d_v);
+                        color[c][lane] += c < chunk_channels ? w * sample : T(0);
+                    }
+                } else {
+                    for (int c = 0; c < CH; ++c) {
+                        T c_ij = T(0);
+                        for (int k = 0; k < 3; ++k) c_ij += q.w_hat[k][lane] * corner_color[k][c];
+                        color[c][lane] += w * c_ij;
+                    }
                 }
             }
         }
@@ -466,10 +577,31 @@ template <typename T>
 __device__ void forward_item(const RasterArgs<T>& a, long long item) {
     // One instance per case, so that the lane loops carry no code of the others.
     if (a.channels == 0)
-        a.perspective ? forward_lanes<T, 0, true>(a, item) : forward_lanes<T, 0, false>(a, item);
+        a.perspective ? forward_lanes<T, 0, true, false>(a, item) : forward_lanes<T, 0, false, false>(a, item);
+    else if (a.texture)
+        a.perspective ? forward_lanes<T, CHANNEL_CHUNK, true, true>(a, item) : forward_lanes<T, CHANNEL_CHUNK, false, true>(a, item);
     else
-        a.perspective ? forward_lanes<T, CHANNEL_CHUNK, true>(a, item) : forward_lanes<T, CHANNEL_CHUNK, false>(a, item);
+        a.perspective ? forward_lanes<T, CHANNEL_CHUNK, true, false>(a, item) : forward_lanes<T, CHANNEL_CHUNK, false, false>(a, item);
 }
+
+// The four texel slots of the pair of face `face` (box `box`) and pixel (row, col), which counts:
+// for each texel t of its footprint (lane `lane` of s), the texel's key and beta_t dL/dC_ij (g_sample: dL/dC_ij
+// of this chunk's channels).
+template <typename T>
+MDR_DEVICE void write_texel_slots(const RasterArgs<T>& a, long long face, const int* box, int row, int col,
+                                  const Footprints<T>& s, int lane, const T* g_sample, int chunk, int chunk_channels) {
+    const long long slot = 4 * (a.box_starts[face] + (long long)(row - box[0]) * (box[3] - box[2] + 1) + col - box[2]);
+    for (int t = 0; t < 4; ++t) {
+        const T weight = footprint_weight(s, lane, t);
+        a.texel_keys[slot + t] = footprint_texel(s, lane, t, a);
+        for (int c = 0; c < chunk_channels; ++c) a.texel_values[(slot + t) * a.channels + chunk + c] = weight * g_sample[c];
+    }
+}
+
+// Values per face corner in face_attrs and grad_attrs: the C attributes, or (textured) the 2
+// texture coordinates.
+template <typename T>
+MDR_DEVICE int corner_values(const RasterArgs<T>& a) { return a.texture ? 2 : a.channels; }
 
 // ---------------------------------------------------------------------------------------------
 // The columns, among col0 .. col1, of rows row0 .. row1 whose pixels face f can reach (a pixel
@@ -532,10 +664,16 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
 // max(e_k, 0) / S with S = sum_l max(e_l, 0), and no area2 is left to differentiate:
 //   dL/de_k = [e_k > 0] (dL/db~_k - sum_l dL/db~_l b~_l) / S,   dL/dE_k = o dL/de_k,
 //   and d cross(u, w) / du = (w_y, -w_x), d cross(u, w) / dw = (-u_y, u_x).
+// Textured (C_ij = texture(uv_ij), uv_ij = sum_k w^_k uv_k, bilinear weights beta_t(uv_ij)):
+//   dL/duv_ij = dL/dC_ij . dC_ij/duv,   dL/dw^_k = dL/duv_ij . uv_k,   dL/duv_k += w^_k dL/duv_ij,
+//   dL/dtexel_t += beta_t dL/dC_ij: written, not added, into the pair's four texel slots
+//   4 (box_starts[face] + (row - row0) box_width + col - col0) + t, which depend only on the
+//   pair, so whichever chunk visits it writes the same slots; pairs that do not count leave
+//   their slots' key at texels() (nothing). reduce_texels then adds each texel's slots up.
 // This function: face `face` (b * F + j) over the pixels of rows region[0] .. region[1] and
 // columns region[2] .. region[3] (inclusive, inside its box); writes the sums to out_verts
-// (9 values, laid out as grad_verts) and out_attrs (3C values, as grad_attrs).
-template <typename T, int CH, bool PERSPECTIVE>
+// (9 values, laid out as grad_verts) and out_attrs (3 corner_values(a) values, as grad_attrs).
+template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
 __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int* region, T* __restrict__ out_verts,
                                T* __restrict__ out_attrs) {
     constexpr int L = MDR_LANES;
@@ -557,8 +695,11 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
         int plane[CHANNEL_CHUNK];  // where channel chunk + c is in image and grad_image (any plane past the last)
         for (int c = 0; c < CH; ++c) {
             plane[c] = mdr_min(chunk + c, C);
-            for (int k = 0; k < 3; ++k) corner_color[k][c] = c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
+            for (int k = 0; k < 3; ++k)
+                corner_color[k][c] = !TEXTURED && c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
         }
+        const T* uv = a.face_attrs + face * 6;  // textured: the corners' texture coordinates
+        const int* box = a.face_boxes + 4 * face;  // textured: where the pairs' texel slots are
         T g_attr[3][CHANNEL_CHUNK][L];  // dL/dc_k per lane
         for (int k = 0; k < 3; ++k)
             for (int c = 0; c < CH; ++c)
@@ -583,8 +724,13 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                     near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= start) & (col <= region[3]) ? T(1) : T(0);
                 }
                 if (!any_lane(near)) continue;  // as in the forward
+                // Textured: each lane's footprint and dL/dC_ij, written into its texel slots after
+                // the lane loop (a scatter inside it would keep it from vectorizing).
+                Footprints<T> footprint;
+                T g_sample[L][CHANNEL_CHUNK], counted[L];
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
                     const bool counts = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane);
+                    counted[lane] = counts ? T(1) : T(0);
                     T g_x = silhouette * grad[C * HW + lane] * q.D[lane] * aux[2 * HW + lane];  // the silhouette's part
                     T gx[3] = {0, 0, 0}, gy[3] = {0, 0, 0}, gz[3] = {0, 0, 0};
 
@@ -597,16 +743,37 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                         // here), and for a small gamma exp(ulp / gamma) overflows: clamp to m_i.
                         const T w = q.D[lane] * mdr_exp(mdr_min(q.zhat[lane] - m, T(0)) * inv_gamma);
                         const T g_color = w * inv_weight_sum;  // dL/dC_ij / gI
-                        T g_w = T(0);
-                        for (int c = 0; c < CH; ++c) {
-                            const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
-                            const T gI = c < chunk_channels ? grad_c : T(0);
-                            T color = T(0);
-                            for (int k = 0; k < 3; ++k) color += q.w_hat[k][lane] * corner_color[k][c];
-                            g_w += gI * (color - image_c);
+                        T g_w = T(0), g_u = T(0), g_v = T(0);  // g_u, g_v: dL/duv_ij when textured
+                        if constexpr (TEXTURED) pair_footprint(q, uv, lane, a, footprint);
+                        if constexpr (TEXTURED) {
+                            for (int c = 0; c < CH; ++c) {  // (to CH, not chunk_channels: a loop of fixed length vectorizes)
+                                const int channel = mdr_min(chunk + c, C - 1);  // any channel past the last: gI = 0
+                                const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
+                                const T gI = c < chunk_channels ? grad_c : T(0);
+                                T d_u, d_v;
+                                const T color = sample_texture(footprint, lane, channel, a, d_u, d_v);
+                                g_u += gI * g_color * d_u, g_v += gI * g_color * d_v;
+                                g_w += gI * (color - image_c);
+                                g_sample[lane][c] = g_color * gI;
+                            }
+                        } else {
+                            for (int c = 0; c < CH; ++c) {
+                                const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
+                                const T gI = c < chunk_channels ? grad_c : T(0);
+                                T color = T(0);
+                                for (int k = 0; k < 3; ++k) color += q.w_hat[k][lane] * corner_color[k][c];
+                                for (int k = 0; k < 3; ++k) {
+                                    g_w_hat[k] += gI * g_color * corner_color[k][c];
+                                    g_attr[k][c][lane] += counts ? q.w_hat[k][lane] * g_color * gI : T(0);
+                                }
+                                g_w += gI * (color - image_c);
+                            }
+                        }
+                        if constexpr (TEXTURED) {
                             for (int k = 0; k < 3; ++k) {
-                                g_w_hat[k] += gI * g_color * corner_color[k][c];
-                                g_attr[k][c][lane] += counts ? q.w_hat[k][lane] * g_color * gI : T(0);
+                                g_w_hat[k] = g_u * uv[2 * k] + g_v * uv[2 * k + 1];
+                                g_attr[k][0][lane] += counts ? q.w_hat[k][lane] * g_u : T(0);
+                                g_attr[k][1][lane] += counts ? q.w_hat[k][lane] * g_v : T(0);
                             }
                         }
                         g_w *= inv_weight_sum;
@@ -657,11 +824,21 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                         g_corner[6 + k][lane] += counts ? gz[k] : T(0);
                     }
                 }
+                if constexpr (TEXTURED) {
+                    for (int lane = 0; lane < L; ++lane)  // a lane counts only inside the region, from start on
+                        if (counted[lane] != T(0))
+                            write_texel_slots(a, face, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
+                }
             }
         }
-        for (int k = 0; k < 3; ++k)
-            for (int c = 0; c < mdr_min(chunk_channels, CH); ++c)  // (chunk_channels <= CH: a hint for the compiler)
-                out_attrs[k * C + chunk + c] = lane_sum(g_attr[k][c]);
+        for (int k = 0; k < 3; ++k) {
+            if constexpr (TEXTURED) {
+                for (int d = 0; d < 2; ++d) out_attrs[k * 2 + d] = lane_sum(g_attr[k][d]);
+            } else {
+                for (int c = 0; c < mdr_min(chunk_channels, CH); ++c)  // (chunk_channels <= CH: a hint for the compiler)
+                    out_attrs[k * C + chunk + c] = lane_sum(g_attr[k][c]);
+            }
+        }
     }
     for (int v = 0; v < 9; ++v) out_verts[3 * (v % 3) + v / 3] = lane_sum(g_corner[v]);  // (corner, axis)
 }
@@ -669,7 +846,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
 // One backward item: chunk `item` of all faces' chunks (chunk_faces names its face; its place
 // among the face's chunks gives its pixels, clipped to the box, then to the columns the face
 // reaches from its rows, see reach_columns).
-template <typename T, int CH, bool PERSPECTIVE>
+template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
 __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const long long face = a.chunk_faces[item];
     const int chunk = (int)(item - a.chunk_starts[face]);
@@ -679,24 +856,32 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
     int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
     // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
-    T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * a.channels);
+    const int values = corner_values(a);
+    T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * values);
     T* out_verts = chunk == 0 ? a.grad_verts + 9 * face : partial;
-    T* out_attrs = chunk == 0 ? a.grad_attrs + 3 * a.channels * face : partial + 9;
+    T* out_attrs = chunk == 0 ? a.grad_attrs + 3 * values * face : partial + 9;
     // (backward_lanes loads the face again: keeping this copy alive through it would cost registers.)
     if (reach_columns(load_face(a.face_data + FACE_RECORD * face), region[0], region[1], region[2], region[3], a, region + 2)) {
-        backward_lanes<T, CH, PERSPECTIVE>(a, face, region, out_verts, out_attrs);
+        backward_lanes<T, CH, PERSPECTIVE, TEXTURED>(a, face, region, out_verts, out_attrs);
     } else {  // no pair of the chunk counts
         for (int v = 0; v < 9; ++v) out_verts[v] = T(0);
-        for (int v = 0; v < 3 * a.channels; ++v) out_attrs[v] = T(0);
+        for (int v = 0; v < 3 * values; ++v) out_attrs[v] = T(0);
     }
 }
 
 template <typename T>
 __device__ void backward_item(const RasterArgs<T>& a, long long item) {
     if (a.channels == 0)
-        a.perspective ? backward_chunk<T, 0, true>(a, item) : backward_chunk<T, 0, false>(a, item);
+        a.perspective ? backward_chunk<T, 0, true, false>(a, item) : backward_chunk<T, 0, false, false>(a, item);
     else
-        a.perspective ? backward_chunk<T, CHANNEL_CHUNK, true>(a, item) : backward_chunk<T, CHANNEL_CHUNK, false>(a, item);
+        a.perspective ? backward_chunk<T, CHANNEL_CHUNK, true, false>(a, item) : backward_chunk<T, CHANNEL_CHUNK, false, false>(a, item);
+}
+
+// The textured backward is a kernel of its own: in one with the others, its registers would be
+// theirs too (on the GPU a kernel takes the most registers any of its paths needs).
+template <typename T>
+__device__ void backward_textured_item(const RasterArgs<T>& a, long long item) {
+    a.perspective ? backward_chunk<T, CHANNEL_CHUNK, true, true>(a, item) : backward_chunk<T, CHANNEL_CHUNK, false, true>(a, item);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -705,22 +890,38 @@ __device__ void backward_item(const RasterArgs<T>& a, long long item) {
 // image) gets zeros.
 template <typename T>
 __device__ void reduce_item(const RasterArgs<T>& a, long long item) {
-    const int chunks = a.face_chunks[item], C = a.channels;
+    const int chunks = a.face_chunks[item], A = corner_values(a);
     T* __restrict__ grad_verts = a.grad_verts + 9 * item;
-    T* __restrict__ grad_attrs = a.grad_attrs + 3 * C * item;
+    T* __restrict__ grad_attrs = a.grad_attrs + 3 * A * item;
     if (chunks == 0) {
         for (int v = 0; v < 9; ++v) grad_verts[v] = T(0);
-        for (int v = 0; v < 3 * C; ++v) grad_attrs[v] = T(0);
+        for (int v = 0; v < 3 * A; ++v) grad_attrs[v] = T(0);
     }
     for (int chunk = 1; chunk < chunks; ++chunk) {  // chunk-major: each chunk's values are adjacent
-        const T* __restrict__ partial = a.partials + (a.partial_starts[item] + chunk - 1) * (9 + 3 * C);
+        const T* __restrict__ partial = a.partials + (a.partial_starts[item] + chunk - 1) * (9 + 3 * A);
         for (int v = 0; v < 9; ++v) grad_verts[v] += partial[v];
-        for (int v = 0; v < 3 * C; ++v) grad_attrs[v] += partial[9 + v];
+        for (int v = 0; v < 3 * A; ++v) grad_attrs[v] += partial[9 + v];
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points: softras_{setup,bin,forward,backward,reduce}_{f32,f64}. One thread per work item.
+// reduce_texels: one item per texel t, after the backward's texel slots were sorted by key
+// (stably, so in slot order): dL/dtexture[t] = the sum of its slots' values, added in that order.
+template <typename T>
+__device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
+    const int C = a.channels;  // at most CHANNEL_CHUNK in a textured render
+    const long long begin = item == 0 ? 0 : a.texel_ends[item - 1], end = a.texel_ends[item];
+    T sum[CHANNEL_CHUNK] = {};
+    for (long long entry = begin; entry < end; ++entry) {
+        const T* values = a.texel_values + (long long)a.texel_entries[entry] * C;
+        for (int c = 0; c < C; ++c) sum[c] += values[c];
+    }
+    for (int c = 0; c < C; ++c) a.grad_texture[item * C + c] = sum[c];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: softras_{setup,bin,forward,backward,reduce,backward_textured,texels}_{f32,f64}.
+// One thread per work item.
 MDR_ENTRY(softras_setup_f32, setup_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_setup_f64, setup_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_bin_f32, bin_item<float>, RasterArgs<float>)
@@ -731,6 +932,10 @@ MDR_ENTRY(softras_backward_f32, backward_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_backward_f64, backward_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_reduce_f32, reduce_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_reduce_f64, reduce_item<double>, RasterArgs<double>)
+MDR_ENTRY(softras_backward_textured_f32, backward_textured_item<float>, RasterArgs<float>)
+MDR_ENTRY(softras_backward_textured_f64, backward_textured_item<double>, RasterArgs<double>)
+MDR_ENTRY(softras_texels_f32, reduce_texels_item<float>, RasterArgs<float>)
+MDR_ENTRY(softras_texels_f64, reduce_texels_item<double>, RasterArgs<double>)
 
 #ifndef __CUDACC__
 // Let the host adapter check that microdr/raster/kernels.py agrees with this file: ARGS_DTYPE
@@ -740,18 +945,22 @@ extern "C" long long softras_face_record() { return FACE_RECORD; }
 extern "C" long long softras_tile() { return MDR_TILE; }
 extern "C" long long softras_lanes() { return MDR_LANES; }
 
-// The CPU target's stable sort of the bin pairs by tile key (microdr/raster/kernels.py,
-// sort_by_tile): a counting sort, one pass to count, one to place in pair order.
+// The CPU target's stable sort of (key, value) pairs by key (microdr/raster/kernels.py,
+// sort_by_tile: the bin pairs by tile, and the texel slots by texel): a counting sort, one pass
+// to count, one to place in pair order. Null values place each pair's index instead; pairs with
+// a key of `tiles` or more are left out (texel slots that hold nothing).
 extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_faces, int* tile_faces,
                                      long long* tile_ends, long long pairs, long long tiles) {
     for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
-    for (long long p = 0; p < pairs; ++p) ++tile_ends[bin_keys[p]];
+    for (long long p = 0; p < pairs; ++p)
+        if (bin_keys[p] < tiles) ++tile_ends[bin_keys[p]];
     long long end = 0;  // tile_ends[t] becomes where tile t starts, then moves to its end while filled
     for (long long t = 0; t < tiles; ++t) {
         const long long count = tile_ends[t];
         tile_ends[t] = end;
         end += count;
     }
-    for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces[p];
+    for (long long p = 0; p < pairs; ++p)
+        if (bin_keys[p] < tiles) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces ? bin_faces[p] : (int)p;
 }
 #endif

@@ -73,6 +73,7 @@ class Evaluation:
     views: ``(B,)`` int64 camera indices, increasing.
     vertices: ``(V, 3)`` world-space vertices of all meshes, differentiable; faces: ``(F, 3)``.
     topology: the faces' :class:`MeshTopology`.
+    texture: ``(Ht, Wt, 3)`` the texture drawn, differentiable when free; ``None`` without one.
     """
 
     images: torch.Tensor
@@ -83,6 +84,7 @@ class Evaluation:
     vertices: torch.Tensor
     faces: torch.Tensor
     topology: MeshTopology
+    texture: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +197,20 @@ def edge_length_loss(vertices: torch.Tensor, topology: MeshTopology) -> torch.Te
     return (vertices[i] - vertices[j]).pow(2).sum(-1).mean()
 
 
+def texture_smoothness(texture: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference of neighbouring texels of ``(Ht, Wt, C)``, across and down
+    (0 for a texture of one texel): a quadratic smoothness prior, which fills texels that no view
+    sees from their neighbours."""
+    across = (texture[:, 1:] - texture[:, :-1]).pow(2)
+    down = (texture[1:] - texture[:-1]).pow(2)
+    return (across.sum() + down.sum()) / max(1, across.numel() + down.numel())
+
+
+def _texture_term(evaluation: Evaluation, mask_rgb: bool) -> torch.Tensor:
+    texture = evaluation.texture
+    return texture_smoothness(texture) if texture is not None else evaluation.vertices.new_zeros(())
+
+
 def _mesh_term(loss: Callable[[torch.Tensor, MeshTopology], torch.Tensor]):
     return lambda evaluation, mask_rgb: loss(evaluation.vertices, evaluation.topology)
 
@@ -205,6 +221,7 @@ TERMS: dict[str, Callable[[Evaluation, bool], torch.Tensor]] = {
     "laplacian": _mesh_term(laplacian_loss),
     "flatten": _mesh_term(flatten_loss),
     "edge_length": _mesh_term(edge_length_loss),
+    "texture_smoothness": _texture_term,
 }
 
 
@@ -232,6 +249,9 @@ class Metrics:
       about ``sqrt(sigma)`` past the outline) against the target's alpha > 0.5.
     - ``psnr``: :func:`psnr` (dB) of the soft render's RGB, clamped to ``[0, 1]``, over all
       pixels and the 3 channels.
+    - ``psnr_inside``: the same over the pixels inside the target's silhouette (alpha > 0.5)
+      alone (``None`` where the target has no silhouette or color, or it is empty): how well
+      the object's own colors match, which the background does not dilute.
 
     cameras: the camera index of each view.
     """
@@ -240,6 +260,7 @@ class Metrics:
     iou: tuple[float | None, ...]
     soft_iou: tuple[float | None, ...]
     psnr: tuple[float | None, ...]
+    psnr_inside: tuple[float | None, ...]
 
     @staticmethod
     def of(
@@ -258,11 +279,14 @@ class Metrics:
         hard = None if covered is None else mask_iou(covered, alpha > IOU_THRESHOLD)
         soft = None if images is None else silhouette_iou(images[:, 3], alpha)
         decibels = None if images is None else psnr(images[:, :3], targets[:, :3])
+        inside = alpha > IOU_THRESHOLD
+        inside_decibels = None if images is None else psnr(images[:, :3], targets[:, :3], inside)
         return Metrics(
             cameras=tuple(int(c) for c in cameras),
             iou=_where(hard, has_silhouette),
             soft_iou=_where(soft, has_silhouette),
             psnr=_where(decibels, has_rgb),
+            psnr_inside=_where(inside_decibels, has_rgb & has_silhouette & inside.flatten(1).any(dim=1).to(has_rgb.device)),
         )
 
     @property
@@ -276,6 +300,10 @@ class Metrics:
     @property
     def mean_psnr(self) -> float | None:
         return _mean(self.psnr)
+
+    @property
+    def mean_psnr_inside(self) -> float | None:
+        return _mean(self.psnr_inside)
 
 
 def _where(values: torch.Tensor | None, given: torch.Tensor) -> tuple[float | None, ...]:
@@ -309,9 +337,14 @@ def silhouette_iou(alpha: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def psnr(rgb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per view ``(B,)`` of RGB ``(B, 3, H, W)`` against targets in ``[0, 1]``; the
+def psnr(rgb: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR in dB per view ``(B,)`` of RGB ``(B, 3, H, W)`` against targets in ``[0, 1]``, over
+    every pixel or those of ``mask`` ``(B, H, W)`` bool (an empty mask gives the floor); the
     rendering is clamped to ``[0, 1]`` (lit colors can exceed 1) and a perfect match gives
     :data:`PSNR_MAX_DB`."""
-    mse = (rgb.clamp(0, 1) - target).pow(2).mean(dim=(1, 2, 3))
+    if mask is None:
+        mse = (rgb.clamp(0, 1) - target).pow(2).mean(dim=(1, 2, 3))
+    else:
+        squared = (rgb.clamp(0, 1) - target).pow(2).sum(dim=1) * mask
+        mse = squared.sum(dim=(1, 2)) / (3 * mask.sum(dim=(1, 2))).clamp(min=1)
     return -10 * torch.log10(mse.clamp(min=10 ** (-PSNR_MAX_DB / 10)))

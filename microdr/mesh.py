@@ -6,6 +6,9 @@ Tensor contracts used throughout:
 - ``faces``: ``(F, 3)`` int64, 0-based vertex indices, wound counter-clockwise when seen from
   outside, so the right-hand rule gives the outward normal.
 - ``vertex_colors``: ``(V, 3)`` float32 RGB in ``[0, 1]``.
+- ``face_uvs``: ``(F, 3, 2)`` float32 texture coordinates ``(u, v)`` of each face corner (per corner,
+  not per vertex: a UV seam gives one vertex several), OBJ's convention (``v = 0`` at the image's
+  bottom).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,21 @@ MAX_MESH_VERTICES = 2**23
 MAX_MESH_FACES = 2**23
 
 
+@dataclass(frozen=True, eq=False)
+class Texture:
+    """A mesh's color map (an MTL's ``map_Kd``).
+
+    ``image`` ``(Ht, Wt, 3)`` float32 RGB in ``[0, 1]``, row 0 the image's top: the file's stored
+    values divided by their full scale, with no sRGB decoding (a texture fit to images and
+    written back round-trips; a renderer that decodes sRGB would show it darker). ``wrap``:
+    coordinates outside ``[0, 1]`` wrap around (MTL's default) or take the edge texels
+    (``-clamp on``). Sampled as ``microdr.raster.texture`` says.
+    """
+
+    image: torch.Tensor = field(repr=False)
+    wrap: bool = True
+
+
 @dataclass
 class Mesh:
     """A triangle mesh.
@@ -48,12 +66,16 @@ class Mesh:
     ``vertices`` ``(V, 3)`` floating point (float32 by convention), world units.
     ``faces`` ``(F, 3)`` int64, 0-based, counter-clockwise seen from outside (outward normal by the
     right-hand rule). ``vertex_colors`` ``(V, 3)`` float32 in ``[0, 1]``, or ``None``.
+    ``face_uvs`` ``(F, 3, 2)`` float32 per-corner texture coordinates, or ``None``; ``texture``:
+    its :class:`Texture`, or ``None`` (a texture needs ``face_uvs``).
     Vertices that no face uses are allowed.
     """
 
     vertices: torch.Tensor
     faces: torch.Tensor
     vertex_colors: torch.Tensor | None = None
+    face_uvs: torch.Tensor | None = None
+    texture: Texture | None = None
 
     def __post_init__(self) -> None:
         # Shapes are checked once here so that a wrong tensor fails where it was made, not deep
@@ -71,6 +93,10 @@ class Mesh:
                 f"Mesh.vertex_colors must be {tuple(self.vertices.shape)} like the vertices, "
                 f"got {tuple(self.vertex_colors.shape)}"
             )
+        if self.face_uvs is not None and self.face_uvs.shape != (self.faces.shape[0], 3, 2):
+            raise ValueError(f"Mesh.face_uvs must be (F, 3, 2), got {tuple(self.face_uvs.shape)}")
+        if self.texture is not None and self.face_uvs is None:
+            raise ValueError("a Mesh with a texture needs face_uvs")
 
     @property
     def num_vertices(self) -> int:
@@ -124,7 +150,10 @@ def load_obj(path: str | os.PathLike) -> Mesh:
 
     Reads ``v x y z``, ``v x y z w`` and ``v x y z r g b`` (colors in ``[0, 1]``, all vertices or
     none) and ``f`` with ``i``, ``i/t``, ``i//n`` or ``i/t/n`` corners, 1-based or negative
-    (relative) indices; polygons are fan-triangulated as ``(v0, vi, vi+1)``. Other valid OBJ
+    (relative) indices; polygons are fan-triangulated as ``(v0, vi, vi+1)``. A file that names a
+    material library (``mtllib``) and whose faces have texture coordinates (``i/t``) also has its
+    ``vt u [v [w]]`` read, and when the materials its faces use (``usemtl``; without any, the library's) have a ``map_Kd``, the mesh gets its
+    :class:`Texture` and per-corner ``face_uvs`` (``microdr.materials``). Other valid OBJ
     statements are ignored. The weight ``w`` is read and ignored: OBJ's specification gives it
     to rational curves and surfaces only, not to polygon vertices (it is no homogeneous divisor).
     Lines end with LF, CR LF or CR; a backslash at the end of a line continues the statement on
@@ -200,8 +229,8 @@ def _load_common_obj(lines: list[str], source: str) -> Mesh | None:
             face_lines.append(line)
         elif line and line[0] != "#":
             words = line.split(None, 1)
-            if words and words[0] not in _IGNORED_STATEMENTS:
-                return None
+            if words and (words[0] not in _IGNORED_STATEMENTS or words[0] == "mtllib"):
+                return None  # mtllib: the texture coordinates count
     if not vertex_lines or not face_lines:
         return None
     if len(vertex_lines) > MAX_MESH_VERTICES:
@@ -304,6 +333,13 @@ class _ObjParser:
         # The line each triangle came from, to name it when an index turns out out of range.
         self.triangle_lines: list[int] = []
         self.first_vertex_line = 0
+        # Texture coordinates, read in files with a material library: (u, v) per vt, the vt of
+        # each triangle corner (None where a corner has none), and the mtllib and usemtl names
+        # with their lines.
+        self.uvs: list[tuple[float, float]] = []
+        self.triangle_uvs: list[tuple[int | None, int | None, int | None]] = []
+        self.libraries: list[tuple[str, int]] = []
+        self.materials: list[tuple[str, int]] = []
 
     def fail(self, line: int, message: str) -> InputError:
         return InputError(self.source, f"line {line}", message)
@@ -317,6 +353,16 @@ class _ObjParser:
             self.parse_vertex(args, number)
         elif keyword == "f":
             self.parse_face(args, number)
+        elif keyword == "vt":
+            if not 1 <= len(args) <= 3:
+                raise self.fail(number, f'expected "vt u", "vt u v" or "vt u v w", got {len(args)} values')
+            values = [self.parse_float(arg, number) for arg in args]
+            self.uvs.append((values[0], values[1] if len(values) > 1 else 0.0))
+        elif keyword == "mtllib":
+            self.libraries += [(name, number) for name in args]
+        elif keyword == "usemtl":
+            if args:
+                self.materials.append((" ".join(args), number))
         elif keyword not in _IGNORED_STATEMENTS:
             raise self.fail(number, f"unknown statement {show_value(keyword)} (not OBJ)")
 
@@ -364,30 +410,36 @@ class _ObjParser:
         if len(self.triangles) + len(corners) - 2 > MAX_MESH_FACES:
             raise _too_many_faces(self.source, number)
         for i in range(1, len(corners) - 1):
-            self.triangles.append((corners[0], corners[i], corners[i + 1]))
+            triangle = (corners[0], corners[i], corners[i + 1])
+            self.triangles.append(tuple(vertex for vertex, _ in triangle))
+            self.triangle_uvs.append(tuple(uv for _, uv in triangle))
             self.triangle_lines.append(number)
 
-    def parse_corner(self, token: str, number: int) -> int:
-        """The 0-based vertex index of one face corner ``i``, ``i/t``, ``i//n`` or ``i/t/n``."""
+    def parse_corner(self, token: str, number: int) -> tuple[int, int | None]:
+        """The 0-based vertex index of one face corner ``i``, ``i/t``, ``i//n`` or ``i/t/n``, and
+        its texture coordinates' index (``None`` without one)."""
         vertex, *rest = token.split("/")
         if len(rest) > 2 or not _is_int(vertex) or not all(p == "" or _is_int(p) for p in rest):
             raise self.fail(
                 number,
                 f"face vertex {show_value(token)} is not i, i/t, i//n or i/t/n with integers",
             )
-        index = int(vertex)
+        uv = self.index(rest[0], len(self.uvs), "texture coordinate", number) if rest and rest[0] else None
+        return self.index(vertex, len(self.positions), "face", number), uv
+
+    def index(self, text: str, defined: int, what: str, number: int) -> int:
+        """The 0-based index that OBJ's 1-based or negative (relative to the ``defined`` items
+        so far) ``text`` means."""
+        index = int(text)
         if index == 0:
-            raise self.fail(number, "face index 0 is invalid (OBJ indices start at 1)")
+            raise self.fail(number, f"{what} index 0 is invalid (OBJ indices start at 1)")
         if index > 0:
-            # Positive indices may refer to vertices defined later; finish() checks their range.
+            # Positive indices may refer to items defined later; finish() checks their range.
             return index - 1
-        if -index > len(self.positions):
-            raise self.fail(
-                number,
-                f"face index {index} out of range ({_vertices(len(self.positions))} defined "
-                "before this line)",
-            )
-        return len(self.positions) + index
+        if -index > defined:
+            things = _vertices(defined) if what == "face" else f"{defined} texture coordinates"
+            raise self.fail(number, f"{what} index {index} out of range ({things} defined before this line)")
+        return defined + index
 
     def finish(self) -> Mesh:
         if not self.triangles:
@@ -400,11 +452,36 @@ class _ObjParser:
                 raise self.fail(
                     line, f"face index {index} out of range (the file has {_vertices(count)})"
                 )
+        # A material library matters only to faces with texture coordinates: OBJ files often
+        # name one that is missing, and must still load.
+        has_uvs = any(uv is not None for triangle in self.triangle_uvs for uv in triangle)
+        face_uvs, texture = self.texture() if self.libraries and has_uvs else (None, None)
         return Mesh(
             vertices=torch.tensor(self.positions, dtype=torch.float32),
             faces=torch.tensor(self.triangles, dtype=torch.int64),
             vertex_colors=torch.tensor(self.colors, dtype=torch.float32) if self.colors else None,
+            face_uvs=face_uvs,
+            texture=texture,
         )
+
+    def texture(self) -> tuple[torch.Tensor | None, Texture | None]:
+        """``(face_uvs, texture)`` of a file with a material library: ``face_uvs`` when every
+        face corner has a ``vt`` (else ``None``), the texture of its materials' ``map_Kd`` (else
+        ``None``), which needs ``face_uvs``."""
+        from .materials import mesh_texture  # materials reads images (targets), which need scenes
+
+        texture = mesh_texture(self.source, self.libraries, self.materials)
+        for triangle, line in zip(self.triangle_uvs, self.triangle_lines):
+            if None in triangle:
+                if texture is None:
+                    return None, None
+                raise self.fail(line, "a face corner without texture coordinates (i/t) in a textured mesh")
+            if max(triangle) >= len(self.uvs):
+                raise self.fail(
+                    line, f"texture coordinate index {max(triangle) + 1} out of range (the file has {len(self.uvs)})"
+                )
+        uvs = torch.tensor(self.uvs, dtype=torch.float32)
+        return uvs[torch.tensor(self.triangle_uvs, dtype=torch.int64)], texture
 
 
 def _vertices(count: int) -> str:
@@ -430,7 +507,16 @@ def save_obj(
     either the old file or the new one, never a part. Non-finite vertices, and files that cannot
     be written, raise :class:`InputError`.
     """
-    source = str(path)
+    write_files({Path(path): obj_text(mesh, vertex_colors=vertex_colors, source=str(path)).encode("utf-8")})
+
+
+def obj_text(
+    mesh: Mesh, *, vertex_colors: torch.Tensor | None = None, material_library: str | None = None,
+    source: str = "",
+) -> str:
+    """The OBJ text :func:`save_obj` writes; with a ``material_library`` (a textured mesh's), it
+    names it (``mtllib``, ``usemtl texture``) and gives each face corner its ``vt``, in face order
+    (``f a/t b/t c/t``). Non-finite vertices raise :class:`InputError` naming ``source``."""
     colors = mesh.vertex_colors if vertex_colors is None else vertex_colors
     if colors is not None and colors.shape != mesh.vertices.shape:
         raise ValueError(
@@ -441,10 +527,17 @@ def save_obj(
         raise InputError(source, "", "refusing to write non-finite (NaN or inf) vertices")
     columns = vertices if colors is None else np.hstack([vertices, colors.detach().cpu().numpy()])
     lines = ["# written by microDR"]
+    if material_library is not None:
+        lines += [f"mtllib {material_library}", "usemtl texture"]
     # str() of a numpy scalar is its shortest round-trip representation for that dtype.
     lines += ["v " + " ".join(str(x) for x in row) for row in columns]
-    lines += [f"f {a} {b} {c}" for a, b, c in (mesh.faces.detach().cpu() + 1).tolist()]
-    write_files({Path(path): ("\n".join(lines) + "\n").encode("utf-8")})
+    faces = (mesh.faces.detach().cpu() + 1).tolist()
+    if material_library is None:
+        lines += [f"f {a} {b} {c}" for a, b, c in faces]
+    else:
+        lines += ["vt " + " ".join(str(x) for x in uv) for uv in mesh.face_uvs.detach().cpu().numpy().reshape(-1, 2)]
+        lines += [f"f {a}/{3 * i + 1} {b}/{3 * i + 2} {c}/{3 * i + 3}" for i, (a, b, c) in enumerate(faces)]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ from .errors import InputError, MicroDRError
 from .files import remove_stale_temporaries, write_files
 from .images import to_uint8
 from .losses import TERMS, VIEW_TERMS, Evaluation, MeshTopology, Metrics, view_mean
-from .mesh import Mesh
+from .mesh import Mesh, Texture
 from .outputs import check_outdir, outdir_lock, write_outputs
 from .raster import preferred_device, resolve_backend
 from .raster.cpu import kernels_own_the_cores
@@ -232,6 +232,8 @@ def resolve_settings(
         raise InputError(scene.source, f"optimize.{key}", message)
     if settings.remesh is not None:
         _check_remeshable(scene, parameters, settings.vertex_parametrization)
+    if "texture" in parameters:
+        _check_texturable(scene, parameters, settings, has_rgb)
     if "vertices" in parameters:
         _warn_of_missing_silhouettes(targets)
     return replace(settings, parameters=parameters, loss=loss, sigma_schedule=sigma_schedule)
@@ -258,6 +260,43 @@ def _check_remeshable(scene: Scene, parameters: tuple[str, ...], parametrization
                 scene.source, f"meshes[{index}]",
                 f"optimize.remesh needs closed manifold meshes, and this one is not: {problem}",
             )  # fmt: skip
+
+
+def _check_texturable(scene: Scene, parameters: tuple[str, ...], settings: OptimizeSettings, has_rgb: bool) -> None:
+    """Raise unless a free ``"texture"`` can be fit: one mesh with texture coordinates, a
+    texture to start from (its own, or ``optimize.texture_resolution``), color targets, no
+    lights, no free colors and no remeshing (which would drop the texture coordinates)."""
+    if not has_rgb:
+        raise InputError(TARGETS_SOURCE, "", '"texture" is a free parameter but no target has color')
+    if len(scene.meshes) != 1 or scene.meshes[0].mesh.face_uvs is None:
+        raise InputError(
+            scene.source, "meshes",
+            '"texture" is a free parameter: the scene needs one mesh, from an OBJ file with texture coordinates '
+            "(vt) and a material library (mtllib)",
+        )  # fmt: skip
+    if scene.meshes[0].texture is None and settings.texture_resolution is None:
+        raise InputError(
+            scene.source, "optimize", '"texture" is a free parameter but the mesh has none: give texture_resolution'
+        )
+    if "colors" in parameters:
+        raise InputError(scene.source, "optimize.parameters", 'both "colors" and "texture" are free: a textured mesh has no colors')
+    if settings.remesh is not None:
+        raise InputError(scene.source, "optimize.remesh", "remeshing would drop the texture coordinates")
+    if scene.lights is not None:
+        raise InputError(scene.source, "lights", "lights do not shade textured meshes")
+
+
+def start_texture(scene: Scene, settings: OptimizeSettings) -> Scene:
+    """``scene`` with its mesh drawn with the texture a free ``"texture"`` starts from: gray
+    (0.5) at ``settings.texture_resolution`` ``(width, height)`` when given (wrapping as the
+    mesh's own texture does, or around), else its own; ``scene`` itself otherwise."""
+    if "texture" not in settings.parameters or settings.texture_resolution is None:
+        return scene
+    scene_mesh = scene.meshes[0]
+    width, height = settings.texture_resolution
+    wrap = scene_mesh.texture.wrap if scene_mesh.texture is not None else True
+    gray = Texture(torch.full((height, width, 3), 0.5), wrap)
+    return replace(scene, meshes=(replace(scene_mesh, texture=gray),))
 
 
 def _warn_of_missing_silhouettes(targets: Targets) -> None:
@@ -352,7 +391,7 @@ class Parameters(torch.nn.Module):
     FREE = {
         "displacement": "vertices", "center": "vertices", "translation": "translation",
         "log_scale": "scale", "color_logits": "colors", "ambient": "light", "directions": "light",
-        "intensities": "light", "eye_offsets": "camera",
+        "intensities": "light", "eye_offsets": "camera", "texture_logits": "texture",
     }  # fmt: skip
 
     def __init__(
@@ -386,6 +425,9 @@ class Parameters(torch.nn.Module):
             self.intensities = torch.nn.Parameter(_inverse_softplus(lights.intensities))
         if "camera" in self.names:
             self.eye_offsets = torch.nn.Parameter(like.new_zeros(len(scene.cameras), 3))
+        if "texture" in self.names:  # the scene's start texture (start_texture), as logits
+            image = self.start.texture.image.clamp(COLOR_MARGIN, 1 - COLOR_MARGIN)
+            self.texture_logits = torch.nn.Parameter(torch.logit(image))
 
     def _start_at(self, start: FaceSoup) -> None:
         """Set the start mesh, and the :class:`~microdr.losses.MeshTopology` of its faces."""
@@ -441,6 +483,12 @@ class Parameters(torch.nn.Module):
             ]
         )
 
+    def texture(self) -> Texture | None:
+        """The texture the mesh is drawn with (the run's dtype and device), or ``None``."""
+        if "texture" not in self.names:
+            return self.start.texture
+        return replace(self.start.texture, image=torch.sigmoid(self.texture_logits))
+
     def lights(self) -> Lights | LightTensors | None:
         if "light" not in self.names:
             return self.scene.lights
@@ -468,9 +516,14 @@ class Parameters(torch.nn.Module):
         for scene_mesh, colors in zip(self.scene.meshes, self.colors()):
             count = scene_mesh.mesh.num_vertices
             colors = colors.float().cpu()
-            vertex_colors = colors if scene_mesh.color_mode == "vertex" else None
-            mesh = Mesh(vertices[first : first + count], scene_mesh.mesh.faces, vertex_colors)
-            meshes.append(replace(scene_mesh, mesh=mesh, transform=Transform(), colors=colors))
+            texture = self.texture() if scene_mesh.texture is not None else None  # the only mesh
+            if texture is not None:
+                texture = replace(texture, image=texture.image.float().cpu())
+            # A textured mesh's colors are its texture's.
+            vertex_colors = colors if scene_mesh.color_mode == "vertex" and texture is None else None
+            mesh = Mesh(vertices[first : first + count], scene_mesh.mesh.faces, vertex_colors,
+                        scene_mesh.mesh.face_uvs, texture)
+            meshes.append(replace(scene_mesh, mesh=mesh, transform=Transform(), colors=colors, texture=texture))
             first += count
         cameras = self.scene.cameras
         if "camera" in self.names:
@@ -648,9 +701,9 @@ class Optimization:
         if targets.size != (scene.render.width, scene.render.height):
             size = (scene.render.width, scene.render.height)
             raise ValueError(f"targets are {targets.size}, the scene renders {size}")
-        self.scene = scene
         self.targets = targets
         self.settings = resolve_settings(scene, targets, settings)
+        self.scene = scene = start_texture(scene, self.settings)
         self.seed = seed
         backend = backend or scene.render.backend
         self.device = preferred_device(backend) if device is None else torch.device(device)
@@ -893,6 +946,7 @@ class Optimization:
             self.parameters.lights(),
             poses=None if poses is None else [poses[i] for i in indices],
             backend=self.backend,
+            texture=self.parameters.texture(),
         )
 
     @torch.no_grad()
@@ -931,6 +985,7 @@ class Optimization:
                 render,
                 self.scene.lights,
                 backend=self.backend,
+                texture=start.texture,
             )
             .float()
             .cpu()
@@ -1074,12 +1129,15 @@ class _Pieces:
         colors = run._loss_sees_colors
         corners = vertices[parameters.start.faces]
         albedo = parameters.albedo()
-        shaded = shade(albedo, corners, parameters.lights()) if colors else albedo[..., :0]
+        texture = parameters.texture() if colors else None
+        shaded = albedo if texture is not None else shade(albedo, corners, parameters.lights()) \
+            if colors else albedo[..., :0]  # fmt: skip
         poses = parameters.poses()
         self.eyes = None if poses is None else torch.stack([pose.eye for pose in poses])
         count = len(mine)
-        # What the backward starts from, and this rank's copies of it, one per view.
-        self.roots = [corners, shaded]
+        # What the backward starts from (the texture image too, when drawn), and this rank's
+        # copies of it, one per view.
+        self.roots = [corners, shaded] + ([] if texture is None else [texture.image])
         self.copies = [t.detach().expand(count, *t.shape).requires_grad_() for t in self.roots]
         cameras = [run.scene.cameras[i] for i in mine.tolist()]
         own_eyes = None if poses is None else self.eyes[mine].detach().requires_grad_()
@@ -1087,14 +1145,25 @@ class _Pieces:
             replace(poses[i], eye=eye) for i, eye in zip(mine.tolist(), own_eyes)
         ]  # fmt: skip
         self.own_eyes = own_eyes
-        self.images = render_views(
-            self.copies[0], self.copies[1], cameras, replace(run.scene.render, sigma=sigma),
-            poses=own_poses, backend=run.backend,
-        )  # fmt: skip
+        render = replace(run.scene.render, sigma=sigma)
+        if texture is None:
+            self.images = render_views(
+                self.copies[0], self.copies[1], cameras, render, poses=own_poses, backend=run.backend
+            )
+        else:  # the kernels sum a batch's texel gradients: one view at a time keeps them apart
+            self.images = torch.cat([
+                render_views(
+                    self.copies[0][k : k + 1], self.copies[1][k : k + 1], cameras[k : k + 1], render,
+                    poses=None if own_poses is None else own_poses[k : k + 1], backend=run.backend,
+                    texture=replace(texture, image=self.copies[2][k]),
+                )
+                for k in range(count)
+            ])  # fmt: skip
         evaluation = Evaluation(
             images=self.images, targets=run.target_images[mine], has_rgb=run.has_rgb[mine],
             has_silhouette=run.has_silhouette[mine], views=mine, vertices=vertices,
             faces=parameters.start.faces, topology=parameters.topology,
+            texture=None if texture is None else texture.image,
         )  # fmt: skip
         if run.loss_fn is None:
             self.weights = {name: w for name, w in run.settings.loss.items() if w > 0}
@@ -1145,25 +1214,23 @@ class _Pieces:
         """The buffer's blocks: the roots' gradients, the eyes', the table of per-view values."""
         eyes = 0 if self.eyes is None else self.eyes.numel()
         table = len(self.views) * (len(self.image_terms) + len(self.METRICS))
-        return [self.roots[0].numel(), self.roots[1].numel(), eyes, table]
+        return [*(root.numel() for root in self.roots), eyes, table]
 
-    def _blocks(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``buffer``'s blocks, shaped as their tensors."""
-        corners, shaded, eyes, table = buffer.split(self._sizes())
+    def _blocks(self, buffer: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Views of ``buffer``'s blocks, shaped as their tensors: ``(roots, eyes, table)``."""
+        *roots, eyes, table = buffer.split(self._sizes())
         width = len(self.image_terms) + len(self.METRICS)
-        return [
-            corners.view(self.roots[0].shape), shaded.view(self.roots[1].shape),
-            eyes.view(-1, 3), table.view(len(self.views), width),
-        ]  # fmt: skip
+        roots = [block.view(root.shape) for block, root in zip(roots, self.roots)]
+        return roots, eyes.view(-1, 3), table.view(len(self.views), width)
 
     def add(self, buffer: torch.Tensor) -> None:
         """Add this rank's views' gradients to ``buffer``, one view after the other, and write
         their rows of per-view values."""
-        corners, shaded, eyes, table = self._blocks(buffer)
+        roots, eyes, table = self._blocks(buffer)
         first = self.run.ranks.share(len(self.views)).start
         grads = [copy.grad for copy in self.copies]
         for k, camera in enumerate(self.mine.tolist()):
-            for block, grad in zip((corners, shaded), grads):
+            for block, grad in zip(roots, grads):
                 if grad is not None:
                     block += grad[k]
             if self.own_eyes is not None and self.own_eyes.grad is not None:
@@ -1173,7 +1240,7 @@ class _Pieces:
     def outcome(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], Metrics]:
         """The weighted total loss, each term's unweighted value and the :class:`Metrics` (soft
         IoU and PSNR) of all the iteration's views, from the summed buffer."""
-        table = self._blocks(self.buffer)[3]
+        table = self._blocks(self.buffer)[2]
         masks = self._masks(self.views)
         terms = {name: view_mean(table[:, k], masks[k]) for k, name in enumerate(self.image_terms)}
         terms.update(self.mesh_terms)
@@ -1188,10 +1255,10 @@ class _Pieces:
         return total, terms, Metrics(cameras, (None,) * len(cameras), soft_iou, psnr)
 
     def backward(self) -> None:
-        """Carry the summed gradients of the corners, the shaded colors and the eyes into the
-        parameters (onto the regularizers' gradients)."""
-        corners, shaded, eyes, _ = self._blocks(self.buffer)
-        pairs = [(self.roots[0], corners), (self.roots[1], shaded)]
+        """Carry the summed gradients of the corners, the shaded colors (the texture), and the
+        eyes into the parameters (onto the regularizers' gradients)."""
+        roots, eyes, _ = self._blocks(self.buffer)
+        pairs = list(zip(self.roots, roots))
         if self.eyes is not None:
             pairs.append((self.eyes, eyes))
         pairs = [(root, grad) for root, grad in pairs if root.requires_grad and root.numel()]
@@ -1211,7 +1278,8 @@ def _scene_digest(scene: Scene) -> str:
     digest.update(repr((scene.render, scene.cameras, scene.lights)).encode())
     for scene_mesh in scene.meshes:
         digest.update(repr((scene_mesh.transform, scene_mesh.color_mode)).encode())
-        for tensor in (scene_mesh.mesh.vertices, scene_mesh.mesh.faces, scene_mesh.colors):
+        textured = () if scene_mesh.texture is None else (scene_mesh.mesh.face_uvs, scene_mesh.texture.image)
+        for tensor in (scene_mesh.mesh.vertices, scene_mesh.mesh.faces, scene_mesh.colors, *textured):
             digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
 

@@ -1,7 +1,9 @@
 """The files of an optimization run, written into its output folder.
 
 - ``mesh.obj`` (``mesh_0.obj``, ``mesh_1.obj``, ... with several meshes): the optimized meshes in
-  world space with vertex colors (per-face colors averaged onto the vertices, for viewers).
+  world space with vertex colors (per-face colors averaged onto the vertices, for viewers); a
+  textured mesh with its texture coordinates instead, and ``mesh.mtl`` naming ``texture.png``
+  (8-bit RGB).
 - ``scene.json``: the optimized scene; ``microdr render`` renders it (per-face colors are in it).
 - ``render_<i>.png``: the final render of camera ``i``.
 - ``sheet_<i>.png``: target | start | result | ``|result - target|`` of camera ``i``, labeled,
@@ -16,12 +18,12 @@
 - ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
 - ``metrics.json``: ``start`` and ``final`` quality (:class:`microdr.losses.Metrics`), each
   ``{"fit": ..., "held_out": ...}``: for the fit views and the held-out ones (``null`` when none
-  is held out), the means ``iou``, ``soft_iou``, ``psnr`` and ``views``, one
-  ``{"camera", "iou", "soft_iou", "psnr"}`` per view; ``final`` also has ``iterations``,
-  ``seconds``, ``world_size`` (the processes that ran it, :mod:`microdr.distributed`) and
-  ``rank_seconds`` (each one's seconds of its own work in this part of the run), ``backend``,
-  ``interrupted`` and ``stopped`` (why a NaN, an infinity or a lost rank ended the run early,
-  else ``null``).
+  is held out), the means ``iou``, ``soft_iou``, ``psnr``, ``psnr_inside`` (inside the target's
+  silhouette) and ``views``, one ``{"camera", "iou", "soft_iou", "psnr", "psnr_inside"}`` per
+  view; ``final`` also has ``iterations``, ``seconds``, ``world_size`` (the processes that ran
+  it, :mod:`microdr.distributed`) and ``rank_seconds`` (each one's seconds of its own work in
+  this part of the run), ``backend``, ``interrupted`` and ``stopped`` (why a NaN, an infinity or
+  a lost rank ended the run early, else ``null``).
 
 While a run writes into the folder it holds the lock file ``.microdr.lock`` there
 (:func:`outdir_lock`).
@@ -51,6 +53,7 @@ from .errors import InputError
 from .files import check_writable_folder, process_exists, temporary_beside, write_files
 from .images import encode_gif, encode_png, to_uint8
 from .losses import Metrics
+from .materials import textured_obj_files
 from .mesh import save_obj
 from .result import GIF_VIEWS, History, Result
 from .scene import Scene, SceneMesh, input_files, scene_to_json
@@ -257,9 +260,13 @@ def mesh_files(count: int) -> list[str]:
 def write_outputs(outdir: Path, result: Result, targets: Targets, extra: dict[str, bytes]) -> None:
     """Write the run's files, and ``extra`` (name -> bytes), into ``outdir``; each atomically."""
     names = mesh_files(len(result.scene.meshes))
+    files = {}
     for scene_mesh, name in zip(result.scene.meshes, names):
-        save_obj(scene_mesh.mesh, outdir / name, vertex_colors=_vertex_colors(scene_mesh))
-    files = {**output_files(result, targets, names), **extra}
+        if scene_mesh.texture is not None:  # the scene's only mesh (scene.py)
+            files.update(textured_obj_files(scene_mesh.mesh, name, "texture.png"))
+        else:
+            save_obj(scene_mesh.mesh, outdir / name, vertex_colors=_vertex_colors(scene_mesh))
+    files.update({**output_files(result, targets, names), **extra})
     write_files({outdir / name: data for name, data in files.items()})
 
 
@@ -430,15 +437,16 @@ def _quality_json(fit: Metrics, held_out: Metrics | None) -> dict:
 
 def _metrics_json(metrics: Metrics) -> dict:
     views = [
-        {"camera": camera, "iou": iou, "soft_iou": soft_iou, "psnr": psnr}
-        for camera, iou, soft_iou, psnr in zip(
-            metrics.cameras, metrics.iou, metrics.soft_iou, metrics.psnr
+        {"camera": camera, "iou": iou, "soft_iou": soft_iou, "psnr": psnr, "psnr_inside": inside}
+        for camera, iou, soft_iou, psnr, inside in zip(
+            metrics.cameras, metrics.iou, metrics.soft_iou, metrics.psnr, metrics.psnr_inside
         )
     ]
     return {
         "iou": metrics.mean_iou,
         "soft_iou": metrics.mean_soft_iou,
         "psnr": metrics.mean_psnr,
+        "psnr_inside": metrics.mean_psnr_inside,
         "views": views,
     }
 

@@ -14,6 +14,7 @@ import torch
 
 from .camera import CameraTensors, project_views
 from .raster import SoftRasSettings, preferred_device, rasterize
+from .mesh import Texture
 from .scene import Camera, Lights, RenderSettings, Scene, SceneMesh
 from .shading import LightTensors, shade
 
@@ -24,12 +25,15 @@ class FaceSoup:
 
     vertices: ``(V, 3)`` world-space vertices of all meshes, transforms applied.
     faces: ``(F, 3)`` int64 indices into ``vertices``, counter-clockwise seen from outside.
-    albedo: ``(F, 3, 3)`` per-corner RGB albedo in [0, 1].
+    albedo: ``(F, 3, 3)`` per-corner RGB albedo in [0, 1]; for a textured mesh (the scene's
+    only one), ``(F, 3, 2)`` per-corner texture coordinates instead.
+    texture: that mesh's texture (its image in the soup's dtype and device), or ``None``.
     """
 
     vertices: torch.Tensor
     faces: torch.Tensor
     albedo: torch.Tensor
+    texture: Texture | None = None
 
     @property
     def corners(self) -> torch.Tensor:
@@ -48,11 +52,16 @@ def scene_faces(scene: Scene, *, dtype=torch.float32, device=None) -> FaceSoup:
     """The scene's meshes, transformed to world space and merged into one :class:`FaceSoup`."""
     vertices, faces, albedo = [], [], []
     offset = 0
+    texture = None
     for scene_mesh in scene.meshes:
         world = scene_mesh.transform.apply(scene_mesh.mesh.vertices.to(dtype=dtype, device=device))
         vertices.append(world)
         faces.append(scene_mesh.mesh.faces.to(device) + offset)
-        albedo.append(mesh_albedo(scene_mesh).to(dtype=dtype, device=device))
+        if scene_mesh.texture is not None:  # the only mesh (scene.py)
+            albedo.append(scene_mesh.mesh.face_uvs.to(dtype=dtype, device=device))
+            texture = replace(scene_mesh.texture, image=scene_mesh.texture.image.to(dtype=dtype, device=device))
+        else:
+            albedo.append(mesh_albedo(scene_mesh).to(dtype=dtype, device=device))
         offset += world.shape[0]
     if not vertices:
         return FaceSoup(
@@ -60,7 +69,7 @@ def scene_faces(scene: Scene, *, dtype=torch.float32, device=None) -> FaceSoup:
             torch.zeros(0, 3, dtype=torch.int64, device=device),
             torch.zeros(0, 3, 3, dtype=dtype, device=device),
         )
-    return FaceSoup(torch.cat(vertices), torch.cat(faces), torch.cat(albedo))
+    return FaceSoup(torch.cat(vertices), torch.cat(faces), torch.cat(albedo), texture)
 
 
 def raster_settings(render: RenderSettings, camera: Camera) -> SoftRasSettings:
@@ -88,19 +97,23 @@ def render_faces(
     poses: Sequence[CameraTensors] | None = None,
     backend: str | None = None,
     colors: bool = True,
+    texture: Texture | None = None,
 ) -> torch.Tensor:
     """RGBA ``(N, 4, H, W)`` of world-space triangles seen by each of ``N`` cameras.
 
-    corners: ``(F, 3, 3)`` world-space face corners; albedo: ``(F, 3, 3)`` per-corner RGB.
+    corners: ``(F, 3, 3)`` world-space face corners; albedo: ``(F, 3, 3)`` per-corner RGB, or
+    with a ``texture`` (its image ``(Ht, Wt, 3)`` in the corners' dtype and device; no lights),
+    ``(F, 3, 2)`` per-corner texture coordinates.
     poses: optional per-camera pose tensors (for gradients w.r.t. cameras); lights may be
     :class:`LightTensors` (for gradients w.r.t. lights).
     colors: False rasterizes the silhouettes alone (RGB is 0), which is cheaper.
     Cameras that share projection, near and far are rasterized as one batch.
     """
-    shaded = shade(albedo, corners, lights) if colors else albedo[..., :0]
+    textured = colors and texture is not None
+    shaded = albedo if textured else shade(albedo, corners, lights) if colors else albedo[..., :0]
     return render_views(
         corners, shaded.expand(len(cameras), -1, -1, -1), cameras, render, poses=poses,
-        backend=backend,
+        backend=backend, texture=texture if textured else None,
     )  # fmt: skip
 
 
@@ -112,6 +125,7 @@ def render_views(
     *,
     poses: Sequence[CameraTensors] | None = None,
     backend: str | None = None,
+    texture: Texture | None = None,
 ) -> torch.Tensor:
     """RGBA ``(N, 4, H, W)`` of world-space triangles seen by each of ``N`` cameras:
     :func:`render_faces` after shading, with the inputs of each camera apart if need be, so that
@@ -119,7 +133,8 @@ def render_views(
 
     corners: world-space face corners, ``(F, 3, 3)`` seen by every camera or ``(N, F, 3, 3)`` one
     set per camera; shaded: ``(N, F, 3, C)`` shaded per-corner colors, ``C`` 3, or 0 for the
-    silhouettes alone (RGB is 0, which is cheaper).
+    silhouettes alone (RGB is 0, which is cheaper); with a ``texture``, ``(N, F, 3, 2)``
+    per-corner texture coordinates.
     """
     per_camera = corners.dim() == 4
     colors = shaded.shape[-1] > 0
@@ -134,6 +149,8 @@ def render_views(
             corners[chosen] if per_camera else corners, [cameras[i] for i in indices],
             None if poses is None else [poses[i] for i in indices], per_camera=per_camera,
         )  # fmt: skip
+        if texture is not None:
+            settings = replace(settings, texture_wrap=texture.wrap)
         batch = rasterize(
             screen,
             shaded[chosen],
@@ -141,6 +158,7 @@ def render_views(
             render.height,
             settings if colors else replace(settings, background=()),
             backend=backend or render.backend,
+            texture=None if texture is None else texture.image,
         )
         if not colors:
             batch = torch.cat([batch.new_zeros(batch.shape[0], 3, *batch.shape[2:]), batch], dim=1)
@@ -192,7 +210,9 @@ def render_scene(scene: Scene, *, backend: str | None = None, dtype=torch.float3
     """
     backend = backend or scene.render.backend
     soup = scene_faces(scene, dtype=dtype, device=device or preferred_device(backend))
-    return render_faces(soup.corners, soup.albedo, scene.cameras, scene.render, scene.lights, backend=backend)
+    return render_faces(
+        soup.corners, soup.albedo, scene.cameras, scene.render, scene.lights, backend=backend, texture=soup.texture
+    )
 
 
 def opaque_inside(images: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA, SMALLEST_EPS_D, SMALLEST_GAMMA
 from .errors import InputError, show_value
 from .files import file_problem, read_text
-from .mesh import BEYOND_FLOAT32, FLOAT32_MAX, Mesh, cube, icosphere, load_obj, plane
+from .mesh import BEYOND_FLOAT32, FLOAT32_MAX, Mesh, Texture, cube, icosphere, load_obj, plane
 
 Vec3 = tuple[float, float, float]
 
@@ -37,11 +37,11 @@ MAX_IMAGE_PIXELS = 2**26
 MAX_CAMERAS = 1024
 PROJECTIONS = ("perspective", "orthographic")
 PRIMITIVES = ("icosphere", "cube", "plane")
-OPTIMIZABLE = ("vertices", "translation", "scale", "colors", "light", "camera")
+OPTIMIZABLE = ("vertices", "translation", "scale", "colors", "light", "camera", "texture")
 VERTEX_PARAMETRIZATIONS = ("offset", "bounded")
 LR_SCHEDULES = ("constant", "cosine")
 IMAGE_LOSS_TERMS = ("silhouette_iou", "rgb_l1", "rgb_l2")
-LOSS_TERMS = IMAGE_LOSS_TERMS + ("laplacian", "flatten", "edge_length")
+LOSS_TERMS = IMAGE_LOSS_TERMS + ("laplacian", "flatten", "edge_length", "texture_smoothness")
 DEFAULT_COLOR: Vec3 = (0.7, 0.7, 0.7)
 
 
@@ -123,11 +123,14 @@ class SceneMesh:
     the unit icosphere then has ``20 * 4**subdivisions`` faces. ``transform``: see
     :class:`Transform`. ``color``: ``[r, g, b]`` for the whole mesh, ``{"per_vertex": [[r, g, b],
     ...]}`` (one per vertex) or ``{"per_face": [...]}`` (one per face), each in ``[0, 1]``;
-    default: the OBJ's vertex colors if it has them, else ``[0.7, 0.7, 0.7]``.
+    default: the OBJ's vertex colors if it has them, else ``[0.7, 0.7, 0.7]``. An OBJ whose
+    material has a texture (``map_Kd``; :func:`microdr.mesh.load_obj`) is drawn with it unless
+    ``color`` is given; a textured mesh must be the scene's only one, and unlit (no ``lights``).
 
     Fields: ``name`` is the ``file`` or ``primitive`` string as written (not unique); ``mesh`` is
     the mesh as loaded, untransformed; ``colors`` is float32 ``(V, 3)`` when ``color_mode`` is
-    ``"vertex"`` and ``(F, 3)`` when it is ``"face"``.
+    ``"vertex"`` and ``(F, 3)`` when it is ``"face"``; ``texture`` the texture it is drawn with
+    (then ``colors`` are unused), or ``None``.
     """
 
     name: str
@@ -135,6 +138,7 @@ class SceneMesh:
     transform: Transform
     colors: torch.Tensor = field(repr=False)
     color_mode: str
+    texture: Texture | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -239,12 +243,14 @@ class OptimizeSettings:
     """The optional ``optimize`` section.
 
     - ``parameters``: a non-empty array of distinct names among ``"vertices"``,
-      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``; default ``None``:
+      ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``, ``"texture"`` (the
+      texture of a scene's only mesh, which needs texture coordinates); default ``None``:
       chosen from the targets by the optimizer (``microdr.optimize.resolve_settings``).
     - ``vertex_parametrization``: ``"offset"`` (default) or ``"bounded"``.
     - ``loss``: weights >= 0 for ``silhouette_iou``, ``rgb_l1``, ``rgb_l2``, ``laplacian``,
-      ``flatten``, ``edge_length``; missing ones are 0 and at least one of the first three must
-      be > 0. Held here with all six keys; default ``None``: chosen by the optimizer.
+      ``flatten``, ``edge_length``, ``texture_smoothness``; missing ones are 0 and at least one
+      of the first three must be > 0. Held here with all seven keys; default ``None``: chosen by
+      the optimizer.
     - ``mask_rgb``: weigh the RGB terms by the target's alpha, so that only the object's colors
       count; default ``false``.
     - ``lr``: Adam's learning rate, in ``(0, 10]``; default 0.01.
@@ -269,6 +275,10 @@ class OptimizeSettings:
       to fit (:func:`held_out_views`). Default ``None``: none.
     - ``remesh``: remeshing during the run (:class:`RemeshSettings`), ``{"edge_length": L,
       "every": K, "until": u}``; default ``None``: the start mesh's faces throughout.
+    - ``texture_resolution``: ``[width, height]`` in texels, each from 1 to 4096: a free
+      ``"texture"`` starts gray (0.5) at that size instead of from the mesh's own texture;
+      default ``None``. The loss term ``texture_smoothness`` weighs the mean squared difference
+      of neighbouring texels.
     """
 
     parameters: tuple[str, ...] | None = None
@@ -283,6 +293,7 @@ class OptimizeSettings:
     views_per_step: int | None = None
     holdout: str | tuple[int, ...] | None = None
     remesh: RemeshSettings | None = None
+    texture_resolution: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -352,6 +363,11 @@ def parse_scene(data: object, source: str, base_dir: Path) -> Scene:
         cameras = tuple(
             _camera(node) for node in root["cameras"].array(min_length=1, max_length=MAX_CAMERAS)
         )
+    textured = [i for i, mesh in enumerate(meshes) if mesh.texture is not None]
+    if textured and len(meshes) > 1:
+        root["meshes"].fail(f"mesh {textured[0]} is textured: a textured mesh must be the scene's only one")
+    if textured and root["lights"].given:
+        root["lights"].fail("lights do not shade textured meshes: remove them, or give the mesh a color")
     return Scene(
         source=source,
         render=render,
@@ -455,8 +471,9 @@ def mesh_preview_scene(path: str | os.PathLike, width: int = 256, height: int = 
         far=distance + 1.5 * radius,
     )
     colors, color_mode = _colors(_Node(_MISSING, source), mesh)
-    scene_mesh = SceneMesh(Path(path).name, mesh, Transform(), colors, color_mode)
-    lights = Lights(0.4, (DirectionalLight(_unit((0.5, 1.0, 0.8)), 0.7),))
+    scene_mesh = SceneMesh(Path(path).name, mesh, Transform(), colors, color_mode, mesh.texture)
+    # Textured meshes are unlit (the kernels sample the texture itself).
+    lights = None if mesh.texture else Lights(0.4, (DirectionalLight(_unit((0.5, 1.0, 0.8)), 0.7),))
     return Scene(source, RenderSettings(width, height), (scene_mesh,), (camera,), lights, None)
 
 
@@ -478,7 +495,7 @@ def _scene_mesh(node: _Node, base_dir: Path) -> SceneMesh:
     if not torch.isfinite(transform.apply(mesh.vertices)).all():
         entry["transform"].fail(f"moves vertices {BEYOND_FLOAT32}")
     colors, color_mode = _colors(entry["color"], mesh)
-    return SceneMesh(name, mesh, transform, colors, color_mode)
+    return SceneMesh(name, mesh, transform, colors, color_mode, None if entry["color"].given else mesh.texture)
 
 
 def _mesh_file(node: _Node, base_dir: Path) -> Mesh:
@@ -743,6 +760,13 @@ def _remesh(node: _Node) -> RemeshSettings | None:
     )
 
 
+def _texture_resolution(node: _Node) -> tuple[int, int] | None:
+    if not node.given:
+        return _DEFAULT_OPTIMIZE.texture_resolution
+    width, height = (item.integer(_Interval(1, 4096)) for item in node.array(min_length=2, max_length=2))
+    return width, height
+
+
 _DEFAULT_OPTIMIZE = OptimizeSettings()
 
 #: One reader per field of the ``optimize`` section (and of :func:`override_optimize`); each
@@ -768,6 +792,7 @@ _OPTIMIZE_READERS: dict[str, Callable[[_Node], Any]] = {
     ),
     "holdout": _holdout,
     "remesh": _remesh,
+    "texture_resolution": _texture_resolution,
 }
 
 

@@ -1,7 +1,7 @@
 """Benchmark the rasterizer backends: forward and forward + backward time, peak memory.
 
     python scripts/bench.py [--quick] [--csv FILE] [--plot FILE] [--threads N[,N...]] [--only TEXT]
-                            [--backends NAMES]
+                            [--backends NAMES] [--texture]
 
 Cases: icospheres of 1,280 / 5,120 / 20,480 / 81,920 faces filling about half the image,
 square images of 64 / 256 / 1024 pixels, batch 1 and 8, silhouette only (no attribute channel)
@@ -20,6 +20,11 @@ Each timing is the median of several runs after a warm-up (fewer for slow cases)
 is the largest resident-set growth above the level before the case (CPU) or
 ``torch.cuda.max_memory_allocated`` (CUDA). The reference is skipped where its dense
 ``pixels x faces`` evaluation would take too long; the script says so.
+
+``--texture`` runs the textured rows instead (CPU kernels): the cow of the ``cow_texture`` task
+(``scenes/meshes/spot_triangulated.obj``, 5,856 faces) through its first camera at 256 x 256,
+sampling its 1024 x 1024 texture, against the same faces with per-corner RGB colors, for both
+sigma rules; then the textured / colored forward + backward ratio.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +53,9 @@ from microdr.raster import SoftRasSettings, backend_status, rasterize  # noqa: E
 from microdr.raster.kernels import kernel_forward  # noqa: E402
 from microdr.raster.cpu import cpu_target  # noqa: E402
 from microdr.raster.cuda import resource_usage  # noqa: E402
-from microdr.scene import Camera  # noqa: E402
+from microdr.camera import project_views  # noqa: E402
+from microdr.render import raster_settings, scene_faces  # noqa: E402
+from microdr.scene import Camera, load_scene  # noqa: E402
 
 COLUMNS = ["case", "backend", "faces", "width", "height", "batch", "channels", "threads",
            "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited", "backward_item_max_pixels"]
@@ -235,6 +242,58 @@ def run_case(case: Case, backend: str, device: str, budget_s: float) -> dict:
     }
 
 
+TEXTURE_SCENE = Path(__file__).resolve().parents[1] / "scenes" / "tasks" / "cow_texture_truth.json"
+
+
+def texture_rows(budget_s: float) -> list[dict]:
+    """The ``--texture`` rows: textured and colored, per sigma rule (see the module)."""
+    scene = load_scene(TEXTURE_SCENE)
+    soup = scene_faces(scene)
+    camera = scene.cameras[0]
+    verts = project_views(soup.corners, [camera]).contiguous()
+    size = scene.render.width
+    colors = torch.rand(1, *soup.albedo.shape[:2], 3, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for rule, sigma in (("1px", 4.0 / size**2), ("softras", 1e-4)):
+        settings = replace(raster_settings(scene.render, camera), sigma=sigma, texture_wrap=soup.texture.wrap)
+        for kind, attrs, texture in (("textured", soup.albedo[None].contiguous(), soup.texture.image),
+                                     ("rgb", colors, None)):
+            def forward_backward():
+                inputs = [t.clone().requires_grad_() for t in (verts, attrs)]
+                image = rasterize(*inputs, size, size, settings, backend="cpu",
+                                  texture=None if texture is None else texture.clone().requires_grad_())
+                image.sum().backward()
+
+            def forward():
+                with torch.no_grad():
+                    rasterize(verts, attrs, size, size, settings, backend="cpu", texture=texture)
+
+            forward_ms = timed(forward, "cpu", budget_s)
+            with PeakMemory("cpu") as memory:
+                forward_backward_ms = timed(forward_backward, "cpu", budget_s)
+            result = kernel_forward(cpu_target(), verts, attrs, size, size, settings, texture)
+            rows.append({
+                "case": f"cow{soup.faces.shape[0]}_{size}px_b1_{kind}_sigma-{rule}", "backend": "cpu",
+                "faces": soup.faces.shape[0], "width": size, "height": size, "batch": 1, "channels": 3,
+                "threads": torch.get_num_threads(), "forward_ms": round(forward_ms, 3),
+                "forward_backward_ms": round(forward_backward_ms, 3), "peak_mb": round(memory.megabytes, 1),
+                "pairs_visited": result.pairs_visited(),
+                "backward_item_max_pixels": result.most_pixels_per_backward_item(),
+            })  # fmt: skip
+    return rows
+
+
+def print_texture_ratios(rows: list[dict]) -> None:
+    """Textured over colored forward + backward time, per sigma rule (issue 16's floor: 2x)."""
+    by_case = {row["case"]: row for row in rows}
+    for row in rows:
+        if "_textured_" in row["case"]:
+            colored = by_case[row["case"].replace("_textured_", "_rgb_")]
+            ratio = row["forward_backward_ms"] / colored["forward_backward_ms"]
+            print(f"# {row['case']}: textured / colored forward + backward {ratio:.2f}x, forward "
+                  f"{row['forward_ms'] / colored['forward_ms']:.2f}x")
+
+
 def cases(quick: bool) -> list[Case]:
     if quick:
         return [Case(f, s, 1, 3, "1px") for f, s in [(1280, 64), (5120, 256), (20480, 256), (81920, 1024)]] + [
@@ -352,6 +411,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     parser.add_argument("--backends", help="comma-separated: run only these backends (cpu, reference, cuda; "
                                            "default: all that run here)")
+    parser.add_argument("--texture", action="store_true",
+                        help="run the textured rows (the cow, 1024^2 texture, against per-corner colors) instead")
     parser.add_argument("--reference-max-pairs", type=float,
                         help="run the reference up to this many (pixel, face) pairs (default 2e7 quick, 1e8 full; "
                              "256 x 256 with 5,120 faces is 3.4e8 and takes about 10 minutes)")
@@ -375,7 +436,14 @@ def main() -> None:
     cpu_target()  # compiles the kernels (once per source and flags), so no timing includes the compiler
     rows = []
     print(",".join(COLUMNS), flush=True)
-    for case in (c for c in cases(args.quick) if args.only in c.name):
+    for threads in thread_counts if args.texture else ():
+        torch.set_num_threads(threads)
+        texture_case_rows = texture_rows(budget)
+        for row in texture_case_rows:
+            print(",".join(str(row[c]) for c in COLUMNS), flush=True)
+        print_texture_ratios(texture_case_rows)
+        rows += texture_case_rows
+    for case in (c for c in cases(args.quick) if args.only in c.name and not args.texture):
         for backend, device in chosen:
             pairs = case.batch * case.size**2 * case.faces
             if backend == "reference" and pairs > limit:

@@ -94,10 +94,10 @@ UV_SPHERES = {280: (14, 11), 3300: (55, 31), 39000: (150, 131)}
 
 _PROBE = """#include "softras.cu"
 extern "C" __global__ void probe_forward(const RasterArgs<float> a) {
-    forward_lanes<float, CHANNEL_CHUNK, true>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
+    forward_lanes<float, CHANNEL_CHUNK, true, false>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
 }
 extern "C" __global__ void probe_backward(const RasterArgs<float> a) {
-    backward_chunk<float, CHANNEL_CHUNK, true>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
+    backward_chunk<float, CHANNEL_CHUNK, true, false>(a, (long long)blockIdx.x * blockDim.x + threadIdx.x);
 }
 """
 

@@ -571,7 +571,7 @@ BAD_TARGETS = {
     ),
     "bad params": case(
         '--params: [1]: expected one of "vertices", "translation", "scale", "colors", "light", '
-        '"camera", got "verts"',
+        '"camera", "texture", got "verts"',
         flags=["--params", "vertices,verts"],
     ),
     "iterations": case(

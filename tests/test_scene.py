@@ -131,6 +131,7 @@ def test_full_scene(tmp_path):
             "laplacian": 0.03,
             "flatten": 0.0003,
             "edge_length": 0,
+            "texture_smoothness": 0,
         },
         mask_rgb=True,
         lr=0.05,
@@ -238,7 +239,7 @@ def test_rotation_matrix_is_orthonormal():
 
 CUBE_WITH_PER_FACE = mesh(primitive="cube", color={"per_face": [[0, 0, 0]]})
 BACKENDS = '"auto", "cpu", "cuda", "reference"'
-PARAMETERS = '"vertices", "translation", "scale", "colors", "light", "camera"'
+PARAMETERS = '"vertices", "translation", "scale", "colors", "light", "camera", "texture"'
 TOP_LEVEL = '"image", "render", "meshes", "cameras", "lights", "optimize"'
 
 INVALID = [

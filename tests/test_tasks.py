@@ -35,7 +35,7 @@ def test_committed_targets_are_the_truths_renders(task):
     torch.testing.assert_close(targets.images, rendered, atol=1 / 255 + 1e-6, rtol=0)
     # Shape tasks fit silhouettes; the colors tasks have color to recover.
     assert targets.has_silhouette.all()
-    assert bool(targets.has_rgb.all()) == (task.min_psnr is not None)
+    assert bool(targets.has_rgb.all()) == task.recovers_colors
 
 
 @pytest.mark.parametrize("task", make_tasks.TASKS, ids=lambda task: task.name)

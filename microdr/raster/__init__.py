@@ -33,6 +33,7 @@ def rasterize(
     height: int,
     settings: SoftRasSettings = SoftRasSettings(),
     backend: str = "auto",
+    texture: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft-rasterize triangles into an image with ``C`` attribute channels plus alpha.
 
@@ -45,16 +46,23 @@ def rasterize(
         width, height: image size in pixels.
         settings: MODEL.md's constants (sigma, gamma, eps, eps_d, near, far, projection, ...).
         backend: ``"auto"`` or one of :data:`BACKENDS`.
+        texture: ``(Ht, Wt, C)`` (``C`` from 1 to 3), same dtype and device, row 0 the image's top,
+            shared by the batch: then ``face_attrs`` are ``(B, F, 3, 2)`` texture coordinates
+            ``(u, v)`` and each pair's attributes are the texture sampled bilinearly at the
+            interpolated coordinates (``microdr.raster.texture``; ``settings.texture_wrap``).
 
     Returns:
         ``(B, C + 1, H, W)`` in the inputs' dtype and device: the blended attributes ``I`` then
-        the silhouette ``A``; row 0 is the top of the image. Differentiable w.r.t. both inputs.
+        the silhouette ``A``; row 0 is the top of the image. Differentiable w.r.t. every input.
     """
-    _check_inputs(face_verts, face_attrs, width, height)
+    _check_inputs(face_verts, face_attrs, width, height, texture)
     backend = resolve_backend(backend, face_verts.device)
     if backend == "reference":
-        return rasterize_reference(face_verts, face_attrs, width, height, settings)
-    return SoftRasterize.apply(face_verts, face_attrs, width, height, settings, _target(backend, face_verts.device))
+        return rasterize_reference(face_verts, face_attrs, width, height, settings, texture)
+    target = _target(backend, face_verts.device)
+    if texture is None:
+        return SoftRasterize.apply(face_verts, face_attrs, width, height, settings, target)
+    return SoftRasterize.apply(face_verts, face_attrs, width, height, settings, target, texture)
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
@@ -158,7 +166,8 @@ def _target(backend: str, device: torch.device) -> KernelTarget:
     return cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _check_inputs(face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int, height: int) -> None:
+def _check_inputs(face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int, height: int,
+                  texture: torch.Tensor | None) -> None:
     if face_verts.dim() != 4 or face_verts.shape[2:] != (3, 3):
         raise ValueError(f"face_verts must be (B, F, 3, 3), got {tuple(face_verts.shape)}")
     if face_attrs.dim() != 4 or face_attrs.shape[:3] != face_verts.shape[:3]:
@@ -169,3 +178,13 @@ def _check_inputs(face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int
         raise ValueError(f"face_verts must be float32 or float64, got {face_verts.dtype}")
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width} x {height}")
+    if texture is None:
+        return
+    if texture.dim() != 3 or not 1 <= texture.shape[-1] <= 3 or texture.shape[0] < 1 or texture.shape[1] < 1:
+        raise ValueError(f"texture must be (Ht, Wt, C) with C from 1 to 3, got {tuple(texture.shape)}")
+    if texture.numel() >= 2**31:  # the kernels index it with int
+        raise ValueError(f"the texture has {texture.numel()} values, more than 2**31 - 1")
+    if face_attrs.shape[-1] != 2:
+        raise ValueError(f"with a texture, face_attrs must be (B, F, 3, 2) texture coordinates, got {tuple(face_attrs.shape)}")
+    if texture.dtype != face_verts.dtype or texture.device != face_verts.device:
+        raise ValueError("the texture must share the faces' dtype and device")

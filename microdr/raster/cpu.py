@@ -122,12 +122,12 @@ class CpuTarget:
             self._launchers[kernel] = function
         return self._launchers[kernel]
 
-    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> TileBins:
         """kernels.sort_by_tile as one counting sort (O(pairs + tiles)) instead of torch's
         comparison sort, which took most of the binning time."""
-        tile_faces = torch.empty_like(bin_faces)
+        tile_faces = torch.empty(bin_keys.numel(), dtype=torch.int32)  # the kept pairs come first
         tile_ends = torch.empty(tiles, dtype=torch.int64)
-        pointers = (t.data_ptr() for t in (bin_keys, bin_faces, tile_faces, tile_ends))
+        pointers = (0 if t is None else t.data_ptr() for t in (bin_keys, bin_faces, tile_faces, tile_ends))
         self._library.softras_sort_by_tile(*pointers, ctypes.c_longlong(bin_keys.numel()), ctypes.c_longlong(tiles))
         return TileBins(tile_faces, tile_ends)
 

@@ -1,7 +1,8 @@
 """The kernels behind the seam: one autograd Function and the launch code both targets share.
 
 ``cuda_src/softras.cu`` defines five kernels per dtype (``softras_{setup,bin,forward,backward,
-reduce}_{f32,f64}``), each a 1-D grid of independent work items taking one argument block,
+reduce}_{f32,f64}``), and two more for textured renders (``softras_{backward_textured,texels}_*``),
+each a 1-D grid of independent work items taking one argument block,
 :data:`ARGS_DTYPE`. This module fills that block and sizes the grid; a *target* (``cpu.py``:
 the source compiled by the host C++ compiler; ``cuda.py``: the same source through PyCUDA) only
 compiles the source and launches a named kernel. Nothing here knows which target runs.
@@ -25,11 +26,12 @@ ARGS_DTYPE = np.dtype(
         "grad_image", "grad_verts", "grad_attrs",
         "face_tiles", "bin_starts", "bin_keys", "bin_faces", "tile_faces", "tile_ends",
         "face_chunks", "chunk_starts", "chunk_faces", "partial_starts", "partials",
+        "texture", "box_starts", "texel_keys", "texel_values", "texel_entries", "texel_ends", "grad_texture",
     )]
     + [("n_items", np.int64), ("chunks", np.int64)]
     + [(name, np.int32) for name in (
         "batch", "faces", "channels", "height", "width", "perspective", "cull_backfaces",
-        "pitch", "tiles_x", "tiles_y",
+        "pitch", "tiles_x", "tiles_y", "texture_height", "texture_width", "texture_wrap",
     )]
     + [(name, np.float64) for name in ("sigma", "gamma", "eps", "distance_cutoff", "near", "far")],
     align=True,
@@ -55,6 +57,16 @@ BYTES_PER_LISTED_PAIR = 16
 #: (:func:`too_many_chunks`), so a backward has at most 2**29 work items.
 BYTES_PER_CHUNK = 8
 MAX_BACKWARD_BYTES = 2**32
+#: The textured backward writes 4 texel slots per (pixel, face) pair of the faces' boxes (every
+#: pair visited, whether it counts or not, so that a slot's place depends on the pair alone, not
+#: on the chunk that visits it); each slot takes its texel key (8 bytes), the slot's index once
+#: sorted by texel (4) and C values of the dtype: 24 bytes in float32 RGB, 96 per pair visited
+#: (36 and 144 in float64); the sort adds 8 bytes per texel. At most MAX_TEXEL_SLOTS (int32
+#: indices): 6 GiB in float32 RGB at the limit. Ordinary renders take far fewer: the cow (5,856
+#: faces) filling a 256 x 256 view visits 9.1e5 pairs, 88 MB of slots.
+SLOTS_PER_PAIR = 4
+MAX_TEXEL_SLOTS = 2**28
+BYTES_PER_SLOT_BESIDES_VALUES = 12
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -66,7 +78,7 @@ class KernelTarget(Protocol):
     #: Adjacent pixels per work item (MDR_LANES): 1 on the GPU, a SIMD width on the CPU.
     lanes: int
 
-    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> "TileBins":
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> "TileBins":
         """What :func:`sort_by_tile` returns, computed on this target."""
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
@@ -80,9 +92,15 @@ def _pointer(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def _args(face_verts, face_attrs, width, height, settings: SoftRasSettings, **buffers) -> np.ndarray:
+def _args(face_verts, face_attrs, width, height, settings: SoftRasSettings, texture=None, **buffers) -> np.ndarray:
+    """The argument block; with a ``(Ht, Wt, C)`` ``texture``, ``face_attrs`` are texture coordinates
+    and the image has the texture's ``C`` channels."""
     batch, faces, _, channels = face_attrs.shape
     args = np.zeros(1, dtype=ARGS_DTYPE)
+    if texture is not None:
+        args["texture"] = _pointer(texture)
+        args["texture_height"], args["texture_width"], channels = texture.shape
+        args["texture_wrap"] = int(settings.texture_wrap)
     args["face_verts"] = _pointer(face_verts)
     args["face_attrs"] = _pointer(face_attrs)
     for name, tensor in buffers.items():
@@ -109,15 +127,22 @@ def _tiles(width: int, height: int) -> tuple[int, int]:
     return -(-width // TILE), -(-height // TILE)
 
 
-#: The kernels of softras.cu, in launch order.
+#: The kernels of softras.cu, in launch order; textured renders run TEXTURED_BACKWARD instead
+#: of the backward, and TEXTURE_STAGE last.
 STAGES = ("setup", "bin", "forward", "backward", "reduce")
+TEXTURED_BACKWARD = "backward_textured"
+TEXTURE_STAGE = "texels"
 
 
-def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, chunks: int) -> int:
+def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, chunks: int,
+               texels: int = 0) -> int:
     """The work items of ``stage``'s 1-D grid: one per face for setup, bin and reduce; for
     forward, one per ``lanes`` adjacent pixels of each row of each tile of each image; for
-    backward, one per chunk (``chunks`` in all, see :func:`chunk_layout`)."""
-    if stage == "backward":
+    backward (textured too), one per chunk (``chunks`` in all, see :func:`chunk_layout`); for
+    texels, one per texel (``texels`` of them)."""
+    if stage == TEXTURE_STAGE:
+        return texels
+    if stage in ("backward", TEXTURED_BACKWARD):
         return chunks
     if stage != "forward":
         return batch * faces
@@ -134,7 +159,8 @@ def launch_size(n_items: int) -> tuple[int, int]:
 def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarray) -> None:
     """Runs ``stage``'s kernel over its work items (:func:`work_items`, for the sizes in ``args``)."""
     batch, faces, width, height, chunks = (int(args[field][0]) for field in ("batch", "faces", "width", "height", "chunks"))
-    n_items = work_items(stage, batch, faces, width, height, target.lanes, chunks)
+    texels = int(args["texture_height"][0]) * int(args["texture_width"][0])
+    n_items = work_items(stage, batch, faces, width, height, target.lanes, chunks, texels)
     if n_items == 0:
         return
     args["n_items"] = n_items
@@ -180,13 +206,16 @@ def too_many_pairs(pairs: int) -> str | None:
     )
 
 
-def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:
+def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> TileBins:
     """The bin pairs ``(bin_keys, bin_faces)`` sorted by tile key, stably: within a tile the
-    faces stay in face order, so the blend order is fixed. Any target may use this; the CPU
-    target has a faster counting sort of its own (``softras_sort_by_tile``)."""
-    order = torch.argsort(bin_keys, stable=True)
-    tile_ends = torch.cumsum(torch.bincount(bin_keys, minlength=tiles), 0)
-    return TileBins(bin_faces[order], tile_ends)
+    faces stay in face order, so the blend order is fixed. ``bin_faces=None`` sorts the pairs'
+    own indices (int32), as the texel slots are sorted by texel key (``tiles`` keys, then); pairs
+    with a key of ``tiles`` or more are left out (slots that hold nothing). Any target may use
+    this; the CPU target has a faster counting sort of its own (``softras_sort_by_tile``)."""
+    kept = torch.nonzero(bin_keys < tiles).flatten()
+    order = kept[torch.argsort(bin_keys[kept], stable=True)]
+    tile_ends = torch.cumsum(torch.bincount(bin_keys[kept], minlength=tiles), 0)
+    return TileBins(order.int() if bin_faces is None else bin_faces[order], tile_ends)
 
 
 def partial_bytes(channels: int, itemsize: int) -> int:
@@ -269,9 +298,7 @@ class ForwardResult:
         """(pixel, face) pairs evaluated by the forward, each face with every pixel of its box;
         the backward evaluates at most as many (it skips the columns of a chunk its face cannot
         reach, softras.cu's reach_columns)."""
-        rows = (self.face_boxes[..., 1] - self.face_boxes[..., 0] + 1).clamp(min=0)
-        cols = (self.face_boxes[..., 3] - self.face_boxes[..., 2] + 1).clamp(min=0)
-        return int((rows.long() * cols.long()).sum())
+        return int(box_pixels(self.face_boxes).sum())
 
     def most_pixels_per_backward_item(self) -> int:
         """The most pixels one backward work item visits (0 when no face is drawn)."""
@@ -279,9 +306,18 @@ class ForwardResult:
         return int(pixels.max()) if pixels.numel() else 0
 
 
-def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings) -> ForwardResult:
-    """Runs setup, bin and forward on contiguous ``(B, F, 3, 3)`` and ``(B, F, 3, C)`` inputs."""
-    batch, faces, _, channels = face_attrs.shape
+def box_pixels(face_boxes: torch.Tensor) -> torch.Tensor:
+    """``(B, F)`` int64: the pixels of each face's box (``face_boxes`` as setup writes them)."""
+    rows = (face_boxes[..., 1] - face_boxes[..., 0] + 1).clamp(min=0)
+    cols = (face_boxes[..., 3] - face_boxes[..., 2] + 1).clamp(min=0)
+    return rows.long() * cols.long()
+
+
+def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings, texture=None) -> ForwardResult:
+    """Runs setup, bin and forward on contiguous ``(B, F, 3, 3)`` and ``(B, F, 3, C)`` inputs
+    (with a contiguous ``(Ht, Wt, C)`` ``texture``: ``(B, F, 3, 2)`` texture coordinates)."""
+    batch, faces = face_attrs.shape[:2]
+    channels = face_attrs.shape[-1] if texture is None else texture.shape[-1]
     device = face_verts.device
     background = face_attrs.new_tensor(settings.background_values(channels))
     face_boxes = torch.empty(batch, faces, 4, dtype=torch.int32, device=device)
@@ -290,7 +326,7 @@ def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, 
     face_chunks = torch.empty(batch, faces, dtype=torch.int32, device=device)
     image = face_attrs.new_empty(batch, channels + 1, height, _pitch(width))
     aux = face_attrs.new_empty(batch, 3, height, _pitch(width))
-    args = _args(face_verts, face_attrs, width, height, settings, background=background,
+    args = _args(face_verts, face_attrs, width, height, settings, texture, background=background,
                  face_boxes=face_boxes, face_data=face_data, face_tiles=face_tiles, face_chunks=face_chunks,
                  image=image, aux=aux)
     _launch(target, "setup", face_verts.dtype, args)
@@ -307,10 +343,12 @@ def visible(padded: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height, settings,
-                    padded_image, aux, face_boxes, face_data, face_chunks, grad_image):
-    """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs)`` from ``dL/dimage``
-    (``(B, C + 1, H, W)``; the forward's buffers are the padded ones of :class:`ForwardResult`):
-    the backward kernel over the chunks, then the reduce over the faces."""
+                    padded_image, aux, face_boxes, face_data, face_chunks, grad_image, texture=None):
+    """The hand-written backward: ``(dL/dface_verts, dL/dface_attrs, dL/dtexture)`` from
+    ``dL/dimage`` (``(B, C + 1, H, W)``; the forward's buffers are the padded ones of
+    :class:`ForwardResult`): the backward kernel over the chunks, then the reduce over the faces
+    (and, textured, the texels'; ``dL/dtexture`` is ``None`` without a texture). The partial
+    gradients hold 9 + 3 A values, A = face_attrs' last side (2 texture coordinates, textured)."""
     layout = chunk_layout(face_chunks)
     chunks = layout.chunk_faces.numel()
     problem = too_many_chunks(chunks, layout.partial_chunks, face_attrs.shape[-1], face_attrs.element_size())
@@ -321,25 +359,74 @@ def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height,
     partials = face_attrs.new_empty(layout.partial_chunks, 9 + 3 * face_attrs.shape[-1])
     if _pitch(width) != width:
         grad_image = torch.nn.functional.pad(grad_image, (0, _pitch(width) - width))
-    args = _args(face_verts, face_attrs, width, height, settings, face_boxes=face_boxes, face_data=face_data,
+    args = _args(face_verts, face_attrs, width, height, settings, texture, face_boxes=face_boxes, face_data=face_data,
                  image=padded_image, aux=aux, grad_image=grad_image, grad_verts=grad_verts, grad_attrs=grad_attrs,
                  face_chunks=face_chunks, chunk_starts=layout.chunk_starts, chunk_faces=layout.chunk_faces,
                  partial_starts=layout.partial_starts, partials=partials)
     args["chunks"] = chunks
-    _launch(target, "backward", face_verts.dtype, args)
+    if texture is None:
+        _launch(target, "backward", face_verts.dtype, args)
+        _launch(target, "reduce", face_verts.dtype, args)
+        return grad_verts, grad_attrs, None
+    slots = _texel_slots(args, face_boxes, texture)
+    _launch(target, TEXTURED_BACKWARD, face_verts.dtype, args)
     _launch(target, "reduce", face_verts.dtype, args)
-    return grad_verts, grad_attrs
+    return grad_verts, grad_attrs, _reduce_texels(target, args, slots, texture)
+
+
+def _texel_slots(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The backward's texel slots, put in ``args``: ``(box_starts, keys, values)``, every key at
+    the texture's texel count (a slot that holds nothing) until the backward writes it."""
+    pixels = box_pixels(face_boxes).flatten()
+    ends = torch.cumsum(pixels, 0)
+    slots = SLOTS_PER_PAIR * (int(ends[-1]) if ends.numel() else 0)
+    problem = too_many_slots(slots, texture.shape[-1], texture.element_size())
+    if problem:
+        raise MicroDRError(problem)
+    texels = texture.shape[0] * texture.shape[1]
+    box_starts = ends - pixels
+    keys = torch.full((slots,), texels, dtype=torch.int64, device=texture.device)
+    values = texture.new_empty(slots, texture.shape[-1])
+    args["box_starts"], args["texel_keys"], args["texel_values"] = (_pointer(t) for t in (box_starts, keys, values))
+    return box_starts, keys, values
+
+
+def _reduce_texels(target: KernelTarget, args: np.ndarray, slots, texture: torch.Tensor) -> torch.Tensor:
+    """dL/dtexture ``(Ht, Wt, C)``: the backward's texel slots sorted by texel (stably, so in
+    slot order) and each texel's added up in that order by the texels kernel."""
+    _, keys, values = slots
+    texels = texture.shape[0] * texture.shape[1]
+    runs = target.sort_by_tile(keys, None, texels)  # leaves out the slots that hold nothing (key texels)
+    grad_texture = torch.empty_like(texture)
+    args["texel_entries"], args["texel_ends"] = _pointer(runs.tile_faces), _pointer(runs.tile_ends)
+    args["grad_texture"] = _pointer(grad_texture)
+    _launch(target, TEXTURE_STAGE, texture.dtype, args)
+    return grad_texture
+
+
+def too_many_slots(slots: int, channels: int, value_bytes: int) -> str | None:
+    """Why the textured backward refuses ``slots`` texel slots before they are allocated (one
+    line, with the memory they would take), or ``None`` if it does not."""
+    if slots <= MAX_TEXEL_SLOTS:
+        return None
+    gib = slots * (BYTES_PER_SLOT_BESIDES_VALUES + channels * value_bytes) / 2**30
+    return (
+        f"the textured backward needs {slots} texel slots ({SLOTS_PER_PAIR} per (pixel, face) pair of the faces' "
+        f"screen boxes), more than the limit of 2**28 = {MAX_TEXEL_SLOTS}; they would take {gib:.1f} GiB: lower "
+        f"sigma, the image size or the face count"
+    )
 
 
 class SoftRasterize(torch.autograd.Function):
     """``rasterize`` on a kernel target: forward and backward are the kernels of softras.cu."""
 
     @staticmethod
-    def forward(ctx, face_verts, face_attrs, width, height, settings, target):
+    def forward(ctx, face_verts, face_attrs, width, height, settings, target, texture=None):
         face_verts, face_attrs = face_verts.contiguous(), face_attrs.contiguous()
-        result = kernel_forward(target, face_verts, face_attrs, width, height, settings)
+        texture = None if texture is None else texture.contiguous()
+        result = kernel_forward(target, face_verts, face_attrs, width, height, settings, texture)
         ctx.save_for_backward(face_verts, face_attrs, result.padded_image, result.aux, result.face_boxes,
-                              result.face_data, result.face_chunks)
+                              result.face_data, result.face_chunks, texture)
         ctx.config = (width, height, settings, target)
         return visible(result.padded_image, width)
 
@@ -347,7 +434,9 @@ class SoftRasterize(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image):
         width, height, settings, target = ctx.config
-        grad_verts, grad_attrs = kernel_backward(
-            target, *ctx.saved_tensors[:2], width, height, settings, *ctx.saved_tensors[2:], grad_image.contiguous()
+        *saved, texture = ctx.saved_tensors
+        grad_verts, grad_attrs, grad_texture = kernel_backward(
+            target, *saved[:2], width, height, settings, *saved[2:], grad_image.contiguous(), texture
         )
-        return grad_verts, grad_attrs, None, None, None, None
+        # One gradient per input given: apply() without a texture has six.
+        return (grad_verts, grad_attrs, None, None, None, None, grad_texture)[: len(ctx.needs_input_grad)]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..conventions import pixel_centers, signed_area2
 from .settings import SoftRasSettings
+from .texture import sample_bilinear
 
 #: (pixel, face) pairs evaluated at once; bounds the memory of one chunk's graph (~300 MiB in
 #: float64, recomputed in the backward).
@@ -29,18 +30,20 @@ TILE = 8
 
 
 def rasterize_reference(
-    face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int, height: int, settings: SoftRasSettings
+    face_verts: torch.Tensor, face_attrs: torch.Tensor, width: int, height: int, settings: SoftRasSettings,
+    texture: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft-rasterize; see :func:`microdr.raster.rasterize` for the tensor contract."""
     batch, faces = face_verts.shape[:2]
-    channels = face_attrs.shape[-1]
+    channels = face_attrs.shape[-1] if texture is None else texture.shape[-1]
     centers = pixel_centers(height, width, dtype=face_verts.dtype, device=face_verts.device)
     background = face_attrs.new_tensor(settings.background_values(channels))
     boxes = _reach_boxes(face_verts.detach(), settings, pixel=2.0 / height)  # (B, F, 4)
-    recorded = torch.is_grad_enabled() and (face_verts.requires_grad or face_attrs.requires_grad)
+    inputs = (face_verts, face_attrs) + (() if texture is None else (texture,))
+    recorded = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
 
-    def shade_chunk(points, verts, attrs):
-        return _shade_pixels(points, verts, attrs, background, settings)
+    def shade_chunk(points, verts, attrs, *texture):
+        return _shade_pixels(points, verts, attrs, background, settings, *texture)
 
     images = []
     for b in range(batch):
@@ -55,10 +58,11 @@ def rasterize_reference(
                 pixels = (rows[:, None] * width + cols[None, :]).flatten()
                 per_chunk = max(1, PAIRS_PER_CHUNK // max(1, chosen.numel()))
                 for points, indices in zip(tile.split(per_chunk), pixels.split(per_chunk)):
+                    chunk_inputs = (points, verts, attrs, *inputs[2:])
                     if recorded:
-                        outputs.append(_Recomputed.apply(shade_chunk, points, verts, attrs))
+                        outputs.append(_Recomputed.apply(shade_chunk, *chunk_inputs))
                     else:
-                        outputs.append(shade_chunk(points, verts, attrs))
+                        outputs.append(shade_chunk(*chunk_inputs))
                     order.append(indices)
         # Back to row-major pixel order: (1, H*W, C+1).
         images.append(torch.cat(outputs, dim=1)[:, torch.cat(order).argsort()])
@@ -67,26 +71,26 @@ def rasterize_reference(
 
 
 class _Recomputed(torch.autograd.Function):
-    """Activation checkpointing of one chunk, ``shade(points, verts, attrs)``: the forward keeps
-    only the inputs, the backward recomputes the chunk's graph and differentiates it (once;
-    no double backward). torch.utils.checkpoint does the same, but its first call imports
-    torch._dynamo: seconds on a busy machine, longer than a small gradcheck's reference."""
+    """Activation checkpointing of one chunk, ``shade(points, verts, attrs[, texture])``: the
+    forward keeps only the inputs, the backward recomputes the chunk's graph and differentiates
+    it (once; no double backward). torch.utils.checkpoint does the same, but its first call
+    imports torch._dynamo: seconds on a busy machine, longer than a small gradcheck's reference."""
 
     @staticmethod
-    def forward(ctx, shade, points, verts, attrs):
+    def forward(ctx, shade, points, *tensors):
         ctx.shade = shade
-        ctx.save_for_backward(points, verts, attrs)
-        return shade(points, verts, attrs)
+        ctx.save_for_backward(points, *tensors)
+        return shade(points, *tensors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        points, verts, attrs = ctx.saved_tensors
-        verts, attrs = verts.detach().requires_grad_(), attrs.detach().requires_grad_()
+        points, *tensors = ctx.saved_tensors
+        tensors = [tensor.detach().requires_grad_() for tensor in tensors]
         with torch.enable_grad():
-            output = ctx.shade(points, verts, attrs)
-        grad_verts, grad_attrs = torch.autograd.grad(output, (verts, attrs), grad_output, allow_unused=True)
-        return None, None, grad_verts, grad_attrs
+            output = ctx.shade(points, *tensors)
+        grads = torch.autograd.grad(output, tensors, grad_output, allow_unused=True)
+        return None, None, *grads
 
 
 def _reach_boxes(face_verts: torch.Tensor, settings: SoftRasSettings, pixel: float) -> torch.Tensor:
@@ -112,9 +116,11 @@ def coordinate_limit(dtype: torch.dtype) -> float:
 
 
 def _shade_pixels(
-    p: torch.Tensor, face_verts: torch.Tensor, face_attrs: torch.Tensor, c_bg: torch.Tensor, s: SoftRasSettings
+    p: torch.Tensor, face_verts: torch.Tensor, face_attrs: torch.Tensor, c_bg: torch.Tensor, s: SoftRasSettings,
+    texture: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RGBA ``(B, P, C+1)`` of pixel centers ``p`` ``(P, 2)``. Pair tensors are ``(B, P, F, ...)``."""
+    """RGBA ``(B, P, C+1)`` of pixel centers ``p`` ``(P, 2)``. Pair tensors are ``(B, P, F, ...)``.
+    With a ``texture``, ``face_attrs`` are per-corner texture coordinates."""
     # Per face: screen corners v (B, 1, F, 3, 2), view depths z (B, 1, F, 3).
     v = face_verts[:, None, :, :, :2]
     z = face_verts[:, None, :, :, 2]
@@ -199,7 +205,10 @@ def _shade_pixels(
     z_ij_in_range = torch.minimum(torch.maximum(z_ij, z.amin(dim=-1)), z.amax(dim=-1))
     keep = face_ok & clip_ok & (inside | (d <= s.distance_cutoff)) & (z_ij_in_range <= s.far)
 
+    # Attributes C_ij = sum_k w^_k c_k; textured, C_ij = texture(uv_ij) with uv_ij = sum_k w^_k uv_k.
     C = torch.einsum("bpfk,bfkc->bpfc", w_hat, face_attrs)
+    if texture is not None:
+        C = sample_bilinear(texture, C, s.texture_wrap)
     zhat = (s.far - z_ij) / (s.far - s.near)
 
     # Silhouette: A = 1 - prod_j (1 - D_ij), the product taken as a sum of log-sigmoids.

@@ -21,6 +21,8 @@ class SoftRasSettings:
     perspective: perspective-correct interpolation (True) or orthographic (False).
     cull_backfaces: skip faces with negative signed screen area (clockwise on screen).
     background: per attribute channel; ``()`` means all zeros, a single value is broadcast.
+    texture_wrap: textured renders only: texture coordinates outside [0, 1] wrap around (True)
+        or take the edge texels (False, MTL's ``-clamp on``).
     """
 
     sigma: float = SIGMA
@@ -32,6 +34,7 @@ class SoftRasSettings:
     perspective: bool = True
     cull_backfaces: bool = False
     background: tuple[float, ...] = ()
+    texture_wrap: bool = True
 
     @property
     def distance_cutoff(self) -> float:
