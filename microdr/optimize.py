@@ -1118,7 +1118,7 @@ class _Pieces:
     """
 
     #: The per-view metrics (after the image terms' values) in the buffer's table.
-    METRICS = ("soft_iou", "psnr")
+    METRICS = ("soft_iou", "psnr", "psnr_inside")
 
     def __init__(
         self, run: Optimization, vertices: torch.Tensor, views: torch.Tensor, mine: torch.Tensor,
@@ -1239,7 +1239,7 @@ class _Pieces:
 
     def outcome(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], Metrics]:
         """The weighted total loss, each term's unweighted value and the :class:`Metrics` (soft
-        IoU and PSNR) of all the iteration's views, from the summed buffer."""
+        IoU, PSNR and PSNR inside the silhouette) of all the iteration's views, from the summed buffer."""
         table = self._blocks(self.buffer)[2]
         masks = self._masks(self.views)
         terms = {name: view_mean(table[:, k], masks[k]) for k, name in enumerate(self.image_terms)}
@@ -1247,12 +1247,12 @@ class _Pieces:
         weighted = (self.weights[name] * term for name, term in terms.items())
         total = sum(weighted, table.new_zeros(()))
         count = len(self.image_terms)
-        soft_iou, psnr = (
+        per_view = (
             tuple(None if math.isnan(x) else x for x in table[:, count + k].tolist())
             for k in range(len(self.METRICS))
         )
         cameras = tuple(self.views.tolist())
-        return total, terms, Metrics(cameras, (None,) * len(cameras), soft_iou, psnr)
+        return total, terms, Metrics(cameras, (None,) * len(cameras), *per_view)
 
     def backward(self) -> None:
         """Carry the summed gradients of the corners, the shaded colors (the texture), and the
