@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .conventions import look_at_rotation
 from .scene import Camera
 
 
@@ -35,16 +36,6 @@ class CameraTensors:
             return torch.tensor(v, dtype=dtype, device=device)
 
         return CameraTensors(t(camera.eye), t(camera.target), t(camera.up))
-
-
-def look_at_rotation(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """World-to-camera rotations ``(..., 3, 3)`` of poses ``(..., 3)``: the rows are the camera's
-    x, y, z axes in world space. The camera's z axis points from the target to the eye (the
-    camera looks along -z)."""
-    z_axis = torch.nn.functional.normalize(eye - target, dim=-1)
-    x_axis = torch.nn.functional.normalize(torch.linalg.cross(up, z_axis, dim=-1), dim=-1)
-    y_axis = torch.linalg.cross(z_axis, x_axis, dim=-1)
-    return torch.stack([x_axis, y_axis, z_axis], dim=-2)
 
 
 def project_views(

@@ -63,7 +63,6 @@ def to_pixels(
     return fy * fx_over_fy, fy, (px * height + width) / 2, (height - py * height) / 2
 
 
-
 def pixel_centers(height: int, width: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """Screen-unit centers of all pixels: ``(H, W, 2)`` holding ``(x, y)``, row 0 at the top."""
     cols = torch.arange(width, dtype=dtype, device=device)
@@ -78,3 +77,13 @@ def signed_area2(v: torch.Tensor) -> torch.Tensor:
     e1 = v[..., 1, :2] - v[..., 0, :2]
     e2 = v[..., 2, :2] - v[..., 0, :2]
     return e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]
+
+
+def look_at_rotation(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """World-to-camera rotations ``(..., 3, 3)`` of poses ``(..., 3)``: the rows are the camera's
+    x, y, z axes in world space. The camera's z axis points from the target to the eye (the
+    camera looks along -z)."""
+    z_axis = torch.nn.functional.normalize(eye - target, dim=-1)
+    x_axis = torch.nn.functional.normalize(torch.linalg.cross(up, z_axis, dim=-1), dim=-1)
+    y_axis = torch.linalg.cross(z_axis, x_axis, dim=-1)
+    return torch.stack([x_axis, y_axis, z_axis], dim=-2)
