@@ -1,7 +1,7 @@
 """microDR: a differentiable soft rasterizer (the SoftRas model) with hand-written CUDA C kernels
 that also run on CPUs.
 
-Load a scene with :func:`microdr.scene.load_scene` and render it with
+Load a scene with :func:`microdr.io.scene.load_scene` and render it with
 :func:`microdr.render.render_scene`, or use the ``microdr`` command (:mod:`microdr.cli`). This
 module stays light: it imports neither torch nor the rasterizer.
 """

@@ -10,7 +10,7 @@ import sys
 
 def main() -> None:
     # torch.distributed's C++ side logs a lost rank or a missing rendezvous as stack traces; the
-    # command says it in one line (microdr.distributed). torch reads this when it loads.
+    # command says it in one line (microdr.optimize.distributed). torch reads this when it loads.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     try:
         from microdr.cli import main as command

@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .camera import CameraTensors, project_views
+from .view.camera import CameraTensors, project_views
 from .raster import SoftRasSettings, preferred_device, rasterize
-from .mesh import Texture
-from .scene import Camera, Lights, RenderSettings, Scene, SceneMesh
-from .shading import LightTensors, shade
+from .io.mesh import Texture
+from .io.scene import Camera, Lights, RenderSettings, Scene, SceneMesh
+from .view.shading import LightTensors, shade
 
 
 @dataclass(frozen=True)

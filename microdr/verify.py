@@ -18,7 +18,7 @@ import torch
 
 from .raster import preferred_device, resolve_backend
 from .render import render_faces, scene_faces
-from .scene import RenderSettings, Scene
+from .io.scene import RenderSettings, Scene
 
 
 def condition(render: RenderSettings) -> float:

@@ -33,8 +33,8 @@ import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait po
 import airplane_heldout as heldout  # noqa: E402
 import softras_airplane as airplane  # noqa: E402
 
-from microdr.files import write_files  # noqa: E402
-from microdr.optimize import DEFAULT_SILHOUETTE_SIGMA_END, DEFAULT_SILHOUETTE_SIGMA_START  # noqa: E402
+from microdr.io.files import write_files  # noqa: E402
+from microdr.optimize.loop import DEFAULT_SILHOUETTE_SIGMA_END, DEFAULT_SILHOUETTE_SIGMA_START  # noqa: E402
 
 #: The default schedule for the airplane's sigma (3e-4 -> 3e-6), as the optimizer computes it.
 SCHEDULE = {"sigma_schedule": {"start": airplane.SIGMA * DEFAULT_SILHOUETTE_SIGMA_START,

@@ -42,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait policy)
 import softras_airplane as airplane  # noqa: E402
 
-from microdr.drawing import labeled_grid  # noqa: E402
-from microdr.files import write_files  # noqa: E402
-from microdr.images import encode_png  # noqa: E402
-from microdr.mesh import Mesh, load_obj  # noqa: E402
-from microdr.optimize import optimize  # noqa: E402
+from microdr.optimize.drawing import labeled_grid  # noqa: E402
+from microdr.io.files import write_files  # noqa: E402
+from microdr.io.images import encode_png  # noqa: E402
+from microdr.io.mesh import Mesh, load_obj  # noqa: E402
+from microdr.optimize.loop import optimize  # noqa: E402
 from microdr.render import hard_silhouettes  # noqa: E402
-from microdr.scene import Camera, RenderSettings, load_scene  # noqa: E402
-from microdr.targets import read_targets  # noqa: E402
+from microdr.io.scene import Camera, RenderSettings, load_scene  # noqa: E402
+from microdr.io.targets import read_targets  # noqa: E402
 
 #: The airplane script's ``optimize`` section before issue 12 (SoftRas's demo settings, but 24
 #: views drawn per iteration and 1000 iterations).

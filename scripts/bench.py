@@ -47,15 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import microdr  # noqa: E402, F401  (before torch: it sets torch's OpenMP wait policy)
 import torch  # noqa: E402
 
-from microdr.camera import CameraTensors, project  # noqa: E402
-from microdr.mesh import Mesh, cube, icosphere  # noqa: E402
+from microdr.view.camera import CameraTensors, project  # noqa: E402
+from microdr.io.mesh import Mesh, cube, icosphere  # noqa: E402
 from microdr.raster import SoftRasSettings, backend_status, rasterize  # noqa: E402
 from microdr.raster.kernels import kernel_forward  # noqa: E402
 from microdr.raster.cpu import cpu_target  # noqa: E402
 from microdr.raster.cuda import resource_usage  # noqa: E402
-from microdr.camera import project_views  # noqa: E402
+from microdr.view.camera import project_views  # noqa: E402
 from microdr.render import raster_settings, scene_faces  # noqa: E402
-from microdr.scene import Camera, load_scene  # noqa: E402
+from microdr.io.scene import Camera, load_scene  # noqa: E402
 
 COLUMNS = ["case", "backend", "faces", "width", "height", "batch", "channels", "threads",
            "forward_ms", "forward_backward_ms", "peak_mb", "pairs_visited", "backward_item_max_pixels"]

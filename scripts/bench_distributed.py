@@ -10,14 +10,14 @@ Tasks: ``airplane``, SoftRas's airplane (``scripts/softras_airplane.py``: 120 vi
 all of them (or ``--views-per-step``) each iteration.
 
 Each configuration runs ``--repeat`` times in fresh processes, as a user's own torch.distributed
-program would (:mod:`microdr.distributed`: every rank builds the same
-:class:`~microdr.optimize.Optimization`; ``gloo`` on loopback): after 2 iterations of warm-up
+program would (:mod:`microdr.optimize.distributed`: every rank builds the same
+:class:`~microdr.optimize.loop.Optimization`; ``gloo`` on loopback): after 2 iterations of warm-up
 (kernels, caches; the first also measures the hard metrics) rank 0 times ``--iterations``
 iterations (a count per task); the best repeat's mean is kept (the machine may be shared).
 Efficiency is the 1-process time over the 2-process one (1.0: as fast; the floor is 0.8, i.e.
 within 1.25x).
 The bytes each rank but the last sends per iteration, and the last broadcasts, are
-:func:`microdr.distributed.chain_length` numbers of float32.
+:func:`microdr.optimize.distributed.chain_length` numbers of float32.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait po
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from microdr.distributed import chain_length  # noqa: E402
-from microdr.losses import VIEW_TERMS  # noqa: E402
-from microdr.optimize import Optimization  # noqa: E402
+from microdr.optimize.distributed import chain_length  # noqa: E402
+from microdr.optimize.losses import VIEW_TERMS  # noqa: E402
+from microdr.optimize.loop import Optimization  # noqa: E402
 from microdr.render import render_scene  # noqa: E402
-from microdr.scene import load_scene, parse_scene  # noqa: E402
-from microdr.targets import Targets, read_targets  # noqa: E402
+from microdr.io.scene import load_scene, parse_scene  # noqa: E402
+from microdr.io.targets import Targets, read_targets  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "softras"
 #: Configurations: (processes, threads per process).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 READ = """
 import resource, sys, time
-from microdr.mesh import load_obj
+from microdr.io.mesh import load_obj
 start = time.perf_counter()
 mesh = load_obj(sys.argv[1])
 seconds = time.perf_counter() - start
@@ -26,12 +26,12 @@ print(mesh.num_faces, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 WRITE = """
 import sys
-from microdr.mesh import icosphere, save_obj
+from microdr.io.mesh import icosphere, save_obj
 save_obj(icosphere(int(sys.argv[1])), sys.argv[2])
 """
 IMPORT = """
 import resource
-import microdr.mesh
+import microdr.io.mesh
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402  (the bench's cases and inputs: one place for them)
 import torch  # noqa: E402
 
-from microdr.mesh import Mesh  # noqa: E402
+from microdr.io.mesh import Mesh  # noqa: E402
 from microdr.raster.cpu import cpu_target  # noqa: E402
 from microdr.raster.cuda import resource_usage, source_dir  # noqa: E402
 from microdr.raster.kernels import BLOCK, TILE, chunk_pixels, kernel_forward  # noqa: E402

@@ -26,10 +26,10 @@ CHILD = """
 import sys, time
 {imports}
 from dataclasses import replace
-from microdr.optimize import optimize
+from microdr.optimize.loop import optimize
 from microdr.raster.cpu import cpu_target
-from microdr.scene import load_scene
-from microdr.targets import read_targets
+from microdr.io.scene import load_scene
+from microdr.io.targets import read_targets
 scene = load_scene(sys.argv[1])
 settings = replace(scene.optimize, iterations=int(sys.argv[3]))
 targets = read_targets([sys.argv[2]], len(scene.cameras), (scene.render.width, scene.render.height))

@@ -41,7 +41,7 @@ works without running this script first. The tasks, and the floors a run must re
 distance, field of view and target of the task's first camera, at azimuths halfway between
 the fitting ones (22.5 + 45 k degrees) and elevations 10, 65, -10, -65 degrees in turn, so that
 the shape is also judged from nearly above and below. Every IoU is the hard one of
-``metrics.json`` (:class:`microdr.losses.Metrics`): the pixels whose center the result's mesh
+``metrics.json`` (:class:`microdr.optimize.losses.Metrics`): the pixels whose center the result's mesh
 covers against the target's alpha > 0.5; on the held-out views the target is the truth's render.
 
 ``--pictures`` (implies ``--run``) writes ``scenes/previews/task_<task>.png``: truth | start |
@@ -65,14 +65,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait policy)
 import torch  # noqa: E402
 
-from microdr.files import write_files  # noqa: E402
-from microdr.images import encode_png, grid, to_uint8  # noqa: E402
-from microdr.losses import IOU_THRESHOLD, mask_iou  # noqa: E402
-from microdr.mesh import Mesh, load_obj, save_obj  # noqa: E402
-from microdr.optimize import Result, optimize  # noqa: E402
+from microdr.io.files import write_files  # noqa: E402
+from microdr.io.images import encode_png, grid, to_uint8  # noqa: E402
+from microdr.optimize.losses import IOU_THRESHOLD, mask_iou  # noqa: E402
+from microdr.io.mesh import Mesh, load_obj, save_obj  # noqa: E402
+from microdr.optimize.loop import Result, optimize  # noqa: E402
 from microdr.render import hard_silhouettes, render_scene, scene_faces  # noqa: E402
-from microdr.scene import Camera, DirectionalLight, Lights, Scene, load_scene  # noqa: E402
-from microdr.targets import read_targets  # noqa: E402
+from microdr.io.scene import Camera, DirectionalLight, Lights, Scene, load_scene  # noqa: E402
+from microdr.io.targets import read_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "scenes" / "tasks"

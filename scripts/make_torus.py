@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from microdr.mesh import Mesh, save_obj
+from microdr.io.mesh import Mesh, save_obj
 
 RING_RADIUS = 1.0
 TUBE_RADIUS = 0.4

@@ -36,9 +36,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # microdr before torch, so that the CPU kernels own the cores (microdr.raster.cpu).
-from microdr.losses import silhouette_iou  # noqa: E402
+from microdr.optimize.losses import silhouette_iou  # noqa: E402
 from microdr.render import render_scene  # noqa: E402
-from microdr.scene import load_scene  # noqa: E402
+from microdr.io.scene import load_scene  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -49,12 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import microdr  # noqa: E402,F401  (before torch: it sets torch's OpenMP wait policy)
 import torch  # noqa: E402
 
-from microdr.files import write_files  # noqa: E402
-from microdr.images import encode_png  # noqa: E402
-from microdr.mesh import Mesh, load_obj, save_obj  # noqa: E402
+from microdr.io.files import write_files  # noqa: E402
+from microdr.io.images import encode_png  # noqa: E402
+from microdr.io.mesh import Mesh, load_obj, save_obj  # noqa: E402
 from microdr.render import hard_silhouettes, render_faces  # noqa: E402
 from microdr.errors import InputError  # noqa: E402
-from microdr.scene import (  # noqa: E402
+from microdr.io.scene import (  # noqa: E402
     Camera,
     OptimizeSettings,
     RenderSettings,
@@ -93,7 +93,7 @@ def cameras(camera_table: np.ndarray) -> list[Camera]:
 
 def parse_views(spec: str, total: int) -> list[int]:
     """``all``, a count ``N`` (N views spread evenly), or the views that ``optimize.holdout``
-    would name (:func:`microdr.scene.held_out_views`): ``odd``, ``even``, ``every:K``, or a comma
+    would name (:func:`microdr.io.scene.held_out_views`): ``odd``, ``even``, ``every:K``, or a comma
     list of indices."""
     if spec == "all":
         return list(range(total))

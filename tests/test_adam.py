@@ -1,4 +1,4 @@
-"""microdr.adam.Adam against torch.optim.Adam, which it replaces to spare importing torch._dynamo."""
+"""microdr.optimize.adam.Adam against torch.optim.Adam, which it replaces to spare importing torch._dynamo."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from microdr.adam import Adam
+from microdr.optimize.adam import Adam
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -57,9 +57,9 @@ def test_building_an_optimization_does_not_import_dynamo():
     """The reason Adam exists: torch.optim's optimizers import torch._dynamo (seconds)."""
     code = (
         "import sys, microdr, torch\n"
-        "from microdr.scene import load_scene\n"
-        "from microdr.optimize import Optimization\n"
-        "from microdr.targets import Targets\n"
+        "from microdr.io.scene import load_scene\n"
+        "from microdr.optimize.loop import Optimization\n"
+        "from microdr.io.targets import Targets\n"
         "scene = load_scene('scenes/tasks/ellipsoid.json')\n"
         "targets = Targets.from_images(torch.zeros(len(scene.cameras), 1, scene.render.height, scene.render.width))\n"
         "run = Optimization(scene, targets, backend='reference')\n"

@@ -17,12 +17,12 @@ import pytest
 import torch
 from test_cli import invoke
 
-from microdr.camera import CameraTensors, project_views
-from microdr.camera_files import image_files, nerf_transforms
+from microdr.view.camera import CameraTensors, project_views
+from microdr.io.camera_files import image_files, nerf_transforms
 from microdr.errors import InputError
 from microdr.render import opaque_inside, render_scene
-from microdr.scene import load_scene, parse_scene, scene_to_json
-from microdr.targets import read_target_files
+from microdr.io.scene import load_scene, parse_scene, scene_to_json
+from microdr.io.targets import read_target_files
 
 REPO = Path(__file__).resolve().parents[1]
 

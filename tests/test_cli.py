@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from microdr import cli
 from microdr.errors import MicroDRError
 from microdr.raster import describe_backend, resolve_backend
-from microdr.scene import load_scene
+from microdr.io.scene import load_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = REPO / "scenes"

@@ -21,14 +21,14 @@ import pytest
 import torch
 
 from microdr.errors import MicroDRError
-from microdr.mesh import MAX_MESH_FACES
+from microdr.io.mesh import MAX_MESH_FACES
 from microdr.raster import SoftRasSettings, rasterize
 from microdr.raster.cpu import cpu_target
 from microdr.raster.cpu_build import build_info, compiler, flags, source_dir
 from microdr.raster.cuda import CudaTarget
 from microdr.raster.kernels import (ARGS_DTYPE, BYTES_PER_CHUNK, MAX_BACKWARD_BYTES, STAGES, SoftRasterize, launch_size,
                                     work_items)
-from microdr.scene import MAX_CAMERAS, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from microdr.io.scene import MAX_CAMERAS, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 
 from helpers import assert_matches
 from test_kernels import make_case

@@ -5,7 +5,6 @@ starts the others)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import signal
@@ -20,9 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from microdr.distributed import Ranks
+from microdr.optimize.distributed import Ranks
 from microdr.render import render_scene
-from microdr.scene import parse_scene
+from microdr.io.scene import parse_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,12 +237,3 @@ def test_workers_under_torchrun_is_refused(tmp_path):
         "--workers: this process is already one of several (WORLD_SIZE is set, as torchrun "
         "sets it): leave --workers out"
     ]
-
-
-def test_the_process_group_glue_sits_below_the_loop():
-    """optimize and cli use microdr.distributed, which uses neither (no cycle)."""
-    tree = ast.parse((REPO / "microdr" / "distributed.py").read_text())
-    imported = {
-        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
-    }
-    assert imported == {"errors"}

@@ -1,4 +1,4 @@
-"""microdr.files: what reading a user's file refuses, in one line, before it can hang or fill
+"""microdr.io.files: what reading a user's file refuses, in one line, before it can hang or fill
 memory: named pipes, devices, files over a size limit."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from test_cli import invoke, small_scene
 
 from microdr.errors import InputError
-from microdr.files import file_problem, read_bytes
+from microdr.io.files import file_problem, read_bytes
 
 
 @contextlib.contextmanager

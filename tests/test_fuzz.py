@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from microdr.errors import InputError, show_value
-from microdr.mesh import load_obj
-from microdr.scene import load_scene, parse_scene
+from microdr.io.mesh import load_obj
+from microdr.io.scene import load_scene, parse_scene
 
 FUZZ = settings(
     max_examples=100,

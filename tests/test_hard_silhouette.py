@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from microdr.render import hard_silhouettes
-from microdr.scene import Camera, RenderSettings
+from microdr.io.scene import Camera, RenderSettings
 
 from helpers import numpy_hard_silhouettes
 

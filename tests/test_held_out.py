@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from microdr import cli
 from microdr.errors import InputError
-from microdr.mesh import load_obj
-from microdr.optimize import MEASURES, Optimization, optimize, resolve_settings
+from microdr.io.mesh import load_obj
+from microdr.optimize.loop import MEASURES, Optimization, optimize, resolve_settings
 from microdr.render import render_scene
-from microdr.scene import OptimizeSettings, held_out_views, load_scene, parse_scene
-from microdr.targets import Targets, read_targets
+from microdr.io.scene import OptimizeSettings, held_out_views, load_scene, parse_scene
+from microdr.io.targets import Targets, read_targets
 
 from helpers import numpy_hard_silhouettes
 

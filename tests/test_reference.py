@@ -10,7 +10,7 @@ import torch
 from microdr.conventions import pixel_centers
 from microdr.raster import SoftRasSettings, rasterize
 from microdr.render import render_faces, scene_faces
-from microdr.scene import parse_scene
+from microdr.io.scene import parse_scene
 
 F64 = torch.float64
 # The cut-off makes D jump from eps_d to 0: a step that finite differences would see as a huge
@@ -174,7 +174,7 @@ def test_finite_differences_anchor_the_reference():
 
 
 def test_gradcheck_whole_render_wrt_vertices_colors_and_camera_eye():
-    from microdr.camera import CameraTensors
+    from microdr.view.camera import CameraTensors
 
     data = {
         "image": {"width": 8, "height": 7},

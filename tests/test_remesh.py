@@ -1,4 +1,4 @@
-"""Tests for microdr.remesh: topology kept, edge lengths toward the target, shape kept, maps."""
+"""Tests for microdr.optimize.remesh: topology kept, edge lengths toward the target, shape kept, maps."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from test_optimize import interrupt_at, parse, resume_task, scene_data
 
-from microdr.checkpoint import read_checkpoint
+from microdr.optimize.checkpoint import read_checkpoint
 from microdr.errors import InputError
-from microdr.mesh import cube, icosphere, load_obj, plane
-from microdr.optimize import CHECKPOINT, Optimization, optimize, resolve_settings
-from microdr.remesh import Remeshed, closed_manifold_problem, remesh
+from microdr.io.mesh import cube, icosphere, load_obj, plane
+from microdr.optimize.loop import CHECKPOINT, Optimization, optimize, resolve_settings
+from microdr.optimize.remesh import Remeshed, closed_manifold_problem, remesh
 from microdr.render import render_scene
-from microdr.scene import RemeshSettings
-from microdr.targets import Targets
+from microdr.io.scene import RemeshSettings
+from microdr.io.targets import Targets
 
 
 def directed_edges(faces: torch.Tensor) -> torch.Tensor:

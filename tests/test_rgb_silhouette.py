@@ -1,4 +1,4 @@
-"""Silhouettes derived from RGB targets (``microdr.targets.derive_silhouette``) and shape from
+"""Silhouettes derived from RGB targets (``microdr.io.targets.derive_silhouette``) and shape from
 RGB images that no microDR code rendered: discs and stars drawn with Pillow, saved as RGB PNG or
 JPEG, on black and on other background colors."""
 
@@ -17,10 +17,10 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from microdr import cli
-from microdr.losses import silhouette_iou
-from microdr.optimize import resolve_settings
-from microdr.scene import OptimizeSettings, load_scene
-from microdr.targets import BACKGROUND_TOLERANCE, Targets, derive_silhouette
+from microdr.optimize.losses import silhouette_iou
+from microdr.optimize.loop import resolve_settings
+from microdr.io.scene import OptimizeSettings, load_scene
+from microdr.io.targets import BACKGROUND_TOLERANCE, Targets, derive_silhouette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from rgb_targets import (  # noqa: E402

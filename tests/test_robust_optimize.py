@@ -33,11 +33,12 @@ from test_optimize import (
     scene_data,
 )
 
-from microdr import cli, outputs
-from microdr.checkpoint import read_checkpoint
+from microdr import cli
+from microdr.optimize import outputs
+from microdr.optimize.checkpoint import read_checkpoint
 from microdr.errors import InputError
-from microdr.mesh import load_obj
-from microdr.optimize import (
+from microdr.io.mesh import load_obj
+from microdr.optimize.loop import (
     CHECKPOINT,
     NonFiniteError,
     Optimization,
@@ -45,11 +46,11 @@ from microdr.optimize import (
     optimize,
     sigma_at,
 )
-from microdr.outputs import LOCK, outdir_lock
+from microdr.optimize.outputs import LOCK, outdir_lock
 from microdr.raster import describe_backend, resolve_backend
 from microdr.render import render_scene, scene_faces
-from microdr.scene import load_scene
-from microdr.targets import read_targets
+from microdr.io.scene import load_scene
+from microdr.io.targets import read_targets
 
 ITERATIONS = 6
 HOST = socket.gethostname()
@@ -261,7 +262,7 @@ def test_bad_learning_rate_flags_are_one_line_exit_code_2(tmp_path, name):
 HOLD_THE_LOCK = """
 import sys
 from pathlib import Path
-from microdr.outputs import outdir_lock
+from microdr.optimize.outputs import outdir_lock
 
 with outdir_lock(Path(sys.argv[1])):
     print("locked", flush=True)

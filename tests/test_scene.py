@@ -1,4 +1,4 @@
-"""Tests for microdr.scene: parsing, defaults, transforms and one-line errors."""
+"""Tests for microdr.io.scene: parsing, defaults, transforms and one-line errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from microdr.errors import InputError
-from microdr.mesh import save_obj
-from microdr.scene import (
+from microdr.io.mesh import save_obj
+from microdr.io.scene import (
     Camera,
     DirectionalLight,
     Lights,

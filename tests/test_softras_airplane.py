@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from microdr.mesh import load_obj
-from microdr.optimize import Optimization
+from microdr.io.mesh import load_obj
+from microdr.optimize.loop import Optimization
 from microdr.render import render_faces
-from microdr.scene import RenderSettings, load_scene
-from microdr.targets import read_targets
+from microdr.io.scene import RenderSettings, load_scene
+from microdr.io.targets import read_targets
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "softras"

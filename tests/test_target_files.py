@@ -1,4 +1,4 @@
-"""Target image files as :func:`microdr.targets.read_image` decodes them: every PNG color type
+"""Target image files as :func:`microdr.io.targets.read_image` decodes them: every PNG color type
 and bit depth, and the other formats' awkward cases, each checked against Pillow's own decoding
 of the same file (made here with Pillow) converted to floats in [0, 1]."""
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from microdr.errors import InputError
-from microdr.targets import read_image
+from microdr.io.targets import read_image
 
 RNG = np.random.default_rng(0)
 SHAPE = (5, 7)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from microdr.optimize import optimize
+from microdr.optimize.loop import optimize
 from microdr.render import render_scene
-from microdr.scene import load_scene
-from microdr.targets import read_targets
+from microdr.io.scene import load_scene
+from microdr.io.targets import read_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_tasks  # noqa: E402

@@ -171,13 +171,13 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from microdr.errors import InputError  # noqa: E402
-from microdr.losses import psnr  # noqa: E402
-from microdr.materials import textured_obj_files  # noqa: E402
-from microdr.mesh import load_obj  # noqa: E402
-from microdr.optimize import optimize  # noqa: E402
+from microdr.optimize.losses import psnr  # noqa: E402
+from microdr.io.materials import textured_obj_files  # noqa: E402
+from microdr.io.mesh import load_obj  # noqa: E402
+from microdr.optimize.loop import optimize  # noqa: E402
 from microdr.render import render_scene  # noqa: E402
-from microdr.scene import load_scene, parse_scene  # noqa: E402
-from microdr.targets import Targets  # noqa: E402
+from microdr.io.scene import load_scene, parse_scene  # noqa: E402
+from microdr.io.targets import Targets  # noqa: E402
 
 #: A 2 x 3 RGB texture, 8-bit, row 0 on top.
 PIXELS = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[10, 20, 30], [40, 50, 60], [70, 80, 90]]], np.uint8)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from microdr.errors import MicroDRError
-from microdr.files import process_exists
+from microdr.io.files import process_exists
 
 try:
     import fcntl

@@ -15,13 +15,13 @@
   iterations, then the result; each frame titled with its iteration; held-out targets labeled.
 - ``loss.png``: the loss, its (unweighted) terms, IoU and PSNR (those the run has, of the fit and
   the held-out views) over the iterations.
-- ``metrics.csv``: one row per iteration (:meth:`microdr.result.Step.row`).
-- ``metrics.json``: ``start`` and ``final`` quality (:class:`microdr.losses.Metrics`), each
+- ``metrics.csv``: one row per iteration (:meth:`microdr.optimize.result.Step.row`).
+- ``metrics.json``: ``start`` and ``final`` quality (:class:`microdr.optimize.losses.Metrics`), each
   ``{"fit": ..., "held_out": ...}``: for the fit views and the held-out ones (``null`` when none
   is held out), the means ``iou``, ``soft_iou``, ``psnr``, ``psnr_inside`` (inside the target's
   silhouette) and ``views``, one ``{"camera", "iou", "soft_iou", "psnr", "psnr_inside"}`` per
   view; ``final`` also has ``iterations``, ``seconds``, ``world_size`` (the processes that ran
-  it, :mod:`microdr.distributed`) and ``rank_seconds`` (each one's seconds of its own work in
+  it, :mod:`microdr.optimize.distributed`) and ``rank_seconds`` (each one's seconds of its own work in
   this part of the run), ``backend``, ``interrupted`` and ``stopped`` (why a NaN, an infinity or
   a lost rank ended the run early, else ``null``).
 
@@ -49,15 +49,15 @@ import numpy as np
 import torch
 
 from .drawing import Panel, Series, labeled_grid, line_charts
-from .errors import InputError
-from .files import check_writable_folder, process_exists, temporary_beside, write_files
-from .images import encode_gif, encode_png, to_uint8
+from ..errors import InputError
+from ..io.files import check_writable_folder, process_exists, temporary_beside, write_files
+from ..io.images import encode_gif, encode_png, to_uint8
 from .losses import Metrics
-from .materials import textured_obj_files
-from .mesh import save_obj
+from ..io.materials import textured_obj_files
+from ..io.mesh import save_obj
 from .result import GIF_VIEWS, History, Result
-from .scene import Scene, SceneMesh, input_files, scene_to_json
-from .targets import Targets
+from ..io.scene import Scene, SceneMesh, input_files, scene_to_json
+from ..io.targets import Targets
 
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1

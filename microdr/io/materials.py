@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError, show_value
+from ..errors import InputError, show_value
 from .files import file_problem, read_text
 from .images import encode_png, to_uint8
 from .mesh import Mesh, Texture, obj_text

@@ -4,8 +4,8 @@ A scene is the starting guess; targets hold one image per camera. Adam changes t
 parameters (``optimize.parameters``) so that the scene's renders match the targets:
 
 ```python
-from microdr.optimize import Optimization, optimize
-from microdr.targets import Targets
+from microdr.optimize.loop import Optimization, optimize
+from microdr.io.targets import Targets
 
 result = optimize(scene, Targets.from_images(images))      # the whole run
 result.meshes[0].vertices, result.colors[0]                 # (V, 3) each: the optimized mesh
@@ -19,11 +19,11 @@ result = run.result()
 ```
 
 A custom ``loss_fn(evaluation) -> Tensor | dict[str, Tensor]`` replaces the weighted terms of
-``optimize.loss``: it gets a :class:`~microdr.losses.Evaluation` (the iteration's renders,
-targets and vertices) and may call the terms of :mod:`microdr.losses` itself; a dict's values are
+``optimize.loss``: it gets a :class:`~microdr.optimize.losses.Evaluation` (the iteration's renders,
+targets and vertices) and may call the terms of :mod:`microdr.optimize.losses` itself; a dict's values are
 summed and logged by name.
 
-On several processes (torch.distributed, :mod:`microdr.distributed`): the program calls
+On several processes (torch.distributed, :mod:`microdr.optimize.distributed`): the program calls
 ``torch.distributed.init_process_group`` (``gloo`` for the CPU backend, ``nccl`` for CUDA), then
 every rank builds the same :class:`Optimization` or calls :func:`optimize` with the same
 arguments; rank ``r`` of ``N`` renders the ``r``-th of ``N`` contiguous shares of each
@@ -50,8 +50,8 @@ Free parameters (each starts where the scene is):
   ``softplus`` of free values, so >= 0). Needs a ``lights`` section.
 - ``camera``: an eye offset ``(3,)`` per camera (target and up stay).
 
-With ``optimize.remesh`` (:class:`~microdr.scene.RemeshSettings`), every few iterations the
-free vertices are baked into the start mesh, which :func:`microdr.remesh.remesh` remakes toward
+With ``optimize.remesh`` (:class:`~microdr.io.scene.RemeshSettings`), every few iterations the
+free vertices are baked into the start mesh, which :func:`microdr.optimize.remesh.remesh` remakes toward
 a target edge length; the displacement starts over from 0 there, and Adam's moments and the
 colors follow the new vertices and faces.
 """
@@ -75,23 +75,23 @@ import torch
 
 from . import distributed
 from .adam import Adam
-from .camera import CameraTensors
+from ..view.camera import CameraTensors
 from .checkpoint import Journal, read_checkpoint
 from .distributed import PeerLost
-from .errors import InputError, MicroDRError
-from .files import remove_stale_temporaries, write_files
-from .images import to_uint8
+from ..errors import InputError, MicroDRError
+from ..io.files import remove_stale_temporaries, write_files
+from ..io.images import to_uint8
 from .losses import TERMS, VIEW_TERMS, Evaluation, MeshTopology, Metrics, view_mean
-from .mesh import Mesh, Texture
+from ..io.mesh import Mesh, Texture
 from .outputs import check_outdir, outdir_lock, write_outputs
-from .raster import preferred_device, resolve_backend
-from .raster.cpu import kernels_own_the_cores
+from ..raster import preferred_device, resolve_backend
+from ..raster.cpu import kernels_own_the_cores
 from .remesh import Remeshed, closed_manifold_problem, remesh
-from .render import (
+from ..render import (
     FaceSoup, hard_silhouettes, mesh_albedo, render_faces, render_views, scene_faces,
 )  # fmt: skip
 from .result import GIF_VIEWS, History, Result, Step
-from .scene import (
+from ..io.scene import (
     LOSS_TERMS,
     Camera,
     DirectionalLight,
@@ -102,9 +102,9 @@ from .scene import (
     held_out_views,
     views_problem,
 )
-from .shading import LightTensors, shade
-from .targets import SOURCE as TARGETS_SOURCE
-from .targets import Targets
+from ..view.shading import LightTensors, shade
+from ..io.targets import SOURCE as TARGETS_SOURCE
+from ..io.targets import Targets
 
 #: Parameters that move or reshape what the cameras see, so the silhouette constrains them.
 GEOMETRY_PARAMETERS = ("vertices", "translation", "scale", "camera")
@@ -196,7 +196,7 @@ def resolve_settings(
     :data:`DEFAULT_SILHOUETTE_SIGMA_END` times ``render.sigma``; else none.
 
     Free vertices with a target that has no silhouette (an RGB image whose silhouette could not
-    be derived, :func:`~microdr.targets.derive_silhouette`) log a warning: colors alone pull
+    be derived, :func:`~microdr.io.targets.derive_silhouette`) log a warning: colors alone pull
     the outline through the faint gradient of its edge pixels, which the regularizers outweigh.
     """
     settings = settings or scene.optimize or OptimizeSettings()
@@ -430,7 +430,7 @@ class Parameters(torch.nn.Module):
             self.texture_logits = torch.nn.Parameter(torch.logit(image))
 
     def _start_at(self, start: FaceSoup) -> None:
-        """Set the start mesh, and the :class:`~microdr.losses.MeshTopology` of its faces."""
+        """Set the start mesh, and the :class:`~microdr.optimize.losses.MeshTopology` of its faces."""
         self.start = start
         self.topology = MeshTopology.of(start.faces, len(start.vertices))
 
@@ -550,7 +550,7 @@ class Parameters(torch.nn.Module):
     @torch.no_grad()
     def remesh(self, edge_length: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Bake the free vertices into the start mesh, remesh each mesh toward ``edge_length``
-        (:func:`microdr.remesh.remesh`, one pass) and start the displacement over from 0 there.
+        (:func:`microdr.optimize.remesh.remesh`, one pass) and start the displacement over from 0 there.
         Colors, fixed or free, per vertex or per face, follow the new vertices (averaged as they
         were made) and faces (each from the face it was cut from).
 
@@ -670,7 +670,7 @@ def _inverse_softplus(value: torch.Tensor) -> torch.Tensor:
 class Optimization:
     """Adam on a scene's free parameters against one target per camera, one iteration at a time.
 
-    scene: the start. targets: :class:`~microdr.targets.Targets` of the scene's image size, one
+    scene: the start. targets: :class:`~microdr.io.targets.Targets` of the scene's image size, one
     per camera. settings: default the scene's ``optimize`` section; what it leaves out is chosen
     by :func:`resolve_settings`; its ``holdout`` names the cameras whose targets never enter the
     loss (:attr:`held_out`), the others are fit (:attr:`fit`). seed: seeds the random choice of
@@ -725,7 +725,7 @@ class Optimization:
         self.iteration = 0
         self.seconds = 0.0
         self.history = History()
-        #: This process's rank among the run's (:mod:`microdr.distributed`), and the seconds it
+        #: This process's rank among the run's (:mod:`microdr.optimize.distributed`), and the seconds it
         #: spent on its iterations (since it started) without waiting for the others.
         self.ranks = distributed.current()
         self.work_seconds = 0.0
@@ -1106,7 +1106,7 @@ class Optimization:
 
 class _Pieces:
     """One iteration's loss and gradients, as per-view pieces summed in view order (see
-    :mod:`microdr.distributed`): this rank renders its views ``mine`` ``(b,)`` of the iteration's
+    :mod:`microdr.optimize.distributed`): this rank renders its views ``mine`` ``(b,)`` of the iteration's
     ``views`` ``(B,)`` from detached copies, one per view, of the world-space corners, the shaded
     colors and the camera eyes, and backpropagates their loss into those copies (and, on every
     rank alike, the regularizers into the parameters); :meth:`add` adds its views' gradients and
@@ -1386,9 +1386,9 @@ def optimize(
     of the files are not interrupted: a stop signal then is dropped (with a note logged), and the
     run ends as it would have.
 
-    With ``outdir``, the run's files (:func:`microdr.outputs.output_files`) are written there at
+    With ``outdir``, the run's files (:func:`microdr.optimize.outputs.output_files`) are written there at
     the end, interrupted or not, with a checkpoint (and its journal of the history's rows,
-    :class:`microdr.checkpoint.Journal`); also a checkpoint every ``checkpoint_every``
+    :class:`microdr.optimize.checkpoint.Journal`); also a checkpoint every ``checkpoint_every``
     iterations (0: none besides the last). ``resume`` continues from ``outdir``'s checkpoint,
     which must come from the same scene, targets and options; the result is the same as that of
     an uninterrupted run.
@@ -1396,15 +1396,15 @@ def optimize(
     A NaN or an infinity (:class:`NonFiniteError`) ends the run at its last good state: the files
     and the checkpoint are written as of then, and the error is raised with ``result`` set.
 
-    The run holds ``outdir``'s lock (:func:`microdr.outputs.outdir_lock`) from before it reads
+    The run holds ``outdir``'s lock (:func:`microdr.optimize.outputs.outdir_lock`) from before it reads
     the checkpoint until it has written its files, so a second run into the same folder is
     refused meanwhile; ``force`` takes the lock anyway. Holding it, the run first removes the
-    temporary files that killed runs left there (:func:`microdr.files.remove_stale_temporaries`).
+    temporary files that killed runs left there (:func:`microdr.io.files.remove_stale_temporaries`).
 
-    Under torch.distributed (:mod:`microdr.distributed`) every rank calls this alike; rank 0
+    Under torch.distributed (:mod:`microdr.optimize.distributed`) every rank calls this alike; rank 0
     alone takes the lock, reads the checkpoint (and sends it to the others), writes the files and
     returns the result, the others return ``None``. A rank gone or silent for the process group's
-    timeout ends the run as a NaN does, with :class:`~microdr.distributed.PeerLost`.
+    timeout ends the run as a NaN does, with :class:`~microdr.optimize.distributed.PeerLost`.
     """
     if resume and outdir is None:
         raise ValueError("resume needs outdir")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError, show_value
+from ..errors import InputError, show_value
 from .files import read_text, write_files
 
 #: The largest float32: vertices are float32, so coordinates beyond it would become infinite.
@@ -153,7 +153,7 @@ def load_obj(path: str | os.PathLike) -> Mesh:
     (relative) indices; polygons are fan-triangulated as ``(v0, vi, vi+1)``. A file that names a
     material library (``mtllib``) and whose faces have texture coordinates (``i/t``) also has its
     ``vt u [v [w]]`` read, and when the materials its faces use (``usemtl``; without any, the library's) have a ``map_Kd``, the mesh gets its
-    :class:`Texture` and per-corner ``face_uvs`` (``microdr.materials``). Other valid OBJ
+    :class:`Texture` and per-corner ``face_uvs`` (``microdr.io.materials``). Other valid OBJ
     statements are ignored. The weight ``w`` is read and ignored: OBJ's specification gives it
     to rational curves and surfaces only, not to polygon vertices (it is no homogeneous divisor).
     Lines end with LF, CR LF or CR; a backslash at the end of a line continues the statement on

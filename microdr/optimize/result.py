@@ -1,8 +1,8 @@
 """What an optimization run produces: each finished iteration (:class:`Step`), the history of a
 run (:class:`History`) and its outcome (:class:`Result`).
 
-Plain records, below both the loop that makes them (:mod:`microdr.optimize`) and the files
-written from them (:mod:`microdr.outputs`).
+Plain records, below both the loop that makes them (:mod:`microdr.optimize.loop`) and the files
+written from them (:mod:`microdr.optimize.outputs`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .losses import Metrics
-from .mesh import Mesh
-from .scene import Scene
+from ..io.mesh import Mesh
+from ..io.scene import Scene
 
 #: The progress animation shows at most this many cameras, the first ones.
 GIF_VIEWS = 4
@@ -27,10 +27,10 @@ class Step:
         made one more. views: the cameras it rendered. loss: the weighted total; terms: each
         term's unweighted value. soft_iou, psnr: means over its views with a silhouette / color
         (``None`` when there is none) of the soft render it drew (see
-        :class:`~microdr.losses.Metrics`). iou, held_out_iou, held_out_psnr: the means of
-        :class:`~microdr.losses.Metrics` ``iou`` over every fit view and ``iou`` and ``psnr``
+        :class:`~microdr.optimize.losses.Metrics`). iou, held_out_iou, held_out_psnr: the means of
+        :class:`~microdr.optimize.losses.Metrics` ``iou`` over every fit view and ``iou`` and ``psnr``
         over every held-out view, of the parameters it rendered, at the iterations that measure
-        them (the first and about ``microdr.optimize.MEASURES`` more, evenly spaced, the last
+        them (the first and about ``microdr.optimize.loop.MEASURES`` more, evenly spaced, the last
         included), else ``None``. lr, sigma: the values it used. seconds: the run's optimization
         time so far, the measuring included. images: ``(B, 4, H, W)`` its renders, detached (on
         several processes, of this rank's views; iou and the held-out metrics on rank 0 alone).
@@ -71,7 +71,7 @@ class Step:
 class History:
     """What a run has been through: one :meth:`Step.row` per finished iteration; renders of the
     first cameras (up to :data:`GIF_VIEWS`) at every
-    ``microdr.optimize.Optimization.frame_every``-th iteration from 0 (8-bit RGBA
+    ``microdr.optimize.loop.Optimization.frame_every``-th iteration from 0 (8-bit RGBA
     ``(K, H, W, 4)`` uint8 CPU tensors), and the iteration of each."""
 
     rows: list[dict[str, float | int | None]] = field(default_factory=list)
@@ -83,11 +83,11 @@ class History:
 class Result:
     """The outcome of a run.
 
-    scene: the optimized scene (see :meth:`microdr.optimize.Parameters.solved_scene`);
+    scene: the optimized scene (see :meth:`microdr.optimize.loop.Parameters.solved_scene`);
         :attr:`meshes` and :attr:`colors` are its meshes' geometry and albedo.
     images, start_images: ``(N, 4, H, W)`` float32 CPU renders of every camera at the end and at
         the start, both with the final sigma.
-    metrics, start_metrics: the quality (:class:`~microdr.losses.Metrics`) of the fit views, the
+    metrics, start_metrics: the quality (:class:`~microdr.optimize.losses.Metrics`) of the fit views, the
         cameras whose targets the loss saw, at the end (the meshes of ``scene``, as written to
         ``mesh.obj``) and at the start. held_out_metrics, start_held_out_metrics: the same of the
         held-out views, ``None`` when none is held out.
@@ -95,8 +95,8 @@ class Result:
     history: the run's rows and frames. iterations: how many finished. seconds: optimization
         time (summed over resumed parts). backend: the one that ran. interrupted: stopped early by
         Ctrl-C (KeyboardInterrupt). stopped: the message of the
-        :class:`microdr.optimize.NonFiniteError` that ended the run early, else ``None``.
-    rank_seconds: with several processes (:mod:`microdr.distributed`), each rank's seconds of
+        :class:`microdr.optimize.loop.NonFiniteError` that ended the run early, else ``None``.
+    rank_seconds: with several processes (:mod:`microdr.optimize.distributed`), each rank's seconds of
         its own work in this part of the run (not waiting for the others; ``None`` for a rank
         lost); one entry for one process.
     """

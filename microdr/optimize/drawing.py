@@ -1,7 +1,7 @@
 """Text and line charts drawn with Pillow, for the pictures of a run (``loss.png``, the sheets,
 the progress animation).
 
-Pictures are numpy ``(H, W, 3)`` uint8 RGB, row 0 at the top, as in :mod:`microdr.images`. Text
+Pictures are numpy ``(H, W, 3)`` uint8 RGB, row 0 at the top, as in :mod:`microdr.io.images`. Text
 uses Pillow's built-in font (no file is read, nothing is downloaded): a small vector font where
 Pillow has FreeType, else its bitmap font.
 """

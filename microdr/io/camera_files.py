@@ -31,9 +31,9 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from .conventions import OPENCV_AXES, PIXEL_CENTER, look_at_rotation, to_pixels, to_screen
-from .defaults import FAR, NEAR
-from .errors import InputError, show_value
+from ..conventions import OPENCV_AXES, PIXEL_CENTER, look_at_rotation, to_pixels, to_screen
+from ..defaults import FAR, NEAR
+from ..errors import InputError, show_value
 from .files import file_problem, read_text
 from .scene import (
     MAX_CAMERAS,

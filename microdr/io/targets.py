@@ -29,7 +29,7 @@ import png
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from ..errors import InputError
 from .files import read_bytes
 from .scene import too_many_pixels
 
@@ -241,7 +241,7 @@ def read_target_files(
     background: Sequence[float] | None = None,
 ) -> Targets:
     """The targets in image files ``paths``, one per camera in order (such as a camera file's,
-    :func:`microdr.camera_files.image_files`); the rest as :func:`read_targets`."""
+    :func:`microdr.io.camera_files.image_files`); the rest as :func:`read_targets`."""
     images = [_fit(read_image(path), str(path), size, resize) for path in paths]
     return Targets.from_images(images, [str(path) for path in paths], background=background)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .conventions import look_at_rotation
-from .scene import Camera
+from ..conventions import look_at_rotation
+from ..io.scene import Camera
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from .defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA, SMALLEST_EPS_D, SMALLEST_GAMMA
-from .errors import InputError, show_value
+from ..defaults import BACKENDS, EPS, EPS_D, FAR, GAMMA, NEAR, SIGMA, SMALLEST_EPS_D, SMALLEST_GAMMA
+from ..errors import InputError, show_value
 from .files import file_problem, read_text
 from .mesh import BEYOND_FLOAT32, FLOAT32_MAX, Mesh, Texture, cube, icosphere, load_obj, plane
 
@@ -124,7 +124,7 @@ class SceneMesh:
     :class:`Transform`. ``color``: ``[r, g, b]`` for the whole mesh, ``{"per_vertex": [[r, g, b],
     ...]}`` (one per vertex) or ``{"per_face": [...]}`` (one per face), each in ``[0, 1]``;
     default: the OBJ's vertex colors if it has them, else ``[0.7, 0.7, 0.7]``. An OBJ whose
-    material has a texture (``map_Kd``; :func:`microdr.mesh.load_obj`) is drawn with it unless
+    material has a texture (``map_Kd``; :func:`microdr.io.mesh.load_obj`) is drawn with it unless
     ``color`` is given; a textured mesh must be the scene's only one, and unlit (no ``lights``).
 
     Fields: ``name`` is the ``file`` or ``primitive`` string as written (not unique); ``mesh`` is
@@ -162,7 +162,7 @@ class Camera:
     - ``principal_point``: ``[x, y]``, where the optical axis meets the image, in screen units
       (``microdr.conventions``); default ``[0, 0]``, the image's center.
 
-    A camera read from a camera file (``cameras: {"from": ...}``, :mod:`microdr.camera_files`)
+    A camera read from a camera file (``cameras: {"from": ...}``, :mod:`microdr.io.camera_files`)
     is held as a look-at camera too: ``eye`` its center, ``up`` its image's up direction,
     ``target`` on its optical axis (the point nearest the world origin).
     """
@@ -186,7 +186,7 @@ class CameraFile:
     ``path``: the camera file, or COLMAP model folder, as found from the scene's folder.
     ``images``: one per camera, in the file's order, the image it names, in ``FOLDER`` (default
     the camera file's folder); a name without its file's suffix (NeRF's ``file_path``) is
-    completed by :func:`microdr.camera_files.image_files`.
+    completed by :func:`microdr.io.camera_files.image_files`.
     """
 
     path: Path
@@ -221,7 +221,7 @@ class Lights:
 @dataclass(frozen=True)
 class RemeshSettings:
     """The ``optimize.remesh`` section: remesh the free mesh every few iterations
-    (:func:`microdr.remesh.remesh`, one pass: split, collapse, flip, tangential smoothing), so
+    (:func:`microdr.optimize.remesh.remesh`, one pass: split, collapse, flip, tangential smoothing), so
     that vertices go where the shape needs them; needs ``"vertices"`` among the free parameters
     and closed manifold meshes.
 
@@ -245,7 +245,7 @@ class OptimizeSettings:
     - ``parameters``: a non-empty array of distinct names among ``"vertices"``,
       ``"translation"``, ``"scale"``, ``"colors"``, ``"light"``, ``"camera"``, ``"texture"`` (the
       texture of a scene's only mesh, which needs texture coordinates); default ``None``:
-      chosen from the targets by the optimizer (``microdr.optimize.resolve_settings``).
+      chosen from the targets by the optimizer (``microdr.optimize.loop.resolve_settings``).
     - ``vertex_parametrization``: ``"offset"`` (default) or ``"bounded"``.
     - ``loss``: weights >= 0 for ``silhouette_iou``, ``rgb_l1``, ``rgb_l2``, ``laplacian``,
       ``flatten``, ``edge_length``, ``texture_smoothness``; missing ones are 0 and at least one
@@ -266,7 +266,7 @@ class OptimizeSettings:
     - ``sigma_schedule``: ``{"start": s0, "end": s1}``, both > 0: ``render.sigma`` goes
       geometrically from ``s0`` at the first iteration to ``s1`` at the last (coarse to fine);
       held here as ``(s0, s1)``; default ``None``: chosen by the optimizer
-      (``microdr.optimize.resolve_settings``).
+      (``microdr.optimize.loop.resolve_settings``).
     - ``views_per_step``: how many cameras, drawn at random, each iteration renders, an integer
       from 1 to the number of cameras to fit (not held out); default ``None``: all of them.
     - ``holdout``: cameras whose targets never enter the loss, only the metrics (held-out

@@ -15,7 +15,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 #: The name of a temporary file of :func:`write_files` (and of the output folder's lock), beside
 #: the file it becomes: ``.<name>.<pid of the writer>.<8 hex digits>.tmp``.

@@ -7,7 +7,7 @@ whose hash differs (truncated or corrupted), or whose payload ``torch.load`` can
 :class:`InputError`; the payload is read with ``torch.load(weights_only=True)``, which runs no
 code from the file.
 
-Files are written by :func:`microdr.files.write_files`: a temporary file, flushed to disk, then
+Files are written by :func:`microdr.io.files.write_files`: a temporary file, flushed to disk, then
 renamed over the old checkpoint, so a killed run or a full disk leaves the old one whole.
 
 A run's history grows by a row per iteration; rewritten whole into every checkpoint, that would
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .files import read_bytes
+from ..errors import InputError
+from ..io.files import read_bytes
 
 #: The layout and payload keys this version writes and reads; bumped when either changes.
 FORMAT = 1

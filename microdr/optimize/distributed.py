@@ -1,7 +1,7 @@
 """Optimization runs on several processes, on torch.distributed: which views a rank renders, the
 sum of their gradients in a fixed order, and starting the processes.
 
-The contract (:class:`~microdr.optimize.Optimization` and :func:`~microdr.optimize.optimize`
+The contract (:class:`~microdr.optimize.loop.Optimization` and :func:`~microdr.optimize.loop.optimize`
 follow it whenever torch.distributed's default process group is initialized, by the caller):
 
 - Every rank builds the same run (scene, targets, settings, seed); the ranks draw the same views
@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import InputError, MicroDRError
+from ..errors import InputError, MicroDRError
 
 #: The environment variable with the seconds a rank waits for the others (default
 #: :data:`DEFAULT_TIMEOUT`); ``microdr optimize --timeout`` sets it.
@@ -55,7 +55,7 @@ T = TypeVar("T")
 
 class PeerLost(MicroDRError):
     """Another rank ended or stopped answering: the run stops at its last good iteration.
-    result: set by :func:`microdr.optimize.optimize` on rank 0 to the result of that state."""
+    result: set by :func:`microdr.optimize.loop.optimize` on rank 0 to the result of that state."""
 
     def __init__(self, iteration: int, cause: BaseException | str):
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .mesh import triangle_normals
-from .scene import Lights
+from ..io.mesh import triangle_normals
+from ..io.scene import Lights
 
 
 @dataclass(frozen=True)
