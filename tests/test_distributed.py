@@ -237,3 +237,21 @@ def test_workers_under_torchrun_is_refused(tmp_path):
         "--workers: this process is already one of several (WORLD_SIZE is set, as torchrun "
         "sets it): leave --workers out"
     ]
+
+
+def test_chain_length_counts_the_numbers_a_rank_passes_on():
+    """The README's bytes per hop come from chain_length: it must be the real buffer's length."""
+    from microdr.io.scene import load_scene
+    from microdr.io.targets import read_targets
+    from microdr.optimize import Optimization
+    from microdr.optimize.distributed import chain_length
+    from microdr.optimize.loop import _Pieces
+
+    scene = load_scene(REPO / "scenes" / "tasks" / "shape_color.json")
+    targets = read_targets([str(REPO / "scenes" / "tasks" / "shape_color_targets")], len(scene.cameras),
+                           (scene.render.width, scene.render.height))
+    run = Optimization(scene, targets)
+    views = torch.arange(len(scene.cameras))
+    pieces = _Pieces(run, run.parameters.vertices(), views, views, scene.render.sigma)
+    faces = run.parameters.start.faces.shape[0]
+    assert pieces.buffer.numel() == chain_length(faces, 3, 0, len(views), len(pieces.image_terms))

@@ -95,11 +95,13 @@ def current() -> Ranks:
     return Ranks()
 
 
-def chain_length(faces: int, colors: int, cameras: int, views: int, terms: int) -> int:
+def chain_length(faces: int, colors: int, cameras: int, views: int, terms: int, texels: int = 0) -> int:
     """The numbers in the vector each rank passes on per iteration: for ``faces`` faces with
     ``colors`` channels (3, or 0 for silhouettes alone), ``cameras`` free cameras (0 when the
-    cameras are fixed), ``views`` views per iteration and ``terms`` image loss terms."""
-    return faces * 3 * (3 + colors) + 3 * cameras + views * (terms + 2)
+    cameras are fixed), ``views`` views per iteration, ``terms`` image loss terms (each view's
+    values, and its soft IoU, PSNR and PSNR inside the silhouette) and ``texels`` RGB texels of a
+    drawn texture (0 without one)."""
+    return faces * 3 * (3 + colors) + 3 * texels + 3 * cameras + views * (terms + 3)
 
 
 def in_view_order(buffer: torch.Tensor, add: Callable[[torch.Tensor], None], ranks: Ranks) -> float:
