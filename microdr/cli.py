@@ -33,22 +33,11 @@ except ImportError:
     from click.exceptions import MissingParameter, NoSuchOption, UsageError
 
 from . import __version__
-from .optimize import distributed
-from .io.camera_files import image_files, nerf_transforms, relative_path, transforms_text
 from .defaults import BACKENDS
-from .optimize.distributed import FirstRankFailed, PeerLost
 from .errors import InputError, MicroDRError, show_value
+from .io.camera_files import image_files, nerf_transforms, relative_path, transforms_text
 from .io.files import check_writable_file, write_files
 from .io.images import encode_gif, encode_png, grid, to_uint8
-from .optimize.losses import Metrics
-from .optimize.loop import NonFiniteError, ranks_problem, stop_signals
-from .optimize.loop import optimize as optimize_scene
-from .optimize.outputs import default_outdir
-from .raster import backend_status, describe_backend, preferred_device, resolve_backend
-from .raster.cpu import cpu_target
-from .raster.cpu_build import build_info
-from .render import opaque_inside, render_scene
-from .optimize.result import Step
 from .io.scene import (
     MAX_IMAGE_SIDE,
     OPTIMIZABLE,
@@ -64,6 +53,17 @@ from .io.scene import (
 )
 from .io.targets import SOURCE as TARGET_SOURCE
 from .io.targets import read_target_files, read_targets
+from .optimize import distributed
+from .optimize.distributed import FirstRankFailed, PeerLost
+from .optimize.loop import NonFiniteError, ranks_problem, stop_signals
+from .optimize.loop import optimize as optimize_scene
+from .optimize.losses import Metrics
+from .optimize.outputs import default_outdir
+from .optimize.result import Step
+from .raster import backend_status, describe_backend, preferred_device, resolve_backend
+from .raster.cpu import cpu_target
+from .raster.cpu_build import build_info
+from .render import opaque_inside, render_scene
 from .verify import compare_backends, shrink
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

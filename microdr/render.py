@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .view.camera import CameraTensors, project_views
-from .raster import SoftRasSettings, preferred_device, rasterize
 from .io.mesh import Texture
 from .io.scene import Camera, Lights, RenderSettings, Scene, SceneMesh
+from .raster import SoftRasSettings, preferred_device, rasterize
+from .view.camera import CameraTensors, project_views
 from .view.shading import LightTensors, shade
 
 
@@ -110,11 +110,21 @@ def render_faces(
     Cameras that share projection, near and far are rasterized as one batch.
     """
     textured = colors and texture is not None
-    shaded = albedo if textured else shade(albedo, corners, lights) if colors else albedo[..., :0]
     return render_views(
-        corners, shaded.expand(len(cameras), -1, -1, -1), cameras, render, poses=poses,
-        backend=backend, texture=texture if textured else None,
+        corners, shaded_corners(corners, albedo, lights, colors, textured).expand(len(cameras), -1, -1, -1),
+        cameras, render, poses=poses, backend=backend, texture=texture if textured else None,
     )  # fmt: skip
+
+
+def shaded_corners(
+    corners: torch.Tensor, albedo: torch.Tensor, lights: Lights | LightTensors | None, colors: bool, textured: bool
+) -> torch.Tensor:
+    """What the rasterizer blends per face corner (``shaded`` of :func:`render_views`): the
+    texture coordinates of a textured mesh as they are (textures are unlit), else the albedo
+    shaded by ``lights``; nothing (``C = 0``) for the silhouettes alone (not ``colors``)."""
+    if not colors:
+        return albedo[..., :0]
+    return albedo if textured else shade(albedo, corners, lights)
 
 
 def render_views(

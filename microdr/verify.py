@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .io.scene import RenderSettings, Scene
 from .raster import preferred_device, resolve_backend
 from .render import render_faces, scene_faces
-from .io.scene import RenderSettings, Scene
 
 
 def condition(render: RenderSettings) -> float:

@@ -7,8 +7,8 @@ follow it whenever torch.distributed's default process group is initialized, by 
 - Every rank builds the same run (scene, targets, settings, seed); the ranks draw the same views
   each iteration, and rank ``r`` of ``N`` renders and differentiates the ``r``-th of ``N``
   contiguous shares of them (:meth:`Ranks.share`), in view order.
-- Each view's gradient (with respect to its world-space corners, its shaded colors and its
-  camera's eye) stays apart, and the views' gradients are summed one after the other in view
+- Each view's gradient (with respect to its world-space corners, its shaded colors, a drawn
+  texture's texels and its camera's eye) stays apart, and the views' gradients are summed one after the other in view
   order (:func:`in_view_order`): rank 0 sums its views, passes the sum to rank 1, which adds
   its own, and so on; the last rank sends the total to all. One process sums the same pieces in
   the same order, so the result is the same, bit for bit, for any number of ranks (on the CPU
@@ -17,8 +17,8 @@ follow it whenever torch.distributed's default process group is initialized, by 
   of the progress animation, and writes the outputs, the checkpoints and the lock.
 
 The CPU backend takes ``gloo``, CUDA ``nccl``. Per iteration each rank but the last sends one
-vector of ``F * 3 * (3 + C) + 3 * cameras + views * (terms + 2)`` numbers of the run's dtype
-(``C`` 3 with colors, else 0) to the next, and the last broadcasts it (:func:`chain_length`).
+vector of :func:`chain_length` numbers of the run's dtype to the next, and the last broadcasts
+it.
 """
 
 from __future__ import annotations

@@ -73,24 +73,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .adam import Adam
-from ..view.camera import CameraTensors
-from .checkpoint import Journal, read_checkpoint
-from .distributed import PeerLost
 from ..errors import InputError, MicroDRError
 from ..io.files import remove_stale_temporaries, write_files
 from ..io.images import to_uint8
-from .losses import TERMS, VIEW_TERMS, Evaluation, MeshTopology, Metrics, view_mean
 from ..io.mesh import Mesh, Texture
-from .outputs import check_outdir, outdir_lock, write_outputs
-from ..raster import preferred_device, resolve_backend
-from ..raster.cpu import kernels_own_the_cores
-from .remesh import Remeshed, closed_manifold_problem, remesh
-from ..render import (
-    FaceSoup, hard_silhouettes, mesh_albedo, render_faces, render_views, scene_faces,
-)  # fmt: skip
-from .result import GIF_VIEWS, History, Result, Step
 from ..io.scene import (
     LOSS_TERMS,
     Camera,
@@ -102,9 +88,23 @@ from ..io.scene import (
     held_out_views,
     views_problem,
 )
-from ..view.shading import LightTensors, shade
 from ..io.targets import SOURCE as TARGETS_SOURCE
 from ..io.targets import Targets
+from ..raster import preferred_device, resolve_backend
+from ..raster.cpu import kernels_own_the_cores
+from ..render import (
+    FaceSoup, hard_silhouettes, mesh_albedo, render_faces, render_views, scene_faces, shaded_corners,
+)  # fmt: skip
+from ..view.camera import CameraTensors
+from ..view.shading import LightTensors
+from . import distributed
+from .adam import Adam
+from .checkpoint import Journal, read_checkpoint
+from .distributed import PeerLost
+from .losses import TERMS, VIEW_TERMS, Evaluation, MeshTopology, Metrics, view_mean
+from .outputs import check_outdir, outdir_lock, write_outputs
+from .remesh import Remeshed, closed_manifold_problem, remesh
+from .result import GIF_VIEWS, History, Result, Step
 
 #: Parameters that move or reshape what the cameras see, so the silhouette constrains them.
 GEOMETRY_PARAMETERS = ("vertices", "translation", "scale", "camera")
@@ -1130,8 +1130,7 @@ class _Pieces:
         corners = vertices[parameters.start.faces]
         albedo = parameters.albedo()
         texture = parameters.texture() if colors else None
-        shaded = albedo if texture is not None else shade(albedo, corners, parameters.lights()) \
-            if colors else albedo[..., :0]  # fmt: skip
+        shaded = shaded_corners(corners, albedo, parameters.lights(), colors, texture is not None)
         poses = parameters.poses()
         self.eyes = None if poses is None else torch.stack([pose.eye for pose in poses])
         count = len(mine)

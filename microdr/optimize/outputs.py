@@ -48,16 +48,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .drawing import Panel, Series, labeled_grid, line_charts
 from ..errors import InputError
 from ..io.files import check_writable_folder, process_exists, temporary_beside, write_files
 from ..io.images import encode_gif, encode_png, to_uint8
-from .losses import Metrics
 from ..io.materials import textured_obj_files
 from ..io.mesh import save_obj
-from .result import GIF_VIEWS, History, Result
 from ..io.scene import Scene, SceneMesh, input_files, scene_to_json
 from ..io.targets import Targets
+from .drawing import Panel, Series, labeled_grid, line_charts
+from .losses import Metrics
+from .result import GIF_VIEWS, History, Result
 
 #: How long each frame of the progress animation shows.
 FRAME_SECONDS = 0.1

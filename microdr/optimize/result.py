@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .losses import Metrics
 from ..io.mesh import Mesh
 from ..io.scene import Scene
+from .losses import Metrics
 
 #: The progress animation shows at most this many cameras, the first ones.
 GIF_VIEWS = 4

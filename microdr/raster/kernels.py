@@ -257,9 +257,7 @@ def chunk_pixels(face_boxes: torch.Tensor) -> torch.Tensor:
     """The pixels of every backward chunk, in the backward's item order (``(chunks,)`` int64),
     from the ``(B, F, 4)`` boxes: softras.cu's chunk_shape, restated for the host's accounting
     (bench.py, gpu_cost_model.py; a test holds the two to the same counts)."""
-    boxes = face_boxes.reshape(-1, 4).long()
-    rows = (boxes[:, 1] - boxes[:, 0] + 1).clamp(min=0)
-    cols = (boxes[:, 3] - boxes[:, 2] + 1).clamp(min=0)
+    rows, cols = (side.flatten() for side in box_sides(face_boxes))
     across = -(-cols // CHUNK_PIXELS)
     width = -(-cols // across.clamp(min=1))
     band = CHUNK_PIXELS // width.clamp(min=1)
@@ -306,11 +304,17 @@ class ForwardResult:
         return int(pixels.max()) if pixels.numel() else 0
 
 
+def box_sides(face_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``, each ``(B, F)`` int64: the sides of each face's box in pixels, not
+    below 0 (``face_boxes`` as setup writes them)."""
+    boxes = face_boxes.long()
+    return (boxes[..., 1] - boxes[..., 0] + 1).clamp(min=0), (boxes[..., 3] - boxes[..., 2] + 1).clamp(min=0)
+
+
 def box_pixels(face_boxes: torch.Tensor) -> torch.Tensor:
     """``(B, F)`` int64: the pixels of each face's box (``face_boxes`` as setup writes them)."""
-    rows = (face_boxes[..., 1] - face_boxes[..., 0] + 1).clamp(min=0)
-    cols = (face_boxes[..., 3] - face_boxes[..., 2] + 1).clamp(min=0)
-    return rows.long() * cols.long()
+    rows, cols = box_sides(face_boxes)
+    return rows * cols
 
 
 def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, settings, texture=None) -> ForwardResult:
