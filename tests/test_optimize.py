@@ -259,6 +259,40 @@ def test_custom_loss_and_stepping_one_iteration_at_a_time():
     torch.testing.assert_close(result.colors[0], start.meshes[0].colors)
 
 
+def test_a_run_computes_its_start_and_a_resumed_state_on_one_thread(monkeypatch):
+    """Torch's operations run on one thread wherever a run computes, its start parameters and a
+    resumed state included: on two threads, MKL's ``logit`` gave some colors' logits another last
+    bit in about one process of 13, so a run could not be repeated. The caller's thread count is
+    restored after."""
+    import microdr.optimize.loop as loop
+
+    threads = []
+
+    class Recorded(loop.Parameters):
+        def __init__(self, *args, **kwargs):
+            threads.append(("start", torch.get_num_threads()))
+            super().__init__(*args, **kwargs)
+
+        def load_state_dict(self, *args, **kwargs):
+            threads.append(("resume", torch.get_num_threads()))
+            return super().load_state_dict(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "Parameters", Recorded)
+    scene = parse(scene_data(views=2, subdivisions=1))
+    targets = Targets.from_images(render_scene(scene))
+    settings = OptimizeSettings(parameters=("vertices", "colors"), iterations=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = Optimization(scene, targets, settings, backend="cpu")
+        run.step()
+        run.load_state_dict(run.state_dict(), "state")
+        assert threads == [("start", 1), ("resume", 1)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_outputs_of_several_meshes_with_face_colors_and_free_lights_and_cameras(tmp_path):
     """Each mesh gets its OBJ, per-face colors stay in the scene, and the optimized scene
     (lights and camera eyes included) renders what the run ended with; float64 runs too."""
