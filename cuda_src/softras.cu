@@ -15,7 +15,8 @@
 //             aggregates per pixel for the backward.
 //   backward  one item per chunk of a face's box (so no item visits more than CHUNK_PIXELS
 //             pixels, however large the face): loops over the chunk's pixels in the columns the
-//             face can reach from the chunk's rows (reach_columns), MDR_LANES at a time,
+//             face can reach from the chunk's rows (reach_columns; a chunk at most
+//             REACH_MIN_GROUPS lane groups wide keeps its columns), MDR_LANES at a time,
 //             recomputes the pairs and accumulates the face's gradients in registers. A face's
 //             first chunk writes its gradients, each other chunk its partial gradients to a slot
 //             of its own (zeros for a chunk the face cannot reach).
@@ -637,11 +638,14 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
     return true;
 }
 
+// Chunks at most this many lane groups wide are not narrowed (backward_chunk).
+#define REACH_MIN_GROUPS 4
+
 // backward: one item per chunk of face j's box (see backward_chunk); sums over the pixels i of
-// the chunk in the columns j can reach from its rows (reach_columns; the other pixels' pairs
-// cannot count), MDR_LANES adjacent pixels at a time from the first of those columns (not
-// tile-aligned as in the forward: 5 such columns then take one lane group per row, not one or
-// two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
+// the chunk in the columns j can reach from its rows (reach_columns, for a chunk wider than
+// REACH_MIN_GROUPS lane groups; the other pixels' pairs cannot count), MDR_LANES adjacent pixels
+// at a time from the first of those columns (not tile-aligned as in the forward: 5 such columns
+// then take one lane group per row, not one or two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
 // in chunk order, so results stay reproducible.
 // With gI = dL/dI_i (C values) and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
 //   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
@@ -844,8 +848,8 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
 }
 
 // One backward item: chunk `item` of all faces' chunks (chunk_faces names its face; its place
-// among the face's chunks gives its pixels, clipped to the box, then to the columns the face
-// reaches from its rows, see reach_columns).
+// among the face's chunks gives its pixels, clipped to the box, then, if the chunk is wider than
+// REACH_MIN_GROUPS lane groups, to the columns the face reaches from its rows, see reach_columns).
 template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
 __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const long long face = a.chunk_faces[item];
@@ -860,8 +864,11 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * values);
     T* out_verts = chunk == 0 ? a.grad_verts + 9 * face : partial;
     T* out_attrs = chunk == 0 ? a.grad_attrs + 3 * values * face : partial + 9;
+    // Narrowing a chunk under REACH_MIN_GROUPS lane groups wide saves at most a few lane groups
+    // per row, less than reach_columns costs (its divisions and square root).
     // (backward_lanes loads the face again: keeping this copy alive through it would cost registers.)
-    if (reach_columns(load_face(a.face_data + FACE_RECORD * face), region[0], region[1], region[2], region[3], a, region + 2)) {
+    const bool narrow = region[3] - region[2] + 1 <= REACH_MIN_GROUPS * MDR_LANES;
+    if (narrow || reach_columns(load_face(a.face_data + FACE_RECORD * face), region[0], region[1], region[2], region[3], a, region + 2)) {
         backward_lanes<T, CH, PERSPECTIVE, TEXTURED>(a, face, region, out_verts, out_attrs);
     } else {  // no pair of the chunk counts
         for (int v = 0; v < 9; ++v) out_verts[v] = T(0);

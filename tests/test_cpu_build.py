@@ -292,7 +292,10 @@ def test_info_tells_the_build_in_use(tmp_path):
     library = pathlib.Path(cached["library"])
     assert library.parent == tmp_path / "cache" / "kernels"
     assert cached["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
-    assert cached["simd"].startswith("AVX2 + FMA") == ("-march=x86-64-v3" in cached["flags"].split())
+    levels = {f"-march={level}": words for level, _, words in cpu_build.X86_64_LEVELS}
+    chosen = [flag for flag in cached["flags"].split() if flag in levels]
+    assert cached["simd"] == (levels[chosen[0]] if chosen else cpu_build.simd_level())
+    assert len(chosen) <= 1
     assert cached["lanes"] == "8 pixels per work item"  # portability.h's MDR_LANES on CPUs
 
 
@@ -355,3 +358,20 @@ def test_unwritable_cache_is_explained(tmp_path, src, monkeypatch):
     monkeypatch.setenv("MICRODR_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(MicroDRError, match="MICRODR_CACHE_DIR"):
         cpu_build.load("probe", src_dir=src)
+
+
+@pytest.mark.parametrize("cpu, level", [
+    (cpu_build.X86_64_V4 | {"sse2"}, "x86-64-v4"),
+    (cpu_build.X86_64_V3 | {"avx512f"}, "x86-64-v3"),  # AVX-512 foundation alone is not the level
+    (cpu_build.X86_64_V3 - {"fma"}, None),
+])
+def test_the_build_takes_the_highest_x86_level_the_cpu_has(monkeypatch, cpu, level):
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_build, "_cpu_flags", lambda: set(cpu))
+    cpu_build.flags.cache_clear()
+    try:
+        marches = [flag for flag in cpu_build.flags() if flag.startswith("-march=")]
+        assert marches == ([f"-march={level}"] if level else [])
+        assert cpu_build.simd_level().startswith({"x86-64-v4": "AVX-512", "x86-64-v3": "AVX2", None: "SSE2"}[level])
+    finally:
+        cpu_build.flags.cache_clear()
