@@ -36,7 +36,7 @@ import torch
 
 from ..errors import MicroDRError
 from .cpu_build import load
-from .kernels import ARGS_DTYPE, FACE_RECORD, TILE, TileBins
+from .kernels import ARGS_DTYPE, FACE_RECORD, TEXEL_TILE, TILE, TileBins
 
 #: The environment variable that picks the CPU kernels' lanes (see :func:`cpu_target`).
 LANES_VARIABLE = "MICRODR_CPU_LANES"
@@ -99,7 +99,7 @@ class CpuTarget:
         self.loaded = load("softras", defines=defines)
         self._library = self.loaded.library
         for name, expected in (("softras_args_size", ARGS_DTYPE.itemsize), ("softras_face_record", FACE_RECORD),
-                               ("softras_tile", TILE)):
+                               ("softras_tile", TILE), ("softras_texel_tile", TEXEL_TILE)):
             if self._constant(name) != expected:
                 raise MicroDRError(f"kernels.py disagrees with softras.cu: {name} is {self._constant(name)}, expected {expected}")
         self.lanes = self._constant("softras_lanes")
@@ -122,12 +122,12 @@ class CpuTarget:
             self._launchers[kernel] = function
         return self._launchers[kernel]
 
-    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> TileBins:
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:
         """kernels.sort_by_tile as one counting sort (O(pairs + tiles)) instead of torch's
         comparison sort, which took most of the binning time."""
-        tile_faces = torch.empty(bin_keys.numel(), dtype=torch.int32)  # the kept pairs come first
+        tile_faces = torch.empty(bin_keys.numel(), dtype=torch.int32)
         tile_ends = torch.empty(tiles, dtype=torch.int64)
-        pointers = (0 if t is None else t.data_ptr() for t in (bin_keys, bin_faces, tile_faces, tile_ends))
+        pointers = (t.data_ptr() for t in (bin_keys, bin_faces, tile_faces, tile_ends))
         self._library.softras_sort_by_tile(*pointers, ctypes.c_longlong(bin_keys.numel()), ctypes.c_longlong(tiles))
         return TileBins(tile_faces, tile_ends)
 
