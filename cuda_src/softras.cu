@@ -398,7 +398,7 @@ MDR_DEVICE void pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int 
 
 // The texels kernel's items take tiles of MDR_TEXEL_TILE x MDR_TEXEL_TILE texels (texel rows and
 // columns >> MDR_TEXEL_TILE_SHIFT), row-major, the last row and column of tiles maybe cut short.
-#define MDR_TEXEL_TILE_SHIFT 5
+#define MDR_TEXEL_TILE_SHIFT 6
 #define MDR_TEXEL_TILE (1 << MDR_TEXEL_TILE_SHIFT)
 
 // ---------------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ FACE_RECORD = 17
 TILE = 8
 #: Threads per block on the GPU, and work items per scheduling chunk on the CPU.
 BLOCK = 128
-#: The same for the texels kernel, whose items are few and long (a 512 x 512 texture has 256 tiles
-#: of texels; in blocks of BLOCK, 2 CPU threads would get one block each however unequal).
+#: The same for the texels kernel, whose items are few and long (a 512 x 512 texture has 64 tiles
+#: of texels: in blocks of BLOCK, one CPU thread would take them all).
 TEXEL_TILES_PER_BLOCK = 8
 #: The most (tile, face) pairs a render may list: each takes 16 bytes (a tile key, its face,
 #: and the face again sorted by tile), 4 GiB at the limit. Ordinary renders list far fewer
@@ -73,7 +73,7 @@ MAX_BACKWARD_BYTES = 2**32
 #: face, the face again sorted by tile; and 16 bytes per face for its box of tiles, 8 per tile).
 MAX_TEXEL_PAIRS = 2**28
 BYTES_PER_TEXEL_PAIR_BESIDES_VALUES = 16
-TEXEL_TILE = 32
+TEXEL_TILE = 64
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
