@@ -667,8 +667,9 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
 //   dL/duv_ij = dL/dC_ij . dC_ij/duv,   dL/dw^_k = dL/duv_ij . uv_k,   dL/duv_k += w^_k dL/duv_ij,
 //   dL/dtexel_t += beta_t dL/dC_ij: the pair's footprint and dL/dC_ij are written, not added,
 //   into its texel pair record box_starts[face] + (row - row0) box_width + col - col0, which
-//   depends only on the pair, so whichever chunk visits it writes the same record; pairs that
-//   do not count leave their record's r0 at -1. reduce_texels then adds the texels' terms up.
+//   depends only on the pair, so whichever chunk visits it writes the same record; the records
+//   of pairs that do not count keep the r0 = -1 backward_chunk wrote. reduce_texels then adds
+//   the texels' terms up.
 // This function: face `face` (b * F + j) over the pixels of rows region[0] .. region[1] and
 // columns region[2] .. region[3] (inclusive, inside its box); writes the sums to out_verts
 // (9 values, laid out as grad_verts) and out_attrs (3 corner_values(a) values, as grad_attrs).
@@ -854,6 +855,14 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const int band = shape.across == 1 ? chunk : chunk / shape.across, piece = chunk - band * shape.across;
     const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
     int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
+    // Textured: the records of the chunk's pairs start as ones that do not count (r0 = -1), and
+    // backward_lanes writes those that do (the chunks cover the box, so every record is written).
+    if constexpr (TEXTURED) {
+        const long long first_pair = a.box_starts[face] + (long long)(region[0] - box[0]) * (box[3] - box[2] + 1) + region[2] - box[2];
+        for (int row = 0; row <= region[1] - region[0]; ++row)
+            for (int col = 0; col <= region[3] - region[2]; ++col)
+                a.texel_footprints[4 * (first_pair + (long long)row * (box[3] - box[2] + 1) + col)] = -1;
+    }
     // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
     const int values = corner_values(a);
     T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * values);

@@ -392,7 +392,8 @@ def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height,
 
 def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The backward's texel pair records, put in ``args``: ``(box_starts, footprints, values)``,
-    every footprint's first row at -1 (a pair that does not count) until the backward writes it."""
+    for the backward to write (every pair's footprint: its first row -1 if the pair does not
+    count)."""
     pixels = box_pixels(face_boxes).flatten()
     ends = torch.cumsum(pixels, 0)
     pairs = int(ends[-1]) if ends.numel() else 0
@@ -400,7 +401,7 @@ def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tens
     if problem:
         raise MicroDRError(problem)
     box_starts = ends - pixels
-    footprints = torch.full((pairs, 4), -1, dtype=torch.int32, device=texture.device)
+    footprints = torch.empty(pairs, 4, dtype=torch.int32, device=texture.device)
     values = texture.new_empty(pairs, 2 + texture.shape[-1])
     args["box_starts"], args["texel_footprints"], args["texel_values"] = (_pointer(t) for t in (box_starts, footprints, values))
     return box_starts, footprints, values
