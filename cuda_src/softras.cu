@@ -1006,8 +1006,8 @@ extern "C" long long softras_lanes() { return MDR_LANES; }
 extern "C" long long softras_texel_tile() { return MDR_TEXEL_TILE; }
 
 // The CPU target's stable sort of (key, value) pairs by key (microdr/raster/kernels.py,
-// sort_by_tile: the bin pairs by tile, and the faces listed per texel tile): a counting sort, one
-// pass to count, one to place in pair order.
+// sort_by_tile: the bin pairs by tile): a counting sort, one pass to count, one to place in pair
+// order.
 extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_faces, int* tile_faces,
                                      long long* tile_ends, long long pairs, long long tiles) {
     for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
@@ -1019,5 +1019,32 @@ extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_f
         end += count;
     }
     for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces[p];
+}
+// The CPU target's listing of faces per tile of texels (microdr/raster/kernels.py,
+// list_faces_per_texel_tile): each face (b * F + j) listed for each tile of its box of tiles
+// (texel_boxes, (faces, 4), empty when row0 > row1), in face order within a tile. Called twice:
+// with a null tile_faces it counts, leaves where each tile's list starts in tile_ends and returns
+// how many listings there are; then it lists, and tile_ends ends one past each tile's last.
+extern "C" long long softras_list_faces_per_texel_tile(const int* texel_boxes, long long faces, long long tiles_across,
+                                                       long long tiles, int* tile_faces, long long* tile_ends) {
+    if (!tile_faces)
+        for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
+    for (long long face = 0; face < faces; ++face) {
+        const int* box = texel_boxes + 4 * face;
+        for (long long row = box[0]; row <= box[1]; ++row)
+            for (long long col = box[2]; col <= box[3]; ++col) {
+                long long& end = tile_ends[row * tiles_across + col];
+                if (tile_faces) tile_faces[end] = (int)face;
+                ++end;
+            }
+    }
+    if (tile_faces) return tiles ? tile_ends[tiles - 1] : 0;
+    long long end = 0;  // counts -> starts
+    for (long long t = 0; t < tiles; ++t) {
+        const long long count = tile_ends[t];
+        tile_ends[t] = end;
+        end += count;
+    }
+    return end;
 }
 #endif

@@ -4,7 +4,6 @@ dtypes, both lane shapes), their texel gradients against finite differences, and
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -309,14 +308,16 @@ def test_a_free_texture_starts_gray_and_fits_its_targets(tmp_path):
     assert (tmp_path / "run" / "mesh.mtl").is_file() and (tmp_path / "run" / "texture.png").is_file()
 
 
-@pytest.mark.parametrize("sort", ["torch", "cpu"])
-def test_faces_are_listed_per_texel_tile_in_face_order(sort):
+@pytest.mark.parametrize("listing", ["torch", "cpu"])
+def test_faces_are_listed_per_texel_tile_in_face_order(listing):
     from microdr.raster.cpu import cpu_target
-    from microdr.raster.kernels import _list_faces_per_texel_tile, sort_by_tile
+    from microdr.raster.kernels import list_faces_per_texel_tile
 
-    target = SimpleNamespace(sort_by_tile=sort_by_tile if sort == "torch" else cpu_target().sort_by_tile)
+    list_faces = list_faces_per_texel_tile if listing == "torch" else cpu_target().list_faces_per_texel_tile
     # 2 x 3 tiles; boxes of tiles (row0, row1, col0, col1); face 1 touches none.
     boxes = torch.tensor([[0, 1, 1, 2], [1, 0, 1, 0], [1, 1, 0, 1], [0, 0, 2, 2]], dtype=torch.int32)
-    listed = _list_faces_per_texel_tile(target, boxes, 2, 3)
+    listed = list_faces(boxes, 2, 3)
     assert listed.tile_ends.tolist() == [0, 1, 3, 4, 6, 7]
     assert listed.tile_faces.tolist() == [0, 0, 3, 2, 0, 2, 0]
+    nothing = list_faces(boxes[1:2], 2, 3)
+    assert nothing.tile_ends.tolist() == [0] * 6 and nothing.tile_faces.numel() == 0

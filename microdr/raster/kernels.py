@@ -88,6 +88,9 @@ class KernelTarget(Protocol):
     def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> "TileBins":
         """What :func:`sort_by_tile` returns, computed on this target."""
 
+    def list_faces_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> "TileBins":
+        """What :func:`list_faces_per_texel_tile` returns, computed on this target."""
+
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
         """Runs ``kernel`` over a 1-D grid; ``args`` is a 1-element :data:`ARGS_DTYPE` array.
 
@@ -417,7 +420,7 @@ def _reduce_texels(target: KernelTarget, args: np.ndarray, records, texture: tor
     texel_boxes = torch.empty(batch_faces, 4, dtype=torch.int32, device=texture.device)
     args["texel_boxes"] = _pointer(texel_boxes)
     _launch(target, "texel_boxes", texture.dtype, args)
-    listed = _list_faces_per_texel_tile(target, texel_boxes, tiles_down, tiles_across)
+    listed = target.list_faces_per_texel_tile(texel_boxes, tiles_down, tiles_across)
     grad_texture = torch.empty_like(texture)
     args["texel_tile_faces"], args["texel_tile_ends"] = _pointer(listed.tile_faces), _pointer(listed.tile_ends)
     args["grad_texture"] = _pointer(grad_texture)
@@ -425,17 +428,18 @@ def _reduce_texels(target: KernelTarget, args: np.ndarray, records, texture: tor
     return grad_texture
 
 
-def _list_faces_per_texel_tile(target: KernelTarget, texel_boxes: torch.Tensor, tiles_down: int,
-                               tiles_across: int) -> TileBins:
-    """Each face (``b * F + j``) listed for each tile of its ``(B * F, 4)`` box of texel tiles,
-    sorted by tile (row-major), in face order within a tile."""
+def list_faces_per_texel_tile(texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
+    """Each face (``b * F + j``) listed for each tile of its ``(B * F, 4)`` box of texel tiles
+    (int32, as texel_boxes writes them), sorted by tile (row-major), in face order within a tile.
+    Any target may use this; the CPU target lists them in one pass of its own
+    (``softras_list_faces_per_texel_tile``; torch's operations took about a millisecond)."""
     rows, cols = box_sides(texel_boxes)
     counts = rows * cols
     faces = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     index = torch.arange(faces.numel(), device=counts.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     boxes, across = texel_boxes.long()[faces], cols[faces]
     keys = (boxes[:, 0] + index // across) * tiles_across + boxes[:, 2] + index % across
-    return target.sort_by_tile(keys, faces.int(), tiles_down * tiles_across)
+    return sort_by_tile(keys, faces.int(), tiles_down * tiles_across)
 
 
 def too_many_texel_pairs(pairs: int, channels: int, value_bytes: int) -> str | None:
