@@ -915,8 +915,8 @@ __device__ void reduce_item(const RasterArgs<T>& a, long long item) {
 // ---------------------------------------------------------------------------------------------
 // texel_boxes: one item per face (textured renders, after the backward): the texel tiles its
 // pairs' footprints touch, a box of tiles (row0, row1, col0, col1, empty when row0 > row1, as
-// face_boxes), from the texel pair records the backward wrote. The launch code lists each face for
-// each tile of its box, sorted by tile, as the bin pairs are.
+// face_boxes), from the texel pair records the backward wrote. The launch code then lists each
+// face for each tile of its box, in face order within a tile (list_faces_per_texel_tile).
 template <typename T>
 __device__ void texel_box_item(const RasterArgs<T>& a, long long item) {
     const int* box = a.face_boxes + 4 * item;
@@ -1020,6 +1020,7 @@ extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_f
     }
     for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces[p];
 }
+
 // The CPU target's listing of faces per tile of texels (microdr/raster/kernels.py,
 // list_faces_per_texel_tile): each face (b * F + j) listed for each tile of its box of tiles
 // (texel_boxes, (faces, 4), empty when row0 > row1), in face order within a tile. Called twice:

@@ -69,8 +69,9 @@ MAX_BACKWARD_BYTES = 2**32
 #: MAX_TEXEL_PAIRS: 9 GiB in float32 RGB at the limit. Ordinary renders take far fewer: the cow
 #: (5,856 faces) filling a 256 x 256 view has 8.3e5 pairs in its boxes with the SoftRas sigma,
 #: 30 MB of records. The texels kernel's work items are tiles of TEXEL_TILE x TEXEL_TILE texels;
-#: each face is listed for each tile its footprints touch (16 bytes a listing: the tile key, the
-#: face, the face again sorted by tile; and 16 bytes per face for its box of tiles, 8 per tile).
+#: each face is listed for each tile its footprints touch (4 bytes a listing on the CPU, 16 with
+#: list_faces_per_texel_tile's torch operations: the tile key, the face, the face again sorted by
+#: tile; and 16 bytes per face for its box of tiles, 8 per tile).
 MAX_TEXEL_PAIRS = 2**28
 BYTES_PER_TEXEL_PAIR_BESIDES_VALUES = 16
 TEXEL_TILE = 64
