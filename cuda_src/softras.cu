@@ -1,6 +1,6 @@
 // The soft rasterizer (docs/MODEL.md): forward and hand-written backward.
 //
-// Five kernels (two more for textures), each a 1-D grid of independent work items that own their
+// Five kernels (three more for textures), each a 1-D grid of independent work items that own their
 // outputs (no atomics, so results are bitwise reproducible on the CPU whatever the thread count):
 //   setup     one item per face (b, j): whether the face is skipped, the box of pixels it can
 //             touch (its screen bounding box grown by the cut-off distance), how many tiles
@@ -22,10 +22,13 @@
 //             of its own (zeros for a chunk the face cannot reach).
 //   reduce    one item per face: adds the partial gradients of a face's other chunks to the
 //             first's, in chunk order (zero for a face of none).
-//   backward_textured  the backward of textured renders: the same chunks, and each pair's texel
-//             gradients written into slots fixed by the pair's place in its face's box.
-//   texels    textured renders only: one item per texel, adds up the texel gradients that the
-//             backward wrote into fixed slots, once the launch code has sorted them by texel.
+//   backward_textured  the backward of textured renders: the same chunks, and each pair's
+//             footprint in the texture and dL/dC_ij written into a record fixed by the pair's
+//             place in its face's box.
+//   texel_boxes  textured renders only: one item per face, the tiles of texels (MDR_TEXEL_TILE)
+//             its pairs' footprints touch; the launch code lists the faces per texel tile.
+//   texels    textured renders only: one item per texel tile, adds up the texel gradients of the
+//             pair records of the faces listed for it, in a fixed order.
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
 // eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed
 // pairs + chunks).
@@ -77,18 +80,20 @@ struct RasterArgs {
     // Textured renders (null texture otherwise): face_attrs are then texture coordinates (B, F, 3, 2)
     // and the C channels are sampled from texture (texture_height, texture_width, C).
     const T* texture;
-    const long long* box_starts;  // (B, F): box pixels of the faces before, for the texel slots
-    long long* texel_keys;        // (4 * box pixels): the texel of each slot, texels() if none
-    T* texel_values;              // (4 * box pixels, C): dL/dtexel of each slot
-    const int* texel_entries;     // the slots sorted by texel key
-    const long long* texel_ends;  // (texels()): one past each texel's last entry in texel_entries
-    T* grad_texture;              // like texture
+    const long long* box_starts;       // (B, F): box pixels of the faces before: where a face's texel pairs start
+    int* texel_footprints;             // (box pixels, 4): r0, r1, c0, c1 of each pair's footprint; r0 = -1: the
+                                       // pair does not count
+    T* texel_values;                   // (box pixels, 2 + C): fx, fy and dL/dC_ij of each pair that counts
+    int* texel_boxes;                  // (B, F, 4): the texel tiles a face's footprints touch, as face_boxes
+    const int* texel_tile_faces;       // b * F + j of the faces listed per texel tile, sorted by tile
+    const long long* texel_tile_ends;  // (texel tiles): one past each tile's last entry in texel_tile_faces
+    T* grad_texture;                   // like texture
     long long n_items;
     long long chunks;  // backward work items: sum of face_chunks
     int batch, faces, channels, height, width;
     int perspective, cull_backfaces;
     int pitch, tiles_x, tiles_y;  // pitch: row stride of image, aux and grad_image, a multiple of MDR_TILE
-    int texture_height, texture_width, texture_wrap;
+    int texture_height, texture_width, texture_wrap, texel_tiles_x;
     double sigma, gamma, eps, distance_cutoff, near, far;
 };
 
@@ -358,17 +363,11 @@ MDR_DEVICE void texel_footprint(T u, T v, const RasterArgs<T>& a, Footprints<T>&
     texel_axis((T(1) - v) * T(a.texture_height) - T(0.5), a.texture_height, a.texture_wrap, s.r0[lane], s.r1[lane], s.fy[lane]);
 }
 
-// Texel t of a footprint (0: (r0, c0), 1: (r0, c1), 2: (r1, c0), 3: (r1, c1)), row-major.
-// Texture indices fit in int (the launch code refuses textures of 2**31 values or more).
+// The bilinear weight beta_t of texel t of a footprint with weights fx, fy of its second column
+// and row (t = 0: (r0, c0), 1: (r0, c1), 2: (r1, c0), 3: (r1, c1), row-major).
 template <typename T>
-MDR_DEVICE int footprint_texel(const Footprints<T>& s, int lane, int t, const RasterArgs<T>& a) {
-    return (t < 2 ? s.r0[lane] : s.r1[lane]) * a.texture_width + (t % 2 == 0 ? s.c0[lane] : s.c1[lane]);
-}
-
-// Its bilinear weight beta_t.
-template <typename T>
-MDR_DEVICE T footprint_weight(const Footprints<T>& s, int lane, int t) {
-    return (t % 2 == 0 ? T(1) - s.fx[lane] : s.fx[lane]) * (t < 2 ? T(1) - s.fy[lane] : s.fy[lane]);
+MDR_DEVICE T bilinear_weight(T fx, T fy, int t) {
+    return (t % 2 == 0 ? T(1) - fx : fx) * (t < 2 ? T(1) - fy : fy);
 }
 
 // Channel `channel` of the texture at lane `lane`'s footprint, and its derivatives along u and v
@@ -398,9 +397,10 @@ MDR_DEVICE void pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int 
     texel_footprint(u, v, a, s, lane);
 }
 
-// The number of texels; also the key of texel slots that hold nothing.
-template <typename T>
-MDR_DEVICE long long texels(const RasterArgs<T>& a) { return (long long)a.texture_height * a.texture_width; }
+// The texels kernel's items take tiles of MDR_TEXEL_TILE x MDR_TEXEL_TILE texels (texel rows and
+// columns >> MDR_TEXEL_TILE_SHIFT), row-major, the last row and column of tiles maybe cut short.
+#define MDR_TEXEL_TILE_SHIFT 6
+#define MDR_TEXEL_TILE (1 << MDR_TEXEL_TILE_SHIFT)
 
 // ---------------------------------------------------------------------------------------------
 // setup: one item per face. A pair can count only if the pixel is inside the face or within
@@ -585,18 +585,17 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
         a.perspective ? forward_lanes<T, CHANNEL_CHUNK, true, false>(a, item) : forward_lanes<T, CHANNEL_CHUNK, false, false>(a, item);
 }
 
-// The four texel slots of the pair of face `face` (box `box`) and pixel (row, col), which counts:
-// for each texel t of its footprint (lane `lane` of s), the texel's key and beta_t dL/dC_ij (g_sample: dL/dC_ij
-// of this chunk's channels).
+// The texel pair record of the pair of face `face` (box `box`) and pixel (row, col), which counts:
+// its footprint (lane `lane` of s) and dL/dC_ij (g_sample: of this chunk's channels).
 template <typename T>
-MDR_DEVICE void write_texel_slots(const RasterArgs<T>& a, long long face, const int* box, int row, int col,
-                                  const Footprints<T>& s, int lane, const T* g_sample, int chunk, int chunk_channels) {
-    const long long slot = 4 * (a.box_starts[face] + (long long)(row - box[0]) * (box[3] - box[2] + 1) + col - box[2]);
-    for (int t = 0; t < 4; ++t) {
-        const T weight = footprint_weight(s, lane, t);
-        a.texel_keys[slot + t] = footprint_texel(s, lane, t, a);
-        for (int c = 0; c < chunk_channels; ++c) a.texel_values[(slot + t) * a.channels + chunk + c] = weight * g_sample[c];
-    }
+MDR_DEVICE void write_texel_pair(const RasterArgs<T>& a, long long face, const int* box, int row, int col,
+                                 const Footprints<T>& s, int lane, const T* g_sample, int chunk, int chunk_channels) {
+    const long long pair = a.box_starts[face] + (long long)(row - box[0]) * (box[3] - box[2] + 1) + col - box[2];
+    int* footprint = a.texel_footprints + 4 * pair;
+    footprint[0] = s.r0[lane], footprint[1] = s.r1[lane], footprint[2] = s.c0[lane], footprint[3] = s.c1[lane];
+    T* values = a.texel_values + (2 + a.channels) * pair;
+    values[0] = s.fx[lane], values[1] = s.fy[lane];
+    for (int c = 0; c < chunk_channels; ++c) values[2 + chunk + c] = g_sample[c];
 }
 
 // Values per face corner in face_attrs and grad_attrs: the C attributes, or (textured) the 2
@@ -670,10 +669,11 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
 //   and d cross(u, w) / du = (w_y, -w_x), d cross(u, w) / dw = (-u_y, u_x).
 // Textured (C_ij = texture(uv_ij), uv_ij = sum_k w^_k uv_k, bilinear weights beta_t(uv_ij)):
 //   dL/duv_ij = dL/dC_ij . dC_ij/duv,   dL/dw^_k = dL/duv_ij . uv_k,   dL/duv_k += w^_k dL/duv_ij,
-//   dL/dtexel_t += beta_t dL/dC_ij: written, not added, into the pair's four texel slots
-//   4 (box_starts[face] + (row - row0) box_width + col - col0) + t, which depend only on the
-//   pair, so whichever chunk visits it writes the same slots; pairs that do not count leave
-//   their slots' key at texels() (nothing). reduce_texels then adds each texel's slots up.
+//   dL/dtexel_t += beta_t dL/dC_ij: the pair's footprint and dL/dC_ij are written, not added,
+//   into its texel pair record box_starts[face] + (row - row0) box_width + col - col0, which
+//   depends only on the pair, so whichever chunk visits it writes the same record; the records
+//   of pairs that do not count keep the r0 = -1 backward_chunk wrote. reduce_texels then adds
+//   the texels' terms up.
 // This function: face `face` (b * F + j) over the pixels of rows region[0] .. region[1] and
 // columns region[2] .. region[3] (inclusive, inside its box); writes the sums to out_verts
 // (9 values, laid out as grad_verts) and out_attrs (3 corner_values(a) values, as grad_attrs).
@@ -703,7 +703,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                 corner_color[k][c] = !TEXTURED && c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
         }
         const T* uv = a.face_attrs + face * 6;  // textured: the corners' texture coordinates
-        const int* box = a.face_boxes + 4 * face;  // textured: where the pairs' texel slots are
+        const int* box = a.face_boxes + 4 * face;  // textured: where the pairs' texel records are
         T g_attr[3][CHANNEL_CHUNK][L];  // dL/dc_k per lane
         for (int k = 0; k < 3; ++k)
             for (int c = 0; c < CH; ++c)
@@ -728,7 +728,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                     near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= start) & (col <= region[3]) ? T(1) : T(0);
                 }
                 if (!any_lane(near)) continue;  // as in the forward
-                // Textured: each lane's footprint and dL/dC_ij, written into its texel slots after
+                // Textured: each lane's footprint and dL/dC_ij, written into its texel pair record after
                 // the lane loop (a scatter inside it would keep it from vectorizing).
                 Footprints<T> footprint;
                 T g_sample[L][CHANNEL_CHUNK], counted[L];
@@ -831,7 +831,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                 if constexpr (TEXTURED) {
                     for (int lane = 0; lane < L; ++lane)  // a lane counts only inside the region, from start on
                         if (counted[lane] != T(0))
-                            write_texel_slots(a, face, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
+                            write_texel_pair(a, face, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
                 }
             }
         }
@@ -859,6 +859,14 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     const int band = shape.across == 1 ? chunk : chunk / shape.across, piece = chunk - band * shape.across;
     const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
     int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
+    // Textured: the records of the chunk's pairs start as ones that do not count (r0 = -1), and
+    // backward_lanes writes those that do (the chunks cover the box, so every record is written).
+    if constexpr (TEXTURED) {
+        const long long first_pair = a.box_starts[face] + (long long)(region[0] - box[0]) * (box[3] - box[2] + 1) + region[2] - box[2];
+        for (int row = 0; row <= region[1] - region[0]; ++row)
+            for (int col = 0; col <= region[3] - region[2]; ++col)
+                a.texel_footprints[4 * (first_pair + (long long)row * (box[3] - box[2] + 1) + col)] = -1;
+    }
     // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
     const int values = corner_values(a);
     T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * values);
@@ -912,22 +920,71 @@ __device__ void reduce_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// reduce_texels: one item per texel t, after the backward's texel slots were sorted by key
-// (stably, so in slot order): dL/dtexture[t] = the sum of its slots' values, added in that order.
+// texel_boxes: one item per face (textured renders, after the backward): the texel tiles its
+// pairs' footprints touch, a box of tiles (row0, row1, col0, col1, empty when row0 > row1, as
+// face_boxes), from the texel pair records the backward wrote. The launch code then lists each
+// face for each tile of its box, in face order within a tile (list_faces_per_texel_tile).
 template <typename T>
-__device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
-    const int C = a.channels;  // at most CHANNEL_CHUNK in a textured render
-    const long long begin = item == 0 ? 0 : a.texel_ends[item - 1], end = a.texel_ends[item];
-    T sum[CHANNEL_CHUNK] = {};
-    for (long long entry = begin; entry < end; ++entry) {
-        const T* values = a.texel_values + (long long)a.texel_entries[entry] * C;
-        for (int c = 0; c < C; ++c) sum[c] += values[c];
+__device__ void texel_box_item(const RasterArgs<T>& a, long long item) {
+    const int* box = a.face_boxes + 4 * item;
+    const long long first = a.box_starts[item];
+    const long long pixels = (long long)mdr_max(box[1] - box[0] + 1, 0) * mdr_max(box[3] - box[2] + 1, 0);
+    int rows[2] = {a.texture_height, -1}, cols[2] = {a.texture_width, -1};  // texels, empty
+    for (long long pair = first; pair < first + pixels; ++pair) {
+        const int* footprint = a.texel_footprints + 4 * pair;
+        if (footprint[0] < 0) continue;  // the pair does not count
+        rows[0] = mdr_min(rows[0], mdr_min(footprint[0], footprint[1])), rows[1] = mdr_max(rows[1], mdr_max(footprint[0], footprint[1]));
+        cols[0] = mdr_min(cols[0], mdr_min(footprint[2], footprint[3])), cols[1] = mdr_max(cols[1], mdr_max(footprint[2], footprint[3]));
     }
-    for (int c = 0; c < C; ++c) a.grad_texture[item * C + c] = sum[c];
+    int* texel_box = a.texel_boxes + 4 * item;
+    const bool empty = rows[1] < 0;
+    texel_box[0] = empty ? 1 : rows[0] >> MDR_TEXEL_TILE_SHIFT, texel_box[1] = empty ? 0 : rows[1] >> MDR_TEXEL_TILE_SHIFT;
+    texel_box[2] = empty ? 1 : cols[0] >> MDR_TEXEL_TILE_SHIFT, texel_box[3] = empty ? 0 : cols[1] >> MDR_TEXEL_TILE_SHIFT;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points: softras_{setup,bin,forward,backward,reduce,backward_textured,texels}_{f32,f64}.
+// reduce_texels: one item per texel tile (see MDR_TEXEL_TILE): dL/dtexture[t] = sum over the
+// pairs that count of beta_t dL/dC_ij, for the texels t of the tile, added in a fixed order: the
+// faces listed for the tile in face order (b * F + j), each face's pairs in its box's row-major
+// pixel order, each pair's footprint texels in order t = 0 .. 3. A tile's texels start at zero.
+// An item per tile of texels rather than per texel: most texels of a large texture get no term,
+// and a face's pairs are read once per tile its footprints touch, not once per term.
+template <typename T>
+__device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
+    const int C = a.channels;  // at most CHANNEL_CHUNK in a textured render
+    const int tile_row = (int)(item / a.texel_tiles_x), tile_col = (int)(item % a.texel_tiles_x);
+    const int row0 = tile_row * MDR_TEXEL_TILE, row1 = mdr_min(row0 + MDR_TEXEL_TILE, a.texture_height);
+    const int col0 = tile_col * MDR_TEXEL_TILE, col1 = mdr_min(col0 + MDR_TEXEL_TILE, a.texture_width);
+    for (int row = row0; row < row1; ++row)
+        for (int v = col0 * C; v < col1 * C; ++v) a.grad_texture[(long long)row * a.texture_width * C + v] = T(0);
+    const long long begin = item == 0 ? 0 : a.texel_tile_ends[item - 1], end = a.texel_tile_ends[item];
+    for (long long entry = begin; entry < end; ++entry) {
+        const long long face = a.texel_tile_faces[entry];
+        const int* box = a.face_boxes + 4 * face;  // not empty: the face has a pair that counts
+        const long long first = a.box_starts[face], pixels = (long long)(box[1] - box[0] + 1) * (box[3] - box[2] + 1);
+        for (long long pair = first; pair < first + pixels; ++pair) {
+            const int* footprint = a.texel_footprints + 4 * pair;
+            if (footprint[0] < 0) continue;  // the pair does not count
+            // Read once, before the sums' stores (which the compiler must assume may overwrite them),
+            // and over a loop of fixed length (with a loop to C the kernel took 1.5 times as long).
+            const T* values = a.texel_values + (2 + C) * pair;
+            const T fx = values[0], fy = values[1];
+            T g[CHANNEL_CHUNK];
+            for (int c = 0; c < CHANNEL_CHUNK; ++c) g[c] = c < C ? values[2 + c] : T(0);
+            for (int t = 0; t < 4; ++t) {
+                const int row = footprint[t / 2], col = footprint[2 + t % 2];
+                if ((row >> MDR_TEXEL_TILE_SHIFT) != tile_row || (col >> MDR_TEXEL_TILE_SHIFT) != tile_col) continue;
+                const T weight = bilinear_weight(fx, fy, t);
+                T* grad = a.grad_texture + ((long long)row * a.texture_width + col) * C;
+                for (int c = 0; c < CHANNEL_CHUNK; ++c)
+                    if (c < C) grad[c] += weight * g[c];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: softras_{setup,bin,forward,backward,reduce,backward_textured,texel_boxes,texels}_{f32,f64}.
 // One thread per work item.
 MDR_ENTRY(softras_setup_f32, setup_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_setup_f64, setup_item<double>, RasterArgs<double>)
@@ -941,6 +998,8 @@ MDR_ENTRY(softras_reduce_f32, reduce_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_reduce_f64, reduce_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_backward_textured_f32, backward_textured_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_backward_textured_f64, backward_textured_item<double>, RasterArgs<double>)
+MDR_ENTRY(softras_texel_boxes_f32, texel_box_item<float>, RasterArgs<float>)
+MDR_ENTRY(softras_texel_boxes_f64, texel_box_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_texels_f32, reduce_texels_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_texels_f64, reduce_texels_item<double>, RasterArgs<double>)
 
@@ -951,23 +1010,49 @@ extern "C" long long softras_args_size() { return (long long)sizeof(RasterArgs<f
 extern "C" long long softras_face_record() { return FACE_RECORD; }
 extern "C" long long softras_tile() { return MDR_TILE; }
 extern "C" long long softras_lanes() { return MDR_LANES; }
+extern "C" long long softras_texel_tile() { return MDR_TEXEL_TILE; }
 
 // The CPU target's stable sort of (key, value) pairs by key (microdr/raster/kernels.py,
-// sort_by_tile: the bin pairs by tile, and the texel slots by texel): a counting sort, one pass
-// to count, one to place in pair order. Null values place each pair's index instead; pairs with
-// a key of `tiles` or more are left out (texel slots that hold nothing).
+// sort_by_tile: the bin pairs by tile): a counting sort, one pass to count, one to place in pair
+// order.
 extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_faces, int* tile_faces,
                                      long long* tile_ends, long long pairs, long long tiles) {
     for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
-    for (long long p = 0; p < pairs; ++p)
-        if (bin_keys[p] < tiles) ++tile_ends[bin_keys[p]];
+    for (long long p = 0; p < pairs; ++p) ++tile_ends[bin_keys[p]];
     long long end = 0;  // tile_ends[t] becomes where tile t starts, then moves to its end while filled
     for (long long t = 0; t < tiles; ++t) {
         const long long count = tile_ends[t];
         tile_ends[t] = end;
         end += count;
     }
-    for (long long p = 0; p < pairs; ++p)
-        if (bin_keys[p] < tiles) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces ? bin_faces[p] : (int)p;
+    for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces[p];
+}
+
+// The CPU target's listing of faces per tile of texels (microdr/raster/kernels.py,
+// list_faces_per_texel_tile): each face (b * F + j) listed for each tile of its box of tiles
+// (texel_boxes, (faces, 4), empty when row0 > row1), in face order within a tile. Called twice:
+// with a null tile_faces it counts, leaves where each tile's list starts in tile_ends and returns
+// how many listings there are; then it lists, and tile_ends ends one past each tile's last.
+extern "C" long long softras_list_faces_per_texel_tile(const int* texel_boxes, long long faces, long long tiles_across,
+                                                       long long tiles, int* tile_faces, long long* tile_ends) {
+    if (!tile_faces)
+        for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
+    for (long long face = 0; face < faces; ++face) {
+        const int* box = texel_boxes + 4 * face;
+        for (long long row = box[0]; row <= box[1]; ++row)
+            for (long long col = box[2]; col <= box[3]; ++col) {
+                long long& end = tile_ends[row * tiles_across + col];
+                if (tile_faces) tile_faces[end] = (int)face;
+                ++end;
+            }
+    }
+    if (tile_faces) return tiles ? tile_ends[tiles - 1] : 0;
+    long long end = 0;  // counts -> starts
+    for (long long t = 0; t < tiles; ++t) {
+        const long long count = tile_ends[t];
+        tile_ends[t] = end;
+        end += count;
+    }
+    return end;
 }
 #endif

@@ -23,7 +23,7 @@ from microdr.raster.cpu import LANES_VARIABLE, cpu_target
 from microdr.raster.cpu_build import cache_path
 from microdr.raster.cuda import CudaTarget, resource_usage
 from microdr.raster import kernels
-from microdr.raster.kernels import STAGES, TEXTURE_STAGE, TEXTURED_BACKWARD, SoftRasterize
+from microdr.raster.kernels import STAGES, TEXTURE_STAGES, TEXTURED_BACKWARD, SoftRasterize
 
 from helpers import LANE_SHAPES, Case, assert_matches, run
 from helpers import cpu_lanes as lanes_of_cpu_kernels
@@ -289,7 +289,7 @@ def test_kernels_compile_with_nvcc_without_spills(arch):
         pytest.skip(f"this nvcc cannot target {arch} (CUDA 13 dropped Volta)")
     kernels = resource_usage(arch)
     assert sorted(kernels) == sorted(
-        f"softras_{stage}_{suffix}" for stage in (*STAGES, TEXTURED_BACKWARD, TEXTURE_STAGE) for suffix in ("f32", "f64")
+        f"softras_{stage}_{suffix}" for stage in (*STAGES, TEXTURED_BACKWARD, *TEXTURE_STAGES) for suffix in ("f32", "f64")
     )
     assert all(k.spill_stores == k.spill_loads == 0 for k in kernels.values()), kernels
 

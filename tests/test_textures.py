@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from microdr.raster import SoftRasSettings, rasterize
-from microdr.raster.kernels import MAX_TEXEL_SLOTS, too_many_slots
+from microdr.raster.kernels import MAX_TEXEL_PAIRS, too_many_texel_pairs
 from microdr.raster.texture import sample_bilinear
 
 from helpers import LANE_SHAPES, assert_matches, cpu_lanes
@@ -155,11 +155,11 @@ def test_textured_kernels_are_deterministic_across_thread_counts(lanes):
             assert torch.equal(a, b)
 
 
-def test_too_many_texel_slots_are_refused_with_their_memory():
-    assert too_many_slots(MAX_TEXEL_SLOTS, 3, 4) is None
-    message = too_many_slots(MAX_TEXEL_SLOTS + 4, 3, 4)
-    # 24 bytes a slot in float32 RGB: the key, the sorted index, three values.
-    assert f"{(MAX_TEXEL_SLOTS + 4) * 24 / 2**30:.1f} GiB" in message
+def test_too_many_texel_pair_records_are_refused_with_their_memory():
+    assert too_many_texel_pairs(MAX_TEXEL_PAIRS, 3, 4) is None
+    message = too_many_texel_pairs(MAX_TEXEL_PAIRS + 1, 3, 4)
+    # 36 bytes a record in float32 RGB: the footprint's 4 texel rows and columns, 5 values.
+    assert f"{(MAX_TEXEL_PAIRS + 1) * 36 / 2**30:.1f} GiB" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,12 +308,16 @@ def test_a_free_texture_starts_gray_and_fits_its_targets(tmp_path):
     assert (tmp_path / "run" / "mesh.mtl").is_file() and (tmp_path / "run" / "texture.png").is_file()
 
 
-@pytest.mark.parametrize("sort", ["torch", "cpu"])
-def test_slots_sort_by_texel_stably_leaving_out_those_that_hold_nothing(sort):
+@pytest.mark.parametrize("listing", ["torch", "cpu"])
+def test_faces_are_listed_per_texel_tile_in_face_order(listing):
     from microdr.raster.cpu import cpu_target
-    from microdr.raster.kernels import sort_by_tile
+    from microdr.raster.kernels import list_faces_per_texel_tile
 
-    keys = torch.tensor([3, 1, 4, 1, 5, 0, 4, 2])  # 5 texels: key 5 is a slot that holds nothing
-    runs = (sort_by_tile if sort == "torch" else cpu_target().sort_by_tile)(keys, None, 5)
-    assert runs.tile_ends.tolist() == [1, 3, 4, 5, 7]
-    assert runs.tile_faces[:7].tolist() == [5, 1, 3, 7, 0, 2, 6]  # slot order within a texel
+    list_faces = list_faces_per_texel_tile if listing == "torch" else cpu_target().list_faces_per_texel_tile
+    # 2 x 3 tiles; boxes of tiles (row0, row1, col0, col1); face 1 touches none.
+    boxes = torch.tensor([[0, 1, 1, 2], [1, 0, 1, 0], [1, 1, 0, 1], [0, 0, 2, 2]], dtype=torch.int32)
+    listed = list_faces(boxes, 2, 3)
+    assert listed.tile_ends.tolist() == [0, 1, 3, 4, 6, 7]
+    assert listed.tile_faces.tolist() == [0, 0, 3, 2, 0, 2, 0]
+    nothing = list_faces(boxes[1:2], 2, 3)
+    assert nothing.tile_ends.tolist() == [0] * 6 and nothing.tile_faces.numel() == 0

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import MicroDRError
 from .cpu_build import load
-from .kernels import ARGS_DTYPE, FACE_RECORD, TILE, TileBins
+from .kernels import ARGS_DTYPE, FACE_RECORD, TEXEL_TILE, TILE, TileBins
 
 #: The environment variable that picks the CPU kernels' lanes (see :func:`cpu_target`).
 LANES_VARIABLE = "MICRODR_CPU_LANES"
@@ -99,7 +99,7 @@ class CpuTarget:
         self.loaded = load("softras", defines=defines)
         self._library = self.loaded.library
         for name, expected in (("softras_args_size", ARGS_DTYPE.itemsize), ("softras_face_record", FACE_RECORD),
-                               ("softras_tile", TILE)):
+                               ("softras_tile", TILE), ("softras_texel_tile", TEXEL_TILE)):
             if self._constant(name) != expected:
                 raise MicroDRError(f"kernels.py disagrees with softras.cu: {name} is {self._constant(name)}, expected {expected}")
         self.lanes = self._constant("softras_lanes")
@@ -107,6 +107,8 @@ class CpuTarget:
             raise MicroDRError(f"softras.cu built with MDR_LANES={lanes} reports {self.lanes} lanes")
         self._library.softras_sort_by_tile.restype = None
         self._library.softras_sort_by_tile.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_longlong] * 2
+        self._library.softras_list_faces_per_texel_tile.restype = ctypes.c_longlong
+        self._library.softras_list_faces_per_texel_tile.argtypes = [ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 2
         self._launchers: dict[str, ctypes._CFuncPtr] = {}
 
     def _constant(self, name: str) -> int:
@@ -122,13 +124,25 @@ class CpuTarget:
             self._launchers[kernel] = function
         return self._launchers[kernel]
 
-    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> TileBins:
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:
         """kernels.sort_by_tile as one counting sort (O(pairs + tiles)) instead of torch's
         comparison sort, which took most of the binning time."""
-        tile_faces = torch.empty(bin_keys.numel(), dtype=torch.int32)  # the kept pairs come first
+        tile_faces = torch.empty(bin_keys.numel(), dtype=torch.int32)
         tile_ends = torch.empty(tiles, dtype=torch.int64)
-        pointers = (0 if t is None else t.data_ptr() for t in (bin_keys, bin_faces, tile_faces, tile_ends))
+        pointers = (t.data_ptr() for t in (bin_keys, bin_faces, tile_faces, tile_ends))
         self._library.softras_sort_by_tile(*pointers, ctypes.c_longlong(bin_keys.numel()), ctypes.c_longlong(tiles))
+        return TileBins(tile_faces, tile_ends)
+
+    def list_faces_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
+        """kernels.list_faces_per_texel_tile in two passes over the boxes (count, then list)."""
+        tiles = tiles_down * tiles_across
+        tile_ends = torch.empty(tiles, dtype=torch.int64)
+        sizes = (ctypes.c_longlong(texel_boxes.shape[0]), ctypes.c_longlong(tiles_across), ctypes.c_longlong(tiles))
+        listed = self._library.softras_list_faces_per_texel_tile(texel_boxes.data_ptr(), *sizes, None, tile_ends.data_ptr())
+        tile_faces = torch.empty(listed, dtype=torch.int32)
+        if listed:
+            self._library.softras_list_faces_per_texel_tile(texel_boxes.data_ptr(), *sizes, tile_faces.data_ptr(),
+                                                            tile_ends.data_ptr())
         return TileBins(tile_faces, tile_ends)
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:

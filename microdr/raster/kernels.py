@@ -1,7 +1,8 @@
 """The kernels behind the seam: one autograd Function and the launch code both targets share.
 
 ``cuda_src/softras.cu`` defines five kernels per dtype (``softras_{setup,bin,forward,backward,
-reduce}_{f32,f64}``), and two more for textured renders (``softras_{backward_textured,texels}_*``),
+reduce}_{f32,f64}``), and three more for textured renders
+(``softras_{backward_textured,texel_boxes,texels}_*``),
 each a 1-D grid of independent work items taking one argument block,
 :data:`ARGS_DTYPE`. This module fills that block and sizes the grid; a *target* (``cpu.py``:
 the source compiled by the host C++ compiler; ``cuda.py``: the same source through PyCUDA) only
@@ -26,12 +27,13 @@ ARGS_DTYPE = np.dtype(
         "grad_image", "grad_verts", "grad_attrs",
         "face_tiles", "bin_starts", "bin_keys", "bin_faces", "tile_faces", "tile_ends",
         "face_chunks", "chunk_starts", "chunk_faces", "partial_starts", "partials",
-        "texture", "box_starts", "texel_keys", "texel_values", "texel_entries", "texel_ends", "grad_texture",
+        "texture", "box_starts", "texel_footprints", "texel_values", "texel_boxes", "texel_tile_faces",
+        "texel_tile_ends", "grad_texture",
     )]
     + [("n_items", np.int64), ("chunks", np.int64)]
     + [(name, np.int32) for name in (
         "batch", "faces", "channels", "height", "width", "perspective", "cull_backfaces",
-        "pitch", "tiles_x", "tiles_y", "texture_height", "texture_width", "texture_wrap",
+        "pitch", "tiles_x", "tiles_y", "texture_height", "texture_width", "texture_wrap", "texel_tiles_x",
     )]
     + [(name, np.float64) for name in ("sigma", "gamma", "eps", "distance_cutoff", "near", "far")],
     align=True,
@@ -43,6 +45,9 @@ FACE_RECORD = 17
 TILE = 8
 #: Threads per block on the GPU, and work items per scheduling chunk on the CPU.
 BLOCK = 128
+#: The same for the texels kernel, whose items are few and long (a 512 x 512 texture has 64 tiles
+#: of texels: in blocks of BLOCK, one CPU thread would take them all).
+TEXEL_TILES_PER_BLOCK = 8
 #: The most (tile, face) pairs a render may list: each takes 16 bytes (a tile key, its face,
 #: and the face again sorted by tile), 4 GiB at the limit. Ordinary renders list far fewer
 #: (81,920 faces at 1024 x 1024 with a one-pixel sigma: ~4e5 per view); a sigma so large that
@@ -57,16 +62,19 @@ BYTES_PER_LISTED_PAIR = 16
 #: (:func:`too_many_chunks`), so a backward has at most 2**29 work items.
 BYTES_PER_CHUNK = 8
 MAX_BACKWARD_BYTES = 2**32
-#: The textured backward writes 4 texel slots per (pixel, face) pair of the faces' boxes (every
-#: pair visited, whether it counts or not, so that a slot's place depends on the pair alone, not
-#: on the chunk that visits it); each slot takes its texel key (8 bytes), the slot's index once
-#: sorted by texel (4) and C values of the dtype: 24 bytes in float32 RGB, 96 per pair visited
-#: (36 and 144 in float64); the sort adds 8 bytes per texel. At most MAX_TEXEL_SLOTS (int32
-#: indices): 6 GiB in float32 RGB at the limit. Ordinary renders take far fewer: the cow (5,856
-#: faces) filling a 256 x 256 view visits 9.1e5 pairs, 88 MB of slots.
-SLOTS_PER_PAIR = 4
-MAX_TEXEL_SLOTS = 2**28
-BYTES_PER_SLOT_BESIDES_VALUES = 12
+#: The textured backward writes a texel pair record for each (pixel, face) pair of the faces'
+#: boxes (its place fixed by the pair alone, not by the chunk that visits it): the pair's
+#: footprint in the texture (4 int32 texel rows and columns, 16 bytes) and 2 + C values of the
+#: dtype (its bilinear weights and dL/dC_ij): 36 bytes in float32 RGB (56 in float64). At most
+#: MAX_TEXEL_PAIRS: 9 GiB in float32 RGB at the limit. Ordinary renders take far fewer: the cow
+#: (5,856 faces) filling a 256 x 256 view has 8.3e5 pairs in its boxes with the SoftRas sigma,
+#: 30 MB of records. The texels kernel's work items are tiles of TEXEL_TILE x TEXEL_TILE texels;
+#: each face is listed for each tile its footprints touch (4 bytes a listing on the CPU, 16 with
+#: list_faces_per_texel_tile's torch operations: the tile key, the face, the face again sorted by
+#: tile; and 16 bytes per face for its box of tiles, 8 per tile).
+MAX_TEXEL_PAIRS = 2**28
+BYTES_PER_TEXEL_PAIR_BESIDES_VALUES = 16
+TEXEL_TILE = 64
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -78,8 +86,11 @@ class KernelTarget(Protocol):
     #: Adjacent pixels per work item (MDR_LANES): 1 on the GPU, a SIMD width on the CPU.
     lanes: int
 
-    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> "TileBins":
+    def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> "TileBins":
         """What :func:`sort_by_tile` returns, computed on this target."""
+
+    def list_faces_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> "TileBins":
+        """What :func:`list_faces_per_texel_tile` returns, computed on this target."""
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
         """Runs ``kernel`` over a 1-D grid; ``args`` is a 1-element :data:`ARGS_DTYPE` array.
@@ -128,20 +139,21 @@ def _tiles(width: int, height: int) -> tuple[int, int]:
 
 
 #: The kernels of softras.cu, in launch order; textured renders run TEXTURED_BACKWARD instead
-#: of the backward, and TEXTURE_STAGE last.
+#: of the backward, and TEXTURE_STAGES last.
 STAGES = ("setup", "bin", "forward", "backward", "reduce")
 TEXTURED_BACKWARD = "backward_textured"
-TEXTURE_STAGE = "texels"
+TEXTURE_STAGES = ("texel_boxes", "texels")
 
 
 def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, chunks: int,
-               texels: int = 0) -> int:
-    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and reduce; for
-    forward, one per ``lanes`` adjacent pixels of each row of each tile of each image; for
-    backward (textured too), one per chunk (``chunks`` in all, see :func:`chunk_layout`); for
-    texels, one per texel (``texels`` of them)."""
-    if stage == TEXTURE_STAGE:
-        return texels
+               texel_tiles: int = 0) -> int:
+    """The work items of ``stage``'s 1-D grid: one per face for setup, bin, reduce and
+    texel_boxes; for forward, one per ``lanes`` adjacent pixels of each row of each tile of each
+    image; for backward (textured too), one per chunk (``chunks`` in all, see
+    :func:`chunk_layout`); for texels, one per tile of texels (``texel_tiles`` of them, see
+    :func:`texel_tiles`)."""
+    if stage == "texels":
+        return texel_tiles
     if stage in ("backward", TEXTURED_BACKWARD):
         return chunks
     if stage != "forward":
@@ -150,21 +162,27 @@ def work_items(stage: str, batch: int, faces: int, width: int, height: int, lane
     return batch * tiles_x * tiles_y * TILE * (TILE // lanes)
 
 
-def launch_size(n_items: int) -> tuple[int, int]:
-    """``(grid, block)`` for ``n_items`` work items: blocks of :data:`BLOCK` threads, as few as
-    hold them all (``n_items > 0``)."""
-    return -(-n_items // BLOCK), BLOCK
+def texel_tiles(texture_height: int, texture_width: int) -> tuple[int, int]:
+    """Tiles of texels down and across a texture: its sides in :data:`TEXEL_TILE` texels,
+    rounded up."""
+    return -(-texture_height // TEXEL_TILE), -(-texture_width // TEXEL_TILE)
+
+
+def launch_size(n_items: int, block: int = BLOCK) -> tuple[int, int]:
+    """``(grid, block)`` for ``n_items`` work items: blocks of ``block`` threads, as few as hold
+    them all (``n_items > 0``)."""
+    return -(-n_items // block), block
 
 
 def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarray) -> None:
     """Runs ``stage``'s kernel over its work items (:func:`work_items`, for the sizes in ``args``)."""
     batch, faces, width, height, chunks = (int(args[field][0]) for field in ("batch", "faces", "width", "height", "chunks"))
-    texels = int(args["texture_height"][0]) * int(args["texture_width"][0])
-    n_items = work_items(stage, batch, faces, width, height, target.lanes, chunks, texels)
+    tiles_down, tiles_across = texel_tiles(int(args["texture_height"][0]), int(args["texture_width"][0]))
+    n_items = work_items(stage, batch, faces, width, height, target.lanes, chunks, tiles_down * tiles_across)
     if n_items == 0:
         return
     args["n_items"] = n_items
-    grid, block = launch_size(n_items)
+    grid, block = launch_size(n_items, TEXEL_TILES_PER_BLOCK if stage == "texels" else BLOCK)
     target.launch(f"softras_{stage}_{_SUFFIX[dtype]}", args, grid=grid, block=block)
 
 
@@ -206,16 +224,14 @@ def too_many_pairs(pairs: int) -> str | None:
     )
 
 
-def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor | None, tiles: int) -> TileBins:
-    """The bin pairs ``(bin_keys, bin_faces)`` sorted by tile key, stably: within a tile the
-    faces stay in face order, so the blend order is fixed. ``bin_faces=None`` sorts the pairs'
-    own indices (int32), as the texel slots are sorted by texel key (``tiles`` keys, then); pairs
-    with a key of ``tiles`` or more are left out (slots that hold nothing). Any target may use
-    this; the CPU target has a faster counting sort of its own (``softras_sort_by_tile``)."""
-    kept = torch.nonzero(bin_keys < tiles).flatten()
-    order = kept[torch.argsort(bin_keys[kept], stable=True)]
-    tile_ends = torch.cumsum(torch.bincount(bin_keys[kept], minlength=tiles), 0)
-    return TileBins(order.int() if bin_faces is None else bin_faces[order], tile_ends)
+def sort_by_tile(bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> TileBins:
+    """The bin pairs ``(bin_keys, bin_faces)`` (keys below ``tiles``) sorted by tile key, stably:
+    within a tile the faces stay in face order, so the blend order is fixed (the faces listed per
+    texel tile are sorted so too). Any target may use this; the CPU target has a faster counting
+    sort of its own (``softras_sort_by_tile``)."""
+    order = torch.argsort(bin_keys, stable=True)
+    tile_ends = torch.cumsum(torch.bincount(bin_keys, minlength=tiles), 0)
+    return TileBins(bin_faces[order], tile_ends)
 
 
 def partial_bytes(channels: int, itemsize: int) -> int:
@@ -372,51 +388,70 @@ def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height,
         _launch(target, "backward", face_verts.dtype, args)
         _launch(target, "reduce", face_verts.dtype, args)
         return grad_verts, grad_attrs, None
-    slots = _texel_slots(args, face_boxes, texture)
+    records = _texel_pairs(args, face_boxes, texture)
     _launch(target, TEXTURED_BACKWARD, face_verts.dtype, args)
     _launch(target, "reduce", face_verts.dtype, args)
-    return grad_verts, grad_attrs, _reduce_texels(target, args, slots, texture)
+    return grad_verts, grad_attrs, _reduce_texels(target, args, records, texture)
 
 
-def _texel_slots(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The backward's texel slots, put in ``args``: ``(box_starts, keys, values)``, every key at
-    the texture's texel count (a slot that holds nothing) until the backward writes it."""
+def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The backward's texel pair records, put in ``args``: ``(box_starts, footprints, values)``,
+    for the backward to write (every pair's footprint: its first row -1 if the pair does not
+    count)."""
     pixels = box_pixels(face_boxes).flatten()
     ends = torch.cumsum(pixels, 0)
-    slots = SLOTS_PER_PAIR * (int(ends[-1]) if ends.numel() else 0)
-    problem = too_many_slots(slots, texture.shape[-1], texture.element_size())
+    pairs = int(ends[-1]) if ends.numel() else 0
+    problem = too_many_texel_pairs(pairs, texture.shape[-1], texture.element_size())
     if problem:
         raise MicroDRError(problem)
-    texels = texture.shape[0] * texture.shape[1]
     box_starts = ends - pixels
-    keys = torch.full((slots,), texels, dtype=torch.int64, device=texture.device)
-    values = texture.new_empty(slots, texture.shape[-1])
-    args["box_starts"], args["texel_keys"], args["texel_values"] = (_pointer(t) for t in (box_starts, keys, values))
-    return box_starts, keys, values
+    footprints = torch.empty(pairs, 4, dtype=torch.int32, device=texture.device)
+    values = texture.new_empty(pairs, 2 + texture.shape[-1])
+    args["box_starts"], args["texel_footprints"], args["texel_values"] = (_pointer(t) for t in (box_starts, footprints, values))
+    return box_starts, footprints, values
 
 
-def _reduce_texels(target: KernelTarget, args: np.ndarray, slots, texture: torch.Tensor) -> torch.Tensor:
-    """dL/dtexture ``(Ht, Wt, C)``: the backward's texel slots sorted by texel (stably, so in
-    slot order) and each texel's added up in that order by the texels kernel."""
-    _, keys, values = slots
-    texels = texture.shape[0] * texture.shape[1]
-    runs = target.sort_by_tile(keys, None, texels)  # leaves out the slots that hold nothing (key texels)
+def _reduce_texels(target: KernelTarget, args: np.ndarray, records, texture: torch.Tensor) -> torch.Tensor:
+    """dL/dtexture ``(Ht, Wt, C)`` from the backward's texel pair ``records`` (held here while the
+    kernels read them): each face's box of texel tiles (texel_boxes), the faces listed per tile
+    in face order (as the bin pairs are), and the texels kernel over the tiles."""
+    batch_faces = int(args["batch"][0]) * int(args["faces"][0])
+    tiles_down, tiles_across = texel_tiles(*texture.shape[:2])
+    args["texel_tiles_x"] = tiles_across
+    texel_boxes = torch.empty(batch_faces, 4, dtype=torch.int32, device=texture.device)
+    args["texel_boxes"] = _pointer(texel_boxes)
+    _launch(target, "texel_boxes", texture.dtype, args)
+    listed = target.list_faces_per_texel_tile(texel_boxes, tiles_down, tiles_across)
     grad_texture = torch.empty_like(texture)
-    args["texel_entries"], args["texel_ends"] = _pointer(runs.tile_faces), _pointer(runs.tile_ends)
+    args["texel_tile_faces"], args["texel_tile_ends"] = _pointer(listed.tile_faces), _pointer(listed.tile_ends)
     args["grad_texture"] = _pointer(grad_texture)
-    _launch(target, TEXTURE_STAGE, texture.dtype, args)
+    _launch(target, "texels", texture.dtype, args)
     return grad_texture
 
 
-def too_many_slots(slots: int, channels: int, value_bytes: int) -> str | None:
-    """Why the textured backward refuses ``slots`` texel slots before they are allocated (one
-    line, with the memory they would take), or ``None`` if it does not."""
-    if slots <= MAX_TEXEL_SLOTS:
+def list_faces_per_texel_tile(texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
+    """Each face (``b * F + j``) listed for each tile of its ``(B * F, 4)`` box of texel tiles
+    (int32, as texel_boxes writes them), sorted by tile (row-major), in face order within a tile.
+    Any target may use this; the CPU target lists them in one pass of its own
+    (``softras_list_faces_per_texel_tile``; torch's operations took about a millisecond)."""
+    rows, cols = box_sides(texel_boxes)
+    counts = rows * cols
+    faces = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    index = torch.arange(faces.numel(), device=counts.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    boxes, across = texel_boxes.long()[faces], cols[faces]
+    keys = (boxes[:, 0] + index // across) * tiles_across + boxes[:, 2] + index % across
+    return sort_by_tile(keys, faces.int(), tiles_down * tiles_across)
+
+
+def too_many_texel_pairs(pairs: int, channels: int, value_bytes: int) -> str | None:
+    """Why the textured backward refuses ``pairs`` texel pair records before they are allocated
+    (one line, with the memory they would take), or ``None`` if it does not."""
+    if pairs <= MAX_TEXEL_PAIRS:
         return None
-    gib = slots * (BYTES_PER_SLOT_BESIDES_VALUES + channels * value_bytes) / 2**30
+    gib = pairs * (BYTES_PER_TEXEL_PAIR_BESIDES_VALUES + (2 + channels) * value_bytes) / 2**30
     return (
-        f"the textured backward needs {slots} texel slots ({SLOTS_PER_PAIR} per (pixel, face) pair of the faces' "
-        f"screen boxes), more than the limit of 2**28 = {MAX_TEXEL_SLOTS}; they would take {gib:.1f} GiB: lower "
+        f"the textured backward needs {pairs} texel pair records (one per (pixel, face) pair of the faces' "
+        f"screen boxes), more than the limit of 2**28 = {MAX_TEXEL_PAIRS}; they would take {gib:.1f} GiB: lower "
         f"sigma, the image size or the face count"
     )
 
