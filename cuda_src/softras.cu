@@ -397,6 +397,11 @@ MDR_DEVICE void pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int 
     texel_footprint(u, v, a, s, lane);
 }
 
+// The pixels of a box (row0, row1, col0, col1, inclusive; 0 when empty), as setup writes them.
+MDR_DEVICE long long box_pixel_count(const int* box) {
+    return (long long)mdr_max(box[1] - box[0] + 1, 0) * mdr_max(box[3] - box[2] + 1, 0);
+}
+
 // The texels kernel's items take tiles of MDR_TEXEL_TILE x MDR_TEXEL_TILE texels (texel rows and
 // columns >> MDR_TEXEL_TILE_SHIFT), row-major, the last row and column of tiles maybe cut short.
 #define MDR_TEXEL_TILE_SHIFT 6
@@ -644,8 +649,8 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
 // the chunk in the columns j can reach from its rows (reach_columns, for a chunk wider than
 // REACH_MIN_GROUPS lane groups; the other pixels' pairs cannot count), MDR_LANES adjacent pixels
 // at a time from the first of those columns (not tile-aligned as in the forward: 5 such columns
-// then take one lane group per row, not one or two). Lane sums are added up in a fixed order at the end, and the reduce adds the chunks
-// in chunk order, so results stay reproducible.
+// then take one lane group per row, not one or two). Lane sums are added up in a fixed order at
+// the end, and the reduce adds the chunks in chunk order, so results stay reproducible.
 // With gI = dL/dI_i (C values) and gA = dL/dA_i, and m_i held constant (I_i does not depend on it):
 //   dL/dC_ij    = gI w_ij / W_i                       ->  dL/dc_k += w^_k dL/dC_ij
 //   dL/dw_ij    = gI . (C_ij - I_i) / W_i             =: gw
@@ -928,7 +933,7 @@ template <typename T>
 __device__ void texel_box_item(const RasterArgs<T>& a, long long item) {
     const int* box = a.face_boxes + 4 * item;
     const long long first = a.box_starts[item];
-    const long long pixels = (long long)mdr_max(box[1] - box[0] + 1, 0) * mdr_max(box[3] - box[2] + 1, 0);
+    const long long pixels = box_pixel_count(box);
     int rows[2] = {a.texture_height, -1}, cols[2] = {a.texture_width, -1};  // texels, empty
     for (long long pair = first; pair < first + pixels; ++pair) {
         const int* footprint = a.texel_footprints + 4 * pair;
@@ -961,7 +966,7 @@ __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
     for (long long entry = begin; entry < end; ++entry) {
         const long long face = a.texel_tile_faces[entry];
         const int* box = a.face_boxes + 4 * face;  // not empty: the face has a pair that counts
-        const long long first = a.box_starts[face], pixels = (long long)(box[1] - box[0] + 1) * (box[3] - box[2] + 1);
+        const long long first = a.box_starts[face], pixels = box_pixel_count(box);
         for (long long pair = first; pair < first + pixels; ++pair) {
             const int* footprint = a.texel_footprints + 4 * pair;
             if (footprint[0] < 0) continue;  // the pair does not count
@@ -1012,6 +1017,17 @@ extern "C" long long softras_tile() { return MDR_TILE; }
 extern "C" long long softras_lanes() { return MDR_LANES; }
 extern "C" long long softras_texel_tile() { return MDR_TEXEL_TILE; }
 
+// Turns counts per tile into where each tile's entries start (in place); returns the total.
+static long long counts_to_starts(long long* tile_ends, long long tiles) {
+    long long end = 0;
+    for (long long t = 0; t < tiles; ++t) {
+        const long long count = tile_ends[t];
+        tile_ends[t] = end;
+        end += count;
+    }
+    return end;
+}
+
 // The CPU target's stable sort of (key, value) pairs by key (microdr/raster/kernels.py,
 // sort_by_tile: the bin pairs by tile): a counting sort, one pass to count, one to place in pair
 // order.
@@ -1019,12 +1035,7 @@ extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_f
                                      long long* tile_ends, long long pairs, long long tiles) {
     for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
     for (long long p = 0; p < pairs; ++p) ++tile_ends[bin_keys[p]];
-    long long end = 0;  // tile_ends[t] becomes where tile t starts, then moves to its end while filled
-    for (long long t = 0; t < tiles; ++t) {
-        const long long count = tile_ends[t];
-        tile_ends[t] = end;
-        end += count;
-    }
+    counts_to_starts(tile_ends, tiles);  // each start then moves to its tile's end while filled
     for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces[p];
 }
 
@@ -1047,12 +1058,6 @@ extern "C" long long softras_list_faces_per_texel_tile(const int* texel_boxes, l
             }
     }
     if (tile_faces) return tiles ? tile_ends[tiles - 1] : 0;
-    long long end = 0;  // counts -> starts
-    for (long long t = 0; t < tiles; ++t) {
-        const long long count = tile_ends[t];
-        tile_ends[t] = end;
-        end += count;
-    }
-    return end;
+    return counts_to_starts(tile_ends, tiles);
 }
 #endif
