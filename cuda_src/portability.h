@@ -120,6 +120,12 @@ MDR_DEVICE T mdr_largest() { return sizeof(T) == 4 ? T(FLT_MAX) : T(DBL_MAX); }
 // The spacing of a type's numbers at 1.
 template <typename T>
 MDR_DEVICE T mdr_epsilon() { return sizeof(T) == 4 ? T(FLT_EPSILON) : T(DBL_EPSILON); }
+// The index of the lowest set bit of a nonzero mask.
+#ifdef __CUDACC__
+MDR_DEVICE int mdr_lowest_bit(unsigned mask) { return __ffs(mask) - 1; }
+#else
+MDR_DEVICE int mdr_lowest_bit(unsigned mask) { return std::countr_zero(mask); }
+#endif
 template <typename T>
 MDR_DEVICE T mdr_min(T a, T b) { return b < a ? b : a; }
 template <typename T>

@@ -1,6 +1,6 @@
 // The soft rasterizer (docs/MODEL.md): forward and hand-written backward.
 //
-// Five kernels (three more for textures), each a 1-D grid of independent work items that own their
+// Five kernels (two more for textures), each a 1-D grid of independent work items that own their
 // outputs (no atomics, so results are bitwise reproducible on the CPU whatever the thread count):
 //   setup     one item per face (b, j): whether the face is skipped, the box of pixels it can
 //             touch (its screen bounding box grown by the cut-off distance), how many tiles
@@ -22,13 +22,13 @@
 //             of its own (zeros for a chunk the face cannot reach).
 //   reduce    one item per face: adds the partial gradients of a face's other chunks to the
 //             first's, in chunk order (zero for a face of none).
-//   backward_textured  the backward of textured renders: the same chunks, and each pair's
-//             footprint in the texture and dL/dC_ij written into a record fixed by the pair's
-//             place in its face's box.
-//   texel_boxes  textured renders only: one item per face, the tiles of texels (MDR_TEXEL_TILE)
-//             its pairs' footprints touch; the launch code lists the faces per texel tile.
+//   backward_textured  the backward of textured renders: the same chunks; each chunk also writes
+//             a record of each of its pairs that counts (its footprint in the texture and
+//             dL/dC_ij), packed from the place of the chunk's first pixel in its face's box on,
+//             and the tiles of texels (MDR_TEXEL_TILE) those footprints touch; the launch code
+//             lists the chunks per texel tile.
 //   texels    textured renders only: one item per texel tile, adds up the texel gradients of the
-//             pair records of the faces listed for it, in a fixed order.
+//             pair records of the chunks listed for it, in a fixed order.
 // Forward and backward evaluate a (pixel, face) pair with the same functions, eval_boundary and
 // eval_depth, so they agree exactly on which pairs count. Memory is O(pixels + faces + listed
 // pairs + chunks).
@@ -80,13 +80,14 @@ struct RasterArgs {
     // Textured renders (null texture otherwise): face_attrs are then texture coordinates (B, F, 3, 2)
     // and the C channels are sampled from texture (texture_height, texture_width, C).
     const T* texture;
-    const long long* box_starts;       // (B, F): box pixels of the faces before: where a face's texel pairs start
-    int* texel_footprints;             // (box pixels, 4): r0, r1, c0, c1 of each pair's footprint; r0 = -1: the
-                                       // pair does not count
-    T* texel_values;                   // (box pixels, 2 + C): fx, fy and dL/dC_ij of each pair that counts
-    int* texel_boxes;                  // (B, F, 4): the texel tiles a face's footprints touch, as face_boxes
-    const int* texel_tile_faces;       // b * F + j of the faces listed per texel tile, sorted by tile
-    const long long* texel_tile_ends;  // (texel tiles): one past each tile's last entry in texel_tile_faces
+    const long long* box_starts;       // (B, F): box pixels of the faces before (chunk_first_pair)
+    int* texel_footprints;             // (box pixels, 4): r0, r1, c0, c1 of each record's pair's footprint
+    T* texel_values;                   // (box pixels, 2 + C): fx, fy and dL/dC_ij of each record's pair
+    int* chunk_records;                // (chunks): the records each chunk wrote, from chunk_first_pair on
+    int* texel_boxes;                  // (chunks, 4): the texel tiles a chunk's records' footprints touch, as
+                                       // face_boxes
+    const int* texel_tile_chunks;      // the chunks listed per texel tile, sorted by tile
+    const long long* texel_tile_ends;  // (texel tiles): one past each tile's last entry in texel_tile_chunks
     T* grad_texture;                   // like texture
     long long n_items;
     long long chunks;  // backward work items: sum of face_chunks
@@ -370,21 +371,44 @@ MDR_DEVICE T bilinear_weight(T fx, T fy, int t) {
     return (t % 2 == 0 ? T(1) - fx : fx) * (t < 2 ? T(1) - fy : fy);
 }
 
-// Channel `channel` of the texture at lane `lane`'s footprint, and its derivatives along u and v
-// (the forward drops them): dx/du = Wt and dy/dv = -Ht (x across, y down) times the bilinear
-// sample's slopes along x and y. Where clamping puts both texels of an axis on one, the slope
-// along it is 0.
-template <typename T>
-MDR_DEVICE T sample_texture(const Footprints<T>& s, int lane, int channel, const RasterArgs<T>& a, T& d_u, T& d_v) {
-    const T* texture = a.texture + channel;
-    const int row0 = s.r0[lane] * a.texture_width, row1 = s.r1[lane] * a.texture_width;
-    const T t00 = texture[(row0 + s.c0[lane]) * a.channels], t01 = texture[(row0 + s.c1[lane]) * a.channels];
-    const T t10 = texture[(row1 + s.c0[lane]) * a.channels], t11 = texture[(row1 + s.c1[lane]) * a.channels];
-    const T fx = s.fx[lane], fy = s.fy[lane];
-    const T top = t00 + (t01 - t00) * fx, bottom = t10 + (t11 - t10) * fx;
-    d_u = ((t01 - t00) * (T(1) - fy) + (t11 - t10) * fy) * T(a.texture_width);
-    d_v = (top - bottom) * T(a.texture_height);
-    return top + (bottom - top) * fy;
+// The texture's channels chunk .. chunk + CH - 1 (one past the last reads the last instead)
+// sampled at the footprints of the lanes whose mask is set: sample[c][lane] and, with SLOPES,
+// its derivatives along u and v, d_u[c][lane] and d_v[c][lane]: dx/du = Wt and dy/dv = -Ht
+// (x across, y down) times the bilinear sample's slopes along x and y (where clamping puts
+// both texels of an axis on one, the slope along it is 0). The other lanes get 0.
+// A loop over the lanes set rather than a lane loop: the CPU has no gathers fast enough (GCC
+// emulates them, a scalar load and an insert per lane and texel value, 12 per lane for RGB),
+// and only about a third of a lane group's lanes count.
+template <typename T, int CH, bool SLOPES>
+MDR_DEVICE void sample_lanes(const Footprints<T>& s, const T* mask, int chunk, const RasterArgs<T>& a,
+                             T (*sample)[MDR_LANES], T (*d_u)[MDR_LANES], T (*d_v)[MDR_LANES]) {
+    unsigned lanes = 0;
+    for (int lane = 0; lane < MDR_LANES; ++lane) lanes |= (mask[lane] != T(0) ? 1u : 0u) << lane;
+    for (int c = 0; c < CH; ++c) {
+        MDR_SIMD for (int lane = 0; lane < MDR_LANES; ++lane) {
+            sample[c][lane] = T(0);
+            if constexpr (SLOPES) d_u[c][lane] = T(0), d_v[c][lane] = T(0);
+        }
+    }
+    for (; lanes != 0; lanes &= lanes - 1) {
+        const int lane = mdr_lowest_bit(lanes);
+        const int row0 = s.r0[lane] * a.texture_width, row1 = s.r1[lane] * a.texture_width;
+        const T* t00 = a.texture + (row0 + s.c0[lane]) * a.channels;
+        const T* t01 = a.texture + (row0 + s.c1[lane]) * a.channels;
+        const T* t10 = a.texture + (row1 + s.c0[lane]) * a.channels;
+        const T* t11 = a.texture + (row1 + s.c1[lane]) * a.channels;
+        const T fx = s.fx[lane], fy = s.fy[lane];
+        for (int c = 0; c < CH; ++c) {
+            const int channel = mdr_min(chunk + c, a.channels - 1);
+            const T top = t00[channel] + (t01[channel] - t00[channel]) * fx;
+            const T bottom = t10[channel] + (t11[channel] - t10[channel]) * fx;
+            sample[c][lane] = top + (bottom - top) * fy;
+            if constexpr (SLOPES) {
+                d_u[c][lane] = ((t01[channel] - t00[channel]) * (T(1) - fy) + (t11[channel] - t10[channel]) * fy) * T(a.texture_width);
+                d_v[c][lane] = (top - bottom) * T(a.texture_height);
+            }
+        }
+    }
 }
 
 // The footprint of lane `lane`'s interpolated texture coordinate uv_ij = sum_k w^_k uv_k, where
@@ -395,11 +419,6 @@ MDR_DEVICE void pair_footprint(const Pairs<T>& q, const T* __restrict__ uv, int 
     T u = T(0), v = T(0);
     for (int k = 0; k < 3; ++k) u += q.w_hat[k][lane] * uv[2 * k], v += q.w_hat[k][lane] * uv[2 * k + 1];
     texel_footprint(u, v, a, s, lane);
-}
-
-// The pixels of a box (row0, row1, col0, col1, inclusive; 0 when empty), as setup writes them.
-MDR_DEVICE long long box_pixel_count(const int* box) {
-    return (long long)mdr_max(box[1] - box[0] + 1, 0) * mdr_max(box[3] - box[2] + 1, 0);
 }
 
 // The texels kernel's items take tiles of MDR_TEXEL_TILE x MDR_TEXEL_TILE texels (texel rows and
@@ -548,23 +567,25 @@ __device__ void forward_lanes(const RasterArgs<T>& a, long long item) {
                 }
             }
             Footprints<T> footprint;  // textured only
+            T w[L];
             MDR_SIMD for (int lane = 0; lane < L; ++lane) {
-                const T w = counts[lane] != T(0) ? q.D[lane] * mdr_exp((q.zhat[lane] - m[lane]) * inv_gamma) : T(0);
-                weight_sum[lane] += w;
+                w[lane] = counts[lane] != T(0) ? q.D[lane] * mdr_exp((q.zhat[lane] - m[lane]) * inv_gamma) : T(0);
+                weight_sum[lane] += w[lane];
                 if constexpr (TEXTURED) {
                     pair_footprint(q, a.face_attrs + face * 6, lane, a, footprint);
-                    for (int c = 0; c < CH; ++c) {
-                        T d_u, d_v;  // unused
-                        const T sample = sample_texture(footprint, lane, mdr_min(chunk + c, C - 1), a, d_u, d_v);
-                        color[c][lane] += c < chunk_channels ? w * sample : T(0);
-                    }
                 } else {
                     for (int c = 0; c < CH; ++c) {
                         T c_ij = T(0);
                         for (int k = 0; k < 3; ++k) c_ij += q.w_hat[k][lane] * corner_color[k][c];
-                        color[c][lane] += w * c_ij;
+                        color[c][lane] += w[lane] * c_ij;
                     }
                 }
+            }
+            if constexpr (TEXTURED) {
+                T sample[CH][L];
+                sample_lanes<T, CH, false>(footprint, counts, chunk, a, sample, nullptr, nullptr);
+                MDR_SIMD for (int lane = 0; lane < L; ++lane)
+                    for (int c = 0; c < CH; ++c) color[c][lane] += c < chunk_channels ? w[lane] * sample[c][lane] : T(0);
             }
         }
         T* image = a.image + pixel0;
@@ -590,17 +611,28 @@ __device__ void forward_item(const RasterArgs<T>& a, long long item) {
         a.perspective ? forward_lanes<T, CHANNEL_CHUNK, true, false>(a, item) : forward_lanes<T, CHANNEL_CHUNK, false, false>(a, item);
 }
 
-// The texel pair record of the pair of face `face` (box `box`) and pixel (row, col), which counts:
-// its footprint (lane `lane` of s) and dL/dC_ij (g_sample: of this chunk's channels).
+// A backward chunk's texel pair records (textured renders): where the next goes, and the texels
+// (rows[0] .. rows[1], cols[0] .. cols[1]) the footprints written so far touch.
+struct TexelRecords {
+    long long next;
+    int rows[2], cols[2];
+};
+
+// Appends the texel pair record of lane `lane`'s pair, which counts: its footprint (in s) and
+// dL/dC_ij (g_sample[c][lane] for this chunk's channels).
 template <typename T>
-MDR_DEVICE void write_texel_pair(const RasterArgs<T>& a, long long face, const int* box, int row, int col,
-                                 const Footprints<T>& s, int lane, const T* g_sample, int chunk, int chunk_channels) {
-    const long long pair = a.box_starts[face] + (long long)(row - box[0]) * (box[3] - box[2] + 1) + col - box[2];
+MDR_DEVICE void write_texel_pair(const RasterArgs<T>& a, TexelRecords& records, const Footprints<T>& s, int lane,
+                                 const T (*g_sample)[MDR_LANES], int chunk, int chunk_channels) {
+    const long long pair = records.next++;
     int* footprint = a.texel_footprints + 4 * pair;
+    records.rows[0] = mdr_min(records.rows[0], mdr_min(s.r0[lane], s.r1[lane]));
+    records.rows[1] = mdr_max(records.rows[1], mdr_max(s.r0[lane], s.r1[lane]));
+    records.cols[0] = mdr_min(records.cols[0], mdr_min(s.c0[lane], s.c1[lane]));
+    records.cols[1] = mdr_max(records.cols[1], mdr_max(s.c0[lane], s.c1[lane]));
     footprint[0] = s.r0[lane], footprint[1] = s.r1[lane], footprint[2] = s.c0[lane], footprint[3] = s.c1[lane];
     T* values = a.texel_values + (2 + a.channels) * pair;
     values[0] = s.fx[lane], values[1] = s.fy[lane];
-    for (int c = 0; c < chunk_channels; ++c) values[2 + chunk + c] = g_sample[c];
+    for (int c = 0; c < chunk_channels; ++c) values[2 + chunk + c] = g_sample[c][lane];
 }
 
 // Values per face corner in face_attrs and grad_attrs: the C attributes, or (textured) the 2
@@ -675,16 +707,14 @@ MDR_DEVICE_CALL bool reach_columns(const Face<T>& f, int row0, int row1, int col
 // Textured (C_ij = texture(uv_ij), uv_ij = sum_k w^_k uv_k, bilinear weights beta_t(uv_ij)):
 //   dL/duv_ij = dL/dC_ij . dC_ij/duv,   dL/dw^_k = dL/duv_ij . uv_k,   dL/duv_k += w^_k dL/duv_ij,
 //   dL/dtexel_t += beta_t dL/dC_ij: the pair's footprint and dL/dC_ij are written, not added,
-//   into its texel pair record box_starts[face] + (row - row0) box_width + col - col0, which
-//   depends only on the pair, so whichever chunk visits it writes the same record; the records
-//   of pairs that do not count keep the r0 = -1 backward_chunk wrote. reduce_texels then adds
-//   the texels' terms up.
+//   into the chunk's next texel pair record (records), in the order the pairs are visited
+//   (row-major); reduce_texels then adds the texels' terms up.
 // This function: face `face` (b * F + j) over the pixels of rows region[0] .. region[1] and
 // columns region[2] .. region[3] (inclusive, inside its box); writes the sums to out_verts
 // (9 values, laid out as grad_verts) and out_attrs (3 corner_values(a) values, as grad_attrs).
 template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
 __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int* region, T* __restrict__ out_verts,
-                               T* __restrict__ out_attrs) {
+                               T* __restrict__ out_attrs, TexelRecords& records) {
     constexpr int L = MDR_LANES;
     const int C = a.channels, HW = a.height * a.pitch;
     const int b = (int)(face / a.faces);
@@ -708,7 +738,6 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                 corner_color[k][c] = !TEXTURED && c < chunk_channels ? a.face_attrs[(face * 3 + k) * C + chunk + c] : T(0);
         }
         const T* uv = a.face_attrs + face * 6;  // textured: the corners' texture coordinates
-        const int* box = a.face_boxes + 4 * face;  // textured: where the pairs' texel records are
         T g_attr[3][CHANNEL_CHUNK][L];  // dL/dc_k per lane
         for (int k = 0; k < 3; ++k)
             for (int c = 0; c < CH; ++c)
@@ -733,13 +762,26 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                     near[lane] = eval_boundary(f, px[lane], py, a, q, lane) & (col >= start) & (col <= region[3]) ? T(1) : T(0);
                 }
                 if (!any_lane(near)) continue;  // as in the forward
-                // Textured: each lane's footprint and dL/dC_ij, written into its texel pair record after
-                // the lane loop (a scatter inside it would keep it from vectorizing).
+                // Textured: first which lanes count and their footprints, then the texture sampled at
+                // those (sample_lanes), then the lane loop; each lane's footprint and dL/dC_ij are
+                // written into its texel pair record after it (a scatter inside would keep it from
+                // vectorizing).
                 Footprints<T> footprint;
-                T g_sample[L][CHANNEL_CHUNK], counted[L];
+                T g_sample[CHANNEL_CHUNK][L], counted[L];
+                T sample[CHANNEL_CHUNK][L], d_u[CHANNEL_CHUNK][L], d_v[CHANNEL_CHUNK][L];  // textured only
+                if constexpr (TEXTURED) {
+                    MDR_SIMD for (int lane = 0; lane < L; ++lane) {
+                        counted[lane] = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane) ? T(1) : T(0);
+                        pair_footprint(q, uv, lane, a, footprint);
+                    }
+                    sample_lanes<T, CH, true>(footprint, counted, chunk, a, sample, d_u, d_v);
+                }
                 MDR_SIMD for (int lane = 0; lane < L; ++lane) {
-                    const bool counts = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane);
-                    counted[lane] = counts ? T(1) : T(0);
+                    bool counts;
+                    if constexpr (TEXTURED)
+                        counts = counted[lane] != T(0);
+                    else
+                        counts = (near[lane] != T(0)) & eval_depth<PERSPECTIVE>(f, a, q, lane);
                     T g_x = silhouette * grad[C * HW + lane] * q.D[lane] * aux[2 * HW + lane];  // the silhouette's part
                     T gx[3] = {0, 0, 0}, gy[3] = {0, 0, 0}, gz[3] = {0, 0, 0};
 
@@ -753,17 +795,13 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                         const T w = q.D[lane] * mdr_exp(mdr_min(q.zhat[lane] - m, T(0)) * inv_gamma);
                         const T g_color = w * inv_weight_sum;  // dL/dC_ij / gI
                         T g_w = T(0), g_u = T(0), g_v = T(0);  // g_u, g_v: dL/duv_ij when textured
-                        if constexpr (TEXTURED) pair_footprint(q, uv, lane, a, footprint);
                         if constexpr (TEXTURED) {
                             for (int c = 0; c < CH; ++c) {  // (to CH, not chunk_channels: a loop of fixed length vectorizes)
-                                const int channel = mdr_min(chunk + c, C - 1);  // any channel past the last: gI = 0
                                 const T grad_c = grad[plane[c] * HW + lane], image_c = image[plane[c] * HW + lane];
-                                const T gI = c < chunk_channels ? grad_c : T(0);
-                                T d_u, d_v;
-                                const T color = sample_texture(footprint, lane, channel, a, d_u, d_v);
-                                g_u += gI * g_color * d_u, g_v += gI * g_color * d_v;
-                                g_w += gI * (color - image_c);
-                                g_sample[lane][c] = g_color * gI;
+                                const T gI = c < chunk_channels ? grad_c : T(0);  // any channel past the last: gI = 0
+                                g_u += gI * g_color * d_u[c][lane], g_v += gI * g_color * d_v[c][lane];
+                                g_w += gI * (sample[c][lane] - image_c);
+                                g_sample[c][lane] = g_color * gI;
                             }
                         } else {
                             for (int c = 0; c < CH; ++c) {
@@ -836,7 +874,7 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
                 if constexpr (TEXTURED) {
                     for (int lane = 0; lane < L; ++lane)  // a lane counts only inside the region, from start on
                         if (counted[lane] != T(0))
-                            write_texel_pair(a, face, box, row, col0 + lane, footprint, lane, g_sample[lane], chunk, chunk_channels);
+                            write_texel_pair(a, records, footprint, lane, g_sample, chunk, chunk_channels);
                 }
             }
         }
@@ -852,26 +890,46 @@ __device__ void backward_lanes(const RasterArgs<T>& a, long long face, const int
     for (int v = 0; v < 9; ++v) out_verts[3 * (v % 3) + v / 3] = lane_sum(g_corner[v]);  // (corner, axis)
 }
 
-// One backward item: chunk `item` of all faces' chunks (chunk_faces names its face; its place
-// among the face's chunks gives its pixels, clipped to the box, then, if the chunk is wider than
-// REACH_MIN_GROUPS lane groups, to the columns the face reaches from its rows, see reach_columns).
-template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
-__device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
-    const long long face = a.chunk_faces[item];
-    const int chunk = (int)(item - a.chunk_starts[face]);
+// The pixels of chunk `chunk` of face `face`'s box: rows region[0] .. region[1], columns
+// region[2] .. region[3] (see chunk_shape).
+template <typename T>
+MDR_DEVICE void chunk_region(const RasterArgs<T>& a, long long face, int chunk, int* region) {
     const int* box = a.face_boxes + 4 * face;
     const ChunkShape shape = chunk_shape(box[3] - box[2] + 1);
     const int band = shape.across == 1 ? chunk : chunk / shape.across, piece = chunk - band * shape.across;
     const int row0 = box[0] + band * shape.band, col0 = box[2] + piece * shape.width;
-    int region[4] = {row0, mdr_min(row0 + shape.band - 1, box[1]), col0, mdr_min(col0 + shape.width - 1, box[3])};
-    // Textured: the records of the chunk's pairs start as ones that do not count (r0 = -1), and
-    // backward_lanes writes those that do (the chunks cover the box, so every record is written).
-    if constexpr (TEXTURED) {
-        const long long first_pair = a.box_starts[face] + (long long)(region[0] - box[0]) * (box[3] - box[2] + 1) + region[2] - box[2];
-        for (int row = 0; row <= region[1] - region[0]; ++row)
-            for (int col = 0; col <= region[3] - region[2]; ++col)
-                a.texel_footprints[4 * (first_pair + (long long)row * (box[3] - box[2] + 1) + col)] = -1;
-    }
+    region[0] = row0, region[1] = mdr_min(row0 + shape.band - 1, box[1]);
+    region[2] = col0, region[3] = mdr_min(col0 + shape.width - 1, box[3]);
+}
+
+// Where backward item `item`'s texel pair records go (textured renders): from the place of its
+// chunk's first pixel in its face's box on (box_starts counts the faces' box pixels). A chunk is
+// whole rows of the box or a piece of one row, so its pixels' places follow one another and its
+// records, at most one per pixel, stay in them.
+template <typename T>
+MDR_DEVICE long long chunk_first_pair(const RasterArgs<T>& a, long long item) {
+    const long long face = a.chunk_faces[item];
+    int region[4];
+    chunk_region(a, face, (int)(item - a.chunk_starts[face]), region);
+    const int* box = a.face_boxes + 4 * face;
+    return a.box_starts[face] + (long long)(region[0] - box[0]) * (box[3] - box[2] + 1) + region[2] - box[2];
+}
+
+// One backward item: chunk `item` of all faces' chunks (chunk_faces names its face; its place
+// among the face's chunks gives its pixels, clipped to the box, then, if the chunk is wider than
+// REACH_MIN_GROUPS lane groups, to the columns the face reaches from its rows, see reach_columns).
+// Textured, it also leaves how many texel pair records it wrote (chunk_records) and the tiles of
+// texels their footprints touch (texel_boxes: row0, row1, col0, col1 in tiles, empty when
+// row0 > row1, as face_boxes).
+template <typename T, int CH, bool PERSPECTIVE, bool TEXTURED>
+__device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
+    const long long face = a.chunk_faces[item];
+    const int chunk = (int)(item - a.chunk_starts[face]);
+    int region[4];
+    chunk_region(a, face, chunk, region);
+    TexelRecords records = {0, {a.texture_height, -1}, {a.texture_width, -1}};  // none, touching no texel
+    if constexpr (TEXTURED) records.next = chunk_first_pair(a, item);
+    const long long first_pair = records.next;
     // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
     const int values = corner_values(a);
     T* partial = chunk == 0 ? nullptr : a.partials + (a.partial_starts[face] + chunk - 1) * (9 + 3 * values);
@@ -882,10 +940,17 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     // (backward_lanes loads the face again: keeping this copy alive through it would cost registers.)
     const bool narrow = region[3] - region[2] + 1 <= REACH_MIN_GROUPS * MDR_LANES;
     if (narrow || reach_columns(load_face(a.face_data + FACE_RECORD * face), region[0], region[1], region[2], region[3], a, region + 2)) {
-        backward_lanes<T, CH, PERSPECTIVE, TEXTURED>(a, face, region, out_verts, out_attrs);
+        backward_lanes<T, CH, PERSPECTIVE, TEXTURED>(a, face, region, out_verts, out_attrs, records);
     } else {  // no pair of the chunk counts
         for (int v = 0; v < 9; ++v) out_verts[v] = T(0);
         for (int v = 0; v < 3 * values; ++v) out_attrs[v] = T(0);
+    }
+    if constexpr (TEXTURED) {
+        a.chunk_records[item] = (int)(records.next - first_pair);
+        int* texel_box = a.texel_boxes + 4 * item;
+        const bool empty = records.rows[1] < 0;
+        texel_box[0] = empty ? 1 : records.rows[0] >> MDR_TEXEL_TILE_SHIFT, texel_box[1] = empty ? 0 : records.rows[1] >> MDR_TEXEL_TILE_SHIFT;
+        texel_box[2] = empty ? 1 : records.cols[0] >> MDR_TEXEL_TILE_SHIFT, texel_box[3] = empty ? 0 : records.cols[1] >> MDR_TEXEL_TILE_SHIFT;
     }
 }
 
@@ -925,35 +990,13 @@ __device__ void reduce_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// texel_boxes: one item per face (textured renders, after the backward): the texel tiles its
-// pairs' footprints touch, a box of tiles (row0, row1, col0, col1, empty when row0 > row1, as
-// face_boxes), from the texel pair records the backward wrote. The launch code then lists each
-// face for each tile of its box, in face order within a tile (list_faces_per_texel_tile).
-template <typename T>
-__device__ void texel_box_item(const RasterArgs<T>& a, long long item) {
-    const int* box = a.face_boxes + 4 * item;
-    const long long first = a.box_starts[item];
-    const long long pixels = box_pixel_count(box);
-    int rows[2] = {a.texture_height, -1}, cols[2] = {a.texture_width, -1};  // texels, empty
-    for (long long pair = first; pair < first + pixels; ++pair) {
-        const int* footprint = a.texel_footprints + 4 * pair;
-        if (footprint[0] < 0) continue;  // the pair does not count
-        rows[0] = mdr_min(rows[0], mdr_min(footprint[0], footprint[1])), rows[1] = mdr_max(rows[1], mdr_max(footprint[0], footprint[1]));
-        cols[0] = mdr_min(cols[0], mdr_min(footprint[2], footprint[3])), cols[1] = mdr_max(cols[1], mdr_max(footprint[2], footprint[3]));
-    }
-    int* texel_box = a.texel_boxes + 4 * item;
-    const bool empty = rows[1] < 0;
-    texel_box[0] = empty ? 1 : rows[0] >> MDR_TEXEL_TILE_SHIFT, texel_box[1] = empty ? 0 : rows[1] >> MDR_TEXEL_TILE_SHIFT;
-    texel_box[2] = empty ? 1 : cols[0] >> MDR_TEXEL_TILE_SHIFT, texel_box[3] = empty ? 0 : cols[1] >> MDR_TEXEL_TILE_SHIFT;
-}
-
-// ---------------------------------------------------------------------------------------------
 // reduce_texels: one item per texel tile (see MDR_TEXEL_TILE): dL/dtexture[t] = sum over the
 // pairs that count of beta_t dL/dC_ij, for the texels t of the tile, added in a fixed order: the
-// faces listed for the tile in face order (b * F + j), each face's pairs in its box's row-major
-// pixel order, each pair's footprint texels in order t = 0 .. 3. A tile's texels start at zero.
+// chunks listed for the tile in chunk order (faces in order b * F + j, a face's chunks row-major),
+// each chunk's records in the order it wrote them (its pixels row-major), each pair's footprint
+// texels in order t = 0 .. 3. A tile's texels start at zero.
 // An item per tile of texels rather than per texel: most texels of a large texture get no term,
-// and a face's pairs are read once per tile its footprints touch, not once per term.
+// and a chunk's records are read once per tile their footprints touch, not once per term.
 template <typename T>
 __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
     const int C = a.channels;  // at most CHANNEL_CHUNK in a textured render
@@ -964,12 +1007,10 @@ __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
         for (int v = col0 * C; v < col1 * C; ++v) a.grad_texture[(long long)row * a.texture_width * C + v] = T(0);
     const long long begin = item == 0 ? 0 : a.texel_tile_ends[item - 1], end = a.texel_tile_ends[item];
     for (long long entry = begin; entry < end; ++entry) {
-        const long long face = a.texel_tile_faces[entry];
-        const int* box = a.face_boxes + 4 * face;  // not empty: the face has a pair that counts
-        const long long first = a.box_starts[face], pixels = box_pixel_count(box);
-        for (long long pair = first; pair < first + pixels; ++pair) {
+        const long long chunk = a.texel_tile_chunks[entry];
+        const long long first = chunk_first_pair(a, chunk);
+        for (long long pair = first; pair < first + a.chunk_records[chunk]; ++pair) {
             const int* footprint = a.texel_footprints + 4 * pair;
-            if (footprint[0] < 0) continue;  // the pair does not count
             // Read once, before the sums' stores (which the compiler must assume may overwrite them),
             // and over a loop of fixed length (with a loop to C the kernel took 1.5 times as long).
             const T* values = a.texel_values + (2 + C) * pair;
@@ -989,7 +1030,7 @@ __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points: softras_{setup,bin,forward,backward,reduce,backward_textured,texel_boxes,texels}_{f32,f64}.
+// Entry points: softras_{setup,bin,forward,backward,reduce,backward_textured,texels}_{f32,f64}.
 // One thread per work item.
 MDR_ENTRY(softras_setup_f32, setup_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_setup_f64, setup_item<double>, RasterArgs<double>)
@@ -1003,8 +1044,6 @@ MDR_ENTRY(softras_reduce_f32, reduce_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_reduce_f64, reduce_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_backward_textured_f32, backward_textured_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_backward_textured_f64, backward_textured_item<double>, RasterArgs<double>)
-MDR_ENTRY(softras_texel_boxes_f32, texel_box_item<float>, RasterArgs<float>)
-MDR_ENTRY(softras_texel_boxes_f64, texel_box_item<double>, RasterArgs<double>)
 MDR_ENTRY(softras_texels_f32, reduce_texels_item<float>, RasterArgs<float>)
 MDR_ENTRY(softras_texels_f64, reduce_texels_item<double>, RasterArgs<double>)
 
@@ -1039,25 +1078,25 @@ extern "C" void softras_sort_by_tile(const long long* bin_keys, const int* bin_f
     for (long long p = 0; p < pairs; ++p) tile_faces[tile_ends[bin_keys[p]]++] = bin_faces[p];
 }
 
-// The CPU target's listing of faces per tile of texels (microdr/raster/kernels.py,
-// list_faces_per_texel_tile): each face (b * F + j) listed for each tile of its box of tiles
-// (texel_boxes, (faces, 4), empty when row0 > row1), in face order within a tile. Called twice:
-// with a null tile_faces it counts, leaves where each tile's list starts in tile_ends and returns
-// how many listings there are; then it lists, and tile_ends ends one past each tile's last.
-extern "C" long long softras_list_faces_per_texel_tile(const int* texel_boxes, long long faces, long long tiles_across,
-                                                       long long tiles, int* tile_faces, long long* tile_ends) {
-    if (!tile_faces)
+// The CPU target's listing of chunks per tile of texels (microdr/raster/kernels.py,
+// list_chunks_per_texel_tile): each chunk listed for each tile of its box of tiles (texel_boxes,
+// (chunks, 4), empty when row0 > row1), in chunk order within a tile. Called twice: with a null
+// tile_chunks it counts, leaves where each tile's list starts in tile_ends and returns how many
+// listings there are; then it lists, and tile_ends ends one past each tile's last.
+extern "C" long long softras_list_chunks_per_texel_tile(const int* texel_boxes, long long chunks, long long tiles_across,
+                                                        long long tiles, int* tile_chunks, long long* tile_ends) {
+    if (!tile_chunks)
         for (long long t = 0; t < tiles; ++t) tile_ends[t] = 0;
-    for (long long face = 0; face < faces; ++face) {
-        const int* box = texel_boxes + 4 * face;
+    for (long long chunk = 0; chunk < chunks; ++chunk) {
+        const int* box = texel_boxes + 4 * chunk;
         for (long long row = box[0]; row <= box[1]; ++row)
             for (long long col = box[2]; col <= box[3]; ++col) {
                 long long& end = tile_ends[row * tiles_across + col];
-                if (tile_faces) tile_faces[end] = (int)face;
+                if (tile_chunks) tile_chunks[end] = (int)chunk;
                 ++end;
             }
     }
-    if (tile_faces) return tiles ? tile_ends[tiles - 1] : 0;
+    if (tile_chunks) return tiles ? tile_ends[tiles - 1] : 0;
     return counts_to_starts(tile_ends, tiles);
 }
 #endif

@@ -309,15 +309,15 @@ def test_a_free_texture_starts_gray_and_fits_its_targets(tmp_path):
 
 
 @pytest.mark.parametrize("listing", ["torch", "cpu"])
-def test_faces_are_listed_per_texel_tile_in_face_order(listing):
+def test_chunks_are_listed_per_texel_tile_in_chunk_order(listing):
     from microdr.raster.cpu import cpu_target
-    from microdr.raster.kernels import list_faces_per_texel_tile
+    from microdr.raster.kernels import list_chunks_per_texel_tile
 
-    list_faces = list_faces_per_texel_tile if listing == "torch" else cpu_target().list_faces_per_texel_tile
-    # 2 x 3 tiles; boxes of tiles (row0, row1, col0, col1); face 1 touches none.
+    list_chunks = list_chunks_per_texel_tile if listing == "torch" else cpu_target().list_chunks_per_texel_tile
+    # 2 x 3 tiles; boxes of tiles (row0, row1, col0, col1); chunk 1 touches none.
     boxes = torch.tensor([[0, 1, 1, 2], [1, 0, 1, 0], [1, 1, 0, 1], [0, 0, 2, 2]], dtype=torch.int32)
-    listed = list_faces(boxes, 2, 3)
+    listed = list_chunks(boxes, 2, 3)
     assert listed.tile_ends.tolist() == [0, 1, 3, 4, 6, 7]
     assert listed.tile_faces.tolist() == [0, 0, 3, 2, 0, 2, 0]
-    nothing = list_faces(boxes[1:2], 2, 3)
+    nothing = list_chunks(boxes[1:2], 2, 3)
     assert nothing.tile_ends.tolist() == [0] * 6 and nothing.tile_faces.numel() == 0

@@ -107,8 +107,8 @@ class CpuTarget:
             raise MicroDRError(f"softras.cu built with MDR_LANES={lanes} reports {self.lanes} lanes")
         self._library.softras_sort_by_tile.restype = None
         self._library.softras_sort_by_tile.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_longlong] * 2
-        self._library.softras_list_faces_per_texel_tile.restype = ctypes.c_longlong
-        self._library.softras_list_faces_per_texel_tile.argtypes = [ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 2
+        self._library.softras_list_chunks_per_texel_tile.restype = ctypes.c_longlong
+        self._library.softras_list_chunks_per_texel_tile.argtypes = [ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 2
         self._launchers: dict[str, ctypes._CFuncPtr] = {}
 
     def _constant(self, name: str) -> int:
@@ -133,17 +133,17 @@ class CpuTarget:
         self._library.softras_sort_by_tile(*pointers, ctypes.c_longlong(bin_keys.numel()), ctypes.c_longlong(tiles))
         return TileBins(tile_faces, tile_ends)
 
-    def list_faces_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
-        """kernels.list_faces_per_texel_tile in two passes over the boxes (count, then list)."""
+    def list_chunks_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
+        """kernels.list_chunks_per_texel_tile in two passes over the boxes (count, then list)."""
         tiles = tiles_down * tiles_across
         tile_ends = torch.empty(tiles, dtype=torch.int64)
         sizes = (ctypes.c_longlong(texel_boxes.shape[0]), ctypes.c_longlong(tiles_across), ctypes.c_longlong(tiles))
-        listed = self._library.softras_list_faces_per_texel_tile(texel_boxes.data_ptr(), *sizes, None, tile_ends.data_ptr())
-        tile_faces = torch.empty(listed, dtype=torch.int32)
+        listed = self._library.softras_list_chunks_per_texel_tile(texel_boxes.data_ptr(), *sizes, None, tile_ends.data_ptr())
+        tile_chunks = torch.empty(listed, dtype=torch.int32)
         if listed:
-            self._library.softras_list_faces_per_texel_tile(texel_boxes.data_ptr(), *sizes, tile_faces.data_ptr(),
-                                                            tile_ends.data_ptr())
-        return TileBins(tile_faces, tile_ends)
+            self._library.softras_list_chunks_per_texel_tile(texel_boxes.data_ptr(), *sizes, tile_chunks.data_ptr(),
+                                                             tile_ends.data_ptr())
+        return TileBins(tile_chunks, tile_ends)
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
         # ctypes releases the GIL for the call; the launch's threads do the work.

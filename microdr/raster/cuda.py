@@ -25,7 +25,7 @@ import torch
 
 from ..errors import MicroDRError
 from .cpu_build import source_dir
-from .kernels import list_faces_per_texel_tile, sort_by_tile
+from .kernels import list_chunks_per_texel_tile, sort_by_tile
 
 INSTALL_HINT = "install the CUDA extra: pip install 'microdr[cuda]'"
 
@@ -44,7 +44,7 @@ class CudaTarget:
     name = "cuda"
     lanes = 1  # MDR_LANES under nvcc: one pixel per thread
     sort_by_tile = staticmethod(sort_by_tile)  # torch's radix sort on the GPU
-    list_faces_per_texel_tile = staticmethod(list_faces_per_texel_tile)
+    list_chunks_per_texel_tile = staticmethod(list_chunks_per_texel_tile)
 
     def __init__(self, device_index: int) -> None:
         import pycuda.driver as driver

@@ -1,8 +1,8 @@
 """The kernels behind the seam: one autograd Function and the launch code both targets share.
 
 ``cuda_src/softras.cu`` defines five kernels per dtype (``softras_{setup,bin,forward,backward,
-reduce}_{f32,f64}``), and three more for textured renders
-(``softras_{backward_textured,texel_boxes,texels}_*``),
+reduce}_{f32,f64}``), and two more for textured renders
+(``softras_{backward_textured,texels}_*``),
 each a 1-D grid of independent work items taking one argument block,
 :data:`ARGS_DTYPE`. This module fills that block and sizes the grid; a *target* (``cpu.py``:
 the source compiled by the host C++ compiler; ``cuda.py``: the same source through PyCUDA) only
@@ -27,7 +27,7 @@ ARGS_DTYPE = np.dtype(
         "grad_image", "grad_verts", "grad_attrs",
         "face_tiles", "bin_starts", "bin_keys", "bin_faces", "tile_faces", "tile_ends",
         "face_chunks", "chunk_starts", "chunk_faces", "partial_starts", "partials",
-        "texture", "box_starts", "texel_footprints", "texel_values", "texel_boxes", "texel_tile_faces",
+        "texture", "box_starts", "texel_footprints", "texel_values", "chunk_records", "texel_boxes", "texel_tile_chunks",
         "texel_tile_ends", "grad_texture",
     )]
     + [("n_items", np.int64), ("chunks", np.int64)]
@@ -62,16 +62,17 @@ BYTES_PER_LISTED_PAIR = 16
 #: (:func:`too_many_chunks`), so a backward has at most 2**29 work items.
 BYTES_PER_CHUNK = 8
 MAX_BACKWARD_BYTES = 2**32
-#: The textured backward writes a texel pair record for each (pixel, face) pair of the faces'
-#: boxes (its place fixed by the pair alone, not by the chunk that visits it): the pair's
-#: footprint in the texture (4 int32 texel rows and columns, 16 bytes) and 2 + C values of the
-#: dtype (its bilinear weights and dL/dC_ij): 36 bytes in float32 RGB (56 in float64). At most
-#: MAX_TEXEL_PAIRS: 9 GiB in float32 RGB at the limit. Ordinary renders take far fewer: the cow
-#: (5,856 faces) filling a 256 x 256 view has 8.3e5 pairs in its boxes with the SoftRas sigma,
-#: 30 MB of records. The texels kernel's work items are tiles of TEXEL_TILE x TEXEL_TILE texels;
-#: each face is listed for each tile its footprints touch (4 bytes a listing on the CPU, 16 with
-#: list_faces_per_texel_tile's torch operations: the tile key, the face, the face again sorted by
-#: tile; and 16 bytes per face for its box of tiles, 8 per tile).
+#: The textured backward writes a texel pair record for each (pixel, face) pair that counts, in
+#: room set aside for every pair of the faces' boxes (a chunk packs its records from its first
+#: pixel's place in the box on): the pair's footprint in the texture (4 int32 texel rows and
+#: columns, 16 bytes) and 2 + C values of the dtype (its bilinear weights and dL/dC_ij): 36 bytes
+#: in float32 RGB (56 in float64). At most MAX_TEXEL_PAIRS: 9 GiB in float32 RGB at the limit.
+#: Ordinary renders take far fewer: the cow (5,856 faces) filling a 256 x 256 view has 8.3e5
+#: pairs in its boxes with the SoftRas sigma (6.2e5 of them count), 30 MB of room. The texels
+#: kernel's work items are tiles of TEXEL_TILE x TEXEL_TILE texels; each chunk is listed for each
+#: tile its records' footprints touch (4 bytes a listing on the CPU, 16 with
+#: list_chunks_per_texel_tile's torch operations: the tile key, the chunk, the chunk again sorted
+#: by tile; and 20 bytes per chunk for its record count and box of tiles, 8 per tile).
 MAX_TEXEL_PAIRS = 2**28
 BYTES_PER_TEXEL_PAIR_BESIDES_VALUES = 16
 TEXEL_TILE = 64
@@ -89,8 +90,8 @@ class KernelTarget(Protocol):
     def sort_by_tile(self, bin_keys: torch.Tensor, bin_faces: torch.Tensor, tiles: int) -> "TileBins":
         """What :func:`sort_by_tile` returns, computed on this target."""
 
-    def list_faces_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> "TileBins":
-        """What :func:`list_faces_per_texel_tile` returns, computed on this target."""
+    def list_chunks_per_texel_tile(self, texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> "TileBins":
+        """What :func:`list_chunks_per_texel_tile` returns, computed on this target."""
 
     def launch(self, kernel: str, args: np.ndarray, grid: int, block: int) -> None:
         """Runs ``kernel`` over a 1-D grid; ``args`` is a 1-element :data:`ARGS_DTYPE` array.
@@ -142,13 +143,12 @@ def _tiles(width: int, height: int) -> tuple[int, int]:
 #: of the backward, and TEXTURE_STAGES last.
 STAGES = ("setup", "bin", "forward", "backward", "reduce")
 TEXTURED_BACKWARD = "backward_textured"
-TEXTURE_STAGES = ("texel_boxes", "texels")
+TEXTURE_STAGES = ("texels",)
 
 
 def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, chunks: int,
                texel_tiles: int = 0) -> int:
-    """The work items of ``stage``'s 1-D grid: one per face for setup, bin, reduce and
-    texel_boxes; for forward, one per ``lanes`` adjacent pixels of each row of each tile of each
+    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and reduce; for forward, one per ``lanes`` adjacent pixels of each row of each tile of each
     image; for backward (textured too), one per chunk (``chunks`` in all, see
     :func:`chunk_layout`); for texels, one per tile of texels (``texel_tiles`` of them, see
     :func:`texel_tiles`)."""
@@ -190,7 +190,8 @@ def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarr
 class TileBins:
     """Which faces each tile must visit: ``tile_faces[tile_ends[t - 1]:tile_ends[t]]`` are the
     faces (indices within their batch element, ascending) whose boxes overlap tile ``t``
-    (``t = b * tiles + row-major tile index``)."""
+    (``t = b * tiles + row-major tile index``). The texel tiles' listing
+    (:func:`list_chunks_per_texel_tile`) holds backward chunks there instead of faces."""
 
     tile_faces: torch.Tensor  # (pairs,) int32
     tile_ends: torch.Tensor  # (B * tiles,) int64
@@ -388,16 +389,17 @@ def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height,
         _launch(target, "backward", face_verts.dtype, args)
         _launch(target, "reduce", face_verts.dtype, args)
         return grad_verts, grad_attrs, None
-    records = _texel_pairs(args, face_boxes, texture)
+    records = _texel_pairs(args, face_boxes, chunks, texture)
     _launch(target, TEXTURED_BACKWARD, face_verts.dtype, args)
     _launch(target, "reduce", face_verts.dtype, args)
     return grad_verts, grad_attrs, _reduce_texels(target, args, records, texture)
 
 
-def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The backward's texel pair records, put in ``args``: ``(box_starts, footprints, values)``,
-    for the backward to write (every pair's footprint: its first row -1 if the pair does not
-    count)."""
+def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, chunks: int, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The backward's texel pair records, put in ``args``: ``(box_starts, footprints, values,
+    chunk_records, texel_boxes)``, for the backward to write (room for every pair of the faces'
+    boxes; each of the ``chunks`` items then says how many records it wrote, and the box of
+    texel tiles they touch)."""
     pixels = box_pixels(face_boxes).flatten()
     ends = torch.cumsum(pixels, 0)
     pairs = int(ends[-1]) if ends.numel() else 0
@@ -407,40 +409,41 @@ def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, texture: torch.Tens
     box_starts = ends - pixels
     footprints = torch.empty(pairs, 4, dtype=torch.int32, device=texture.device)
     values = texture.new_empty(pairs, 2 + texture.shape[-1])
-    args["box_starts"], args["texel_footprints"], args["texel_values"] = (_pointer(t) for t in (box_starts, footprints, values))
-    return box_starts, footprints, values
+    chunk_records = torch.empty(chunks, dtype=torch.int32, device=texture.device)
+    texel_boxes = torch.empty(chunks, 4, dtype=torch.int32, device=texture.device)
+    records = (box_starts, footprints, values, chunk_records, texel_boxes)
+    for name, tensor in zip(("box_starts", "texel_footprints", "texel_values", "chunk_records", "texel_boxes"), records):
+        args[name] = _pointer(tensor)
+    return records
 
 
 def _reduce_texels(target: KernelTarget, args: np.ndarray, records, texture: torch.Tensor) -> torch.Tensor:
     """dL/dtexture ``(Ht, Wt, C)`` from the backward's texel pair ``records`` (held here while the
-    kernels read them): each face's box of texel tiles (texel_boxes), the faces listed per tile
-    in face order (as the bin pairs are), and the texels kernel over the tiles."""
-    batch_faces = int(args["batch"][0]) * int(args["faces"][0])
+    kernels read them): the chunks listed per tile of texels in chunk order, from the boxes of
+    tiles the backward left (texel_boxes), and the texels kernel over the tiles."""
     tiles_down, tiles_across = texel_tiles(*texture.shape[:2])
     args["texel_tiles_x"] = tiles_across
-    texel_boxes = torch.empty(batch_faces, 4, dtype=torch.int32, device=texture.device)
-    args["texel_boxes"] = _pointer(texel_boxes)
-    _launch(target, "texel_boxes", texture.dtype, args)
-    listed = target.list_faces_per_texel_tile(texel_boxes, tiles_down, tiles_across)
+    listed = target.list_chunks_per_texel_tile(records[-1], tiles_down, tiles_across)
     grad_texture = torch.empty_like(texture)
-    args["texel_tile_faces"], args["texel_tile_ends"] = _pointer(listed.tile_faces), _pointer(listed.tile_ends)
+    args["texel_tile_chunks"], args["texel_tile_ends"] = _pointer(listed.tile_faces), _pointer(listed.tile_ends)
     args["grad_texture"] = _pointer(grad_texture)
     _launch(target, "texels", texture.dtype, args)
     return grad_texture
 
 
-def list_faces_per_texel_tile(texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
-    """Each face (``b * F + j``) listed for each tile of its ``(B * F, 4)`` box of texel tiles
-    (int32, as texel_boxes writes them), sorted by tile (row-major), in face order within a tile.
-    Any target may use this; the CPU target lists them in one pass of its own
-    (``softras_list_faces_per_texel_tile``; torch's operations took about a millisecond)."""
+def list_chunks_per_texel_tile(texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
+    """Each backward chunk listed for each tile of its ``(chunks, 4)`` box of texel tiles (int32,
+    as the textured backward writes them), sorted by tile (row-major), in chunk order within a
+    tile (``TileBins.tile_faces`` holds the chunks). Any target may use this; the CPU target lists
+    them in one pass of its own (``softras_list_chunks_per_texel_tile``; torch's operations took
+    about a millisecond)."""
     rows, cols = box_sides(texel_boxes)
     counts = rows * cols
-    faces = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    index = torch.arange(faces.numel(), device=counts.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    boxes, across = texel_boxes.long()[faces], cols[faces]
+    chunks = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    index = torch.arange(chunks.numel(), device=counts.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    boxes, across = texel_boxes.long()[chunks], cols[chunks]
     keys = (boxes[:, 0] + index // across) * tiles_across + boxes[:, 2] + index % across
-    return sort_by_tile(keys, faces.int(), tiles_down * tiles_across)
+    return sort_by_tile(keys, chunks.int(), tiles_down * tiles_across)
 
 
 def too_many_texel_pairs(pairs: int, channels: int, value_bytes: int) -> str | None:
