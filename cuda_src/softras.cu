@@ -902,15 +902,12 @@ MDR_DEVICE void chunk_region(const RasterArgs<T>& a, long long face, int chunk, 
     region[2] = col0, region[3] = mdr_min(col0 + shape.width - 1, box[3]);
 }
 
-// Where backward item `item`'s texel pair records go (textured renders): from the place of its
-// chunk's first pixel in its face's box on (box_starts counts the faces' box pixels). A chunk is
-// whole rows of the box or a piece of one row, so its pixels' places follow one another and its
-// records, at most one per pixel, stay in them.
+// Where the texel pair records of the chunk of face `face` with pixels `region` (chunk_region)
+// go (textured renders): from the place of its first pixel in the face's box on (box_starts
+// counts the faces' box pixels). A chunk is whole rows of the box or a piece of one row, so its
+// pixels' places follow one another and its records, at most one per pixel, stay in them.
 template <typename T>
-MDR_DEVICE long long chunk_first_pair(const RasterArgs<T>& a, long long item) {
-    const long long face = a.chunk_faces[item];
-    int region[4];
-    chunk_region(a, face, (int)(item - a.chunk_starts[face]), region);
+MDR_DEVICE long long chunk_first_pair(const RasterArgs<T>& a, long long face, const int* region) {
     const int* box = a.face_boxes + 4 * face;
     return a.box_starts[face] + (long long)(region[0] - box[0]) * (box[3] - box[2] + 1) + region[2] - box[2];
 }
@@ -928,7 +925,7 @@ __device__ void backward_chunk(const RasterArgs<T>& a, long long item) {
     int region[4];
     chunk_region(a, face, chunk, region);
     TexelRecords records = {0, {a.texture_height, -1}, {a.texture_width, -1}};  // none, touching no texel
-    if constexpr (TEXTURED) records.next = chunk_first_pair(a, item);
+    if constexpr (TEXTURED) records.next = chunk_first_pair(a, face, region);
     const long long first_pair = records.next;
     // The first chunk writes the face's gradients (the reduce adds the others' partials to them).
     const int values = corner_values(a);
@@ -1007,8 +1004,10 @@ __device__ void reduce_texels_item(const RasterArgs<T>& a, long long item) {
         for (int v = col0 * C; v < col1 * C; ++v) a.grad_texture[(long long)row * a.texture_width * C + v] = T(0);
     const long long begin = item == 0 ? 0 : a.texel_tile_ends[item - 1], end = a.texel_tile_ends[item];
     for (long long entry = begin; entry < end; ++entry) {
-        const long long chunk = a.texel_tile_chunks[entry];
-        const long long first = chunk_first_pair(a, chunk);
+        const long long chunk = a.texel_tile_chunks[entry], face = a.chunk_faces[chunk];
+        int region[4];
+        chunk_region(a, face, (int)(chunk - a.chunk_starts[face]), region);
+        const long long first = chunk_first_pair(a, face, region);
         for (long long pair = first; pair < first + a.chunk_records[chunk]; ++pair) {
             const int* footprint = a.texel_footprints + 4 * pair;
             // Read once, before the sums' stores (which the compiler must assume may overwrite them),

@@ -395,35 +395,36 @@ def kernel_backward(target: KernelTarget, face_verts, face_attrs, width, height,
     return grad_verts, grad_attrs, _reduce_texels(target, args, records, texture)
 
 
-def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, chunks: int, texture: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The backward's texel pair records, put in ``args``: ``(box_starts, footprints, values,
-    chunk_records, texel_boxes)``, for the backward to write (room for every pair of the faces'
-    boxes; each of the ``chunks`` items then says how many records it wrote, and the box of
-    texel tiles they touch)."""
+def _texel_pairs(args: np.ndarray, face_boxes: torch.Tensor, chunks: int, texture: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The backward's texel pair records, by their ``args`` field (box_starts, texel_footprints,
+    texel_values, chunk_records, texel_boxes), put in ``args`` for the backward to write: room
+    for every pair of the faces' boxes; each of the ``chunks`` items then says how many records
+    it wrote, and the box of texel tiles they touch."""
     pixels = box_pixels(face_boxes).flatten()
     ends = torch.cumsum(pixels, 0)
     pairs = int(ends[-1]) if ends.numel() else 0
     problem = too_many_texel_pairs(pairs, texture.shape[-1], texture.element_size())
     if problem:
         raise MicroDRError(problem)
-    box_starts = ends - pixels
-    footprints = torch.empty(pairs, 4, dtype=torch.int32, device=texture.device)
-    values = texture.new_empty(pairs, 2 + texture.shape[-1])
-    chunk_records = torch.empty(chunks, dtype=torch.int32, device=texture.device)
-    texel_boxes = torch.empty(chunks, 4, dtype=torch.int32, device=texture.device)
-    records = (box_starts, footprints, values, chunk_records, texel_boxes)
-    for name, tensor in zip(("box_starts", "texel_footprints", "texel_values", "chunk_records", "texel_boxes"), records):
+    records = {
+        "box_starts": ends - pixels,
+        "texel_footprints": torch.empty(pairs, 4, dtype=torch.int32, device=texture.device),
+        "texel_values": texture.new_empty(pairs, 2 + texture.shape[-1]),
+        "chunk_records": torch.empty(chunks, dtype=torch.int32, device=texture.device),
+        "texel_boxes": torch.empty(chunks, 4, dtype=torch.int32, device=texture.device),
+    }
+    for name, tensor in records.items():
         args[name] = _pointer(tensor)
     return records
 
 
-def _reduce_texels(target: KernelTarget, args: np.ndarray, records, texture: torch.Tensor) -> torch.Tensor:
+def _reduce_texels(target: KernelTarget, args: np.ndarray, records: dict[str, torch.Tensor], texture: torch.Tensor) -> torch.Tensor:
     """dL/dtexture ``(Ht, Wt, C)`` from the backward's texel pair ``records`` (held here while the
     kernels read them): the chunks listed per tile of texels in chunk order, from the boxes of
     tiles the backward left (texel_boxes), and the texels kernel over the tiles."""
     tiles_down, tiles_across = texel_tiles(*texture.shape[:2])
     args["texel_tiles_x"] = tiles_across
-    listed = target.list_chunks_per_texel_tile(records[-1], tiles_down, tiles_across)
+    listed = target.list_chunks_per_texel_tile(records["texel_boxes"], tiles_down, tiles_across)
     grad_texture = torch.empty_like(texture)
     args["texel_tile_chunks"], args["texel_tile_ends"] = _pointer(listed.tile_faces), _pointer(listed.tile_ends)
     args["grad_texture"] = _pointer(grad_texture)
