@@ -202,7 +202,7 @@ def count_work(verts: torch.Tensor, attrs: torch.Tensor, size: int, settings) ->
     warp_hits = torch.where(drawn, (row1 // rows_per_warp - row0 // rows_per_warp + 1) * (col1 // TILE - col0 // TILE + 1), 0)
     chunks = chunk_pixels(result.face_boxes)
     return Work(faces=verts.shape[0] * verts.shape[1], pixels=verts.shape[0] * size * size, channels=attrs.shape[-1],
-                pairs=int(area.sum()), tile_pairs=int(result.bins.tile_faces.numel()), warp_hits=int(warp_hits.sum()),
+                pairs=int(area.sum()), tile_pairs=int(result.bins.tile_items.numel()), warp_hits=int(warp_hits.sum()),
                 chunks=chunks.numel(), partial_chunks=int((result.face_chunks.long() - 1).clamp(min=0).sum()),
                 chunk_warp_iterations=warp_iterations(chunks),
                 most_chunks=int(result.face_chunks.max()), face_warp_iterations=warp_iterations(area),

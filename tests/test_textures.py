@@ -318,6 +318,6 @@ def test_chunks_are_listed_per_texel_tile_in_chunk_order(listing):
     boxes = torch.tensor([[0, 1, 1, 2], [1, 0, 1, 0], [1, 1, 0, 1], [0, 0, 2, 2]], dtype=torch.int32)
     listed = list_chunks(boxes, 2, 3)
     assert listed.tile_ends.tolist() == [0, 1, 3, 4, 6, 7]
-    assert listed.tile_faces.tolist() == [0, 0, 3, 2, 0, 2, 0]
+    assert listed.tile_items.tolist() == [0, 0, 3, 2, 0, 2, 0]
     nothing = list_chunks(boxes[1:2], 2, 3)
-    assert nothing.tile_ends.tolist() == [0] * 6 and nothing.tile_faces.numel() == 0
+    assert nothing.tile_ends.tolist() == [0] * 6 and nothing.tile_items.numel() == 0

@@ -148,10 +148,10 @@ TEXTURE_STAGES = ("texels",)
 
 def work_items(stage: str, batch: int, faces: int, width: int, height: int, lanes: int, chunks: int,
                texel_tiles: int = 0) -> int:
-    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and reduce; for forward, one per ``lanes`` adjacent pixels of each row of each tile of each
-    image; for backward (textured too), one per chunk (``chunks`` in all, see
-    :func:`chunk_layout`); for texels, one per tile of texels (``texel_tiles`` of them, see
-    :func:`texel_tiles`)."""
+    """The work items of ``stage``'s 1-D grid: one per face for setup, bin and reduce; for
+    forward, one per ``lanes`` adjacent pixels of each row of each tile of each image; for
+    backward (textured too), one per chunk (``chunks`` in all, see :func:`chunk_layout`); for
+    texels, one per tile of texels (``texel_tiles`` of them, see :func:`texel_tiles`)."""
     if stage == "texels":
         return texel_tiles
     if stage in ("backward", TEXTURED_BACKWARD):
@@ -188,12 +188,12 @@ def _launch(target: KernelTarget, stage: str, dtype: torch.dtype, args: np.ndarr
 
 @dataclass(frozen=True)
 class TileBins:
-    """Which faces each tile must visit: ``tile_faces[tile_ends[t - 1]:tile_ends[t]]`` are the
-    faces (indices within their batch element, ascending) whose boxes overlap tile ``t``
-    (``t = b * tiles + row-major tile index``). The texel tiles' listing
-    (:func:`list_chunks_per_texel_tile`) holds backward chunks there instead of faces."""
+    """What each tile must visit: ``tile_items[tile_ends[t - 1]:tile_ends[t]]`` are, for the
+    image's tiles (:func:`bin_faces`), the faces (indices within their batch element, ascending)
+    whose boxes overlap tile ``t`` (``t = b * tiles + row-major tile index``); for the texels'
+    tiles (:func:`list_chunks_per_texel_tile`), the backward chunks whose records touch it."""
 
-    tile_faces: torch.Tensor  # (pairs,) int32
+    tile_items: torch.Tensor  # (pairs,) int32
     tile_ends: torch.Tensor  # (B * tiles,) int64
 
 
@@ -353,7 +353,7 @@ def kernel_forward(target: KernelTarget, face_verts, face_attrs, width, height, 
     _launch(target, "setup", face_verts.dtype, args)
     tiles = int(args["tiles_x"][0]) * int(args["tiles_y"][0])
     bins = bin_faces(target, args, face_tiles, face_verts.dtype, batch, tiles)
-    args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_faces), _pointer(bins.tile_ends)
+    args["tile_faces"], args["tile_ends"] = _pointer(bins.tile_items), _pointer(bins.tile_ends)
     _launch(target, "forward", face_verts.dtype, args)
     return ForwardResult(image, aux, face_boxes, face_data, face_chunks, bins)
 
@@ -426,7 +426,7 @@ def _reduce_texels(target: KernelTarget, args: np.ndarray, records: dict[str, to
     args["texel_tiles_x"] = tiles_across
     listed = target.list_chunks_per_texel_tile(records["texel_boxes"], tiles_down, tiles_across)
     grad_texture = torch.empty_like(texture)
-    args["texel_tile_chunks"], args["texel_tile_ends"] = _pointer(listed.tile_faces), _pointer(listed.tile_ends)
+    args["texel_tile_chunks"], args["texel_tile_ends"] = _pointer(listed.tile_items), _pointer(listed.tile_ends)
     args["grad_texture"] = _pointer(grad_texture)
     _launch(target, "texels", texture.dtype, args)
     return grad_texture
@@ -435,9 +435,8 @@ def _reduce_texels(target: KernelTarget, args: np.ndarray, records: dict[str, to
 def list_chunks_per_texel_tile(texel_boxes: torch.Tensor, tiles_down: int, tiles_across: int) -> TileBins:
     """Each backward chunk listed for each tile of its ``(chunks, 4)`` box of texel tiles (int32,
     as the textured backward writes them), sorted by tile (row-major), in chunk order within a
-    tile (``TileBins.tile_faces`` holds the chunks). Any target may use this; the CPU target lists
-    them in one pass of its own (``softras_list_chunks_per_texel_tile``; torch's operations took
-    about a millisecond)."""
+    tile. Any target may use this; the CPU target lists them in one pass of its own
+    (``softras_list_chunks_per_texel_tile``; torch's operations took about a millisecond)."""
     rows, cols = box_sides(texel_boxes)
     counts = rows * cols
     chunks = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
